@@ -1,0 +1,55 @@
+# The two commands of the README, and what they need. Everything lands in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: up down test bench sysdeps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# As root: the tools local mode's network namespaces and the tests need, when missing.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  command -v iptables >/dev/null || missing="$$missing iptables"; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	fi
+
+up: $(STAMP) sysdeps
+	$(BIN)/tulle up
+
+down: $(STAMP)
+	$(BIN)/tulle down
+
+test: $(STAMP) sysdeps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Benchmarks print figures; they never pass or fail. nginx, HAProxy and the load
+# generators come from apt when root.
+bench: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  for t in nginx haproxy wrk hey; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	  if [ -n "$$missing" ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	fi
+	$(BIN)/python -m bench.proxy
+	$(BIN)/python -m bench.identity
+	$(BIN)/python -m bench.destination
+
+clean:
+	rm -rf $(VENV) *.egg-info

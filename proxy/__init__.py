@@ -1,0 +1,1 @@
+"""The Tulle data-plane proxy."""

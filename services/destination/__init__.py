@@ -1,0 +1,1 @@
+"""The destination service (DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""The injector service (DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""The policy service (DESIGN.md)."""

@@ -1,0 +1,101 @@
+"""Shared fixtures: a real nats-server per test session, and helpers to wait on events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tulle.natsserver import NatsServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory):
+    """One nats-server with JetStream for the whole session (tests use their own keys)."""
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_nats(tmp_path):
+    """A nats-server of this test's own, for tests that stop or kill it."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server):
+    return nats_server.url
+
+
+@pytest.fixture
+def bus_factory(nats_url):
+    """Make connected Bus clients; all are closed at the end of the test."""
+    from tulle.bus import Bus
+
+    made = []
+
+    async def make(component="test", url=None):
+        bus = Bus(url or nats_url, component=component)
+        await bus.start()
+        made.append(bus)
+        return bus
+
+    yield make
+    # Buses are closed by the test's own loop via `close_buses`; leftovers are harmless.
+
+
+async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Await until `predicate()` (sync or async) is truthy; return its value.
+
+    Polls a cheap predicate where the thing awaited has no event to subscribe to
+    (another process's state). Fails the test with `what` on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Synchronous `eventually`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def have_netns() -> bool:
+    return is_root() and shutil.which("ip") is not None and shutil.which("iptables") is not None
+
+
+requires_netns = pytest.mark.skipif(
+    not have_netns(), reason="needs root with `ip` (iproute2) and `iptables` for network namespaces; make test installs them as root")
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, *args]

@@ -1,0 +1,460 @@
+"""The bus client: one NATS connection per process, over nats-py.
+
+What it adds to nats-py:
+- connecting keeps trying with backoff (nats-py gives up on a first connect that fails),
+  and reconnecting never stops, so a process outlives any NATS outage;
+- KV buckets are created or opened with the settings fixed here, in one place;
+- `watch` yields a full `Snapshot` first and then `Change`s, and a fresh `Snapshot`
+  after every reconnect: the latest snapshot is always the whole truth, so a reader
+  that missed changes while NATS was gone resyncs without special cases;
+- every payload is decoded with its schema; a bad one is counted, logged with its
+  subject, and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api as jsapi
+from nats.js.kv import KeyValue
+
+from tulle import schemas
+from tulle.codec import DecodeError, decode, encode
+from tulle.log import get_logger
+from tulle.metrics import REGISTRY, Registry
+
+T = TypeVar("T")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+# Settings of each bucket. History 1: readers want the latest value only.
+BUCKETS: dict[str, dict[str, Any]] = {
+    schemas.ENDPOINTS_BUCKET: {"history": 1},
+    schemas.PROFILES_BUCKET: {"history": 1},
+    schemas.POLICY_BUCKET: {"history": 1},
+    schemas.IDENTITY_BUCKET: {"history": 1},
+    schemas.PROXIES_BUCKET: {"history": 1, "ttl": schemas.PROXY_HEARTBEAT_TTL_S},
+    schemas.LEASES_BUCKET: {"history": 1, "ttl": 5.0},
+}
+
+
+def nats_url() -> str:
+    return os.environ.get("TULLE_NATS_URL", DEFAULT_URL)
+
+
+@dataclass(slots=True)
+class Snapshot(Generic[T]):
+    """Every current value under the watched key or prefix. Replaces all earlier state."""
+
+    values: dict[str, T]
+
+
+@dataclass(slots=True)
+class Change(Generic[T]):
+    key: str
+    value: T | None  # None: the key was deleted
+    revision: int = 0
+
+
+class BusError(Exception):
+    """A bus operation that could not be done (not connected, timed out, refused)."""
+
+
+class Bus:
+    def __init__(self, url: str | None = None, *, component: str, instance: str | None = None,
+                 registry: Registry = REGISTRY):
+        self.url = url or nats_url()
+        self.component = component
+        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.log = get_logger(bus=self.url)
+        self.nc: nats.NATS | None = None
+        self.js = None
+        self._kvs: dict[str, KeyValue] = {}
+        self._connected = asyncio.Event()
+        self._generation = 0  # bumped on every (re)connect; watches resync when it moves
+        self._generation_changed = asyncio.Condition()
+        self._closed = False
+        self._on_change: list[Callable[[bool], None]] = []
+        self._subs: list[Any] = []
+        self.m_decode_errors = registry.counter(
+            "tulle_bus_decode_errors_total", "Bus messages dropped because they did not decode", ("subject", "reason"))
+        self.m_connected = registry.gauge("tulle_bus_connected", "1 while connected to NATS")
+        self.m_reconnects = registry.counter("tulle_bus_reconnects_total", "Reconnections to NATS")
+
+    # --- connection ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def on_connection_change(self, fn: Callable[[bool], None]) -> None:
+        self._on_change.append(fn)
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Connect; keep trying with backoff until it works. With wait=False, return at once."""
+        task = asyncio.ensure_future(self._connect_loop())
+        if wait:
+            await task
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def _connect_loop(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            try:
+                self.nc = await nats.connect(
+                    self.url,
+                    name=f"{self.component}/{self.instance}",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                    closed_cb=self._on_closed,
+                )
+                break
+            except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
+                self.log.info("nats not reachable yet", error=str(e) or type(e).__name__, retry_in=round(delay, 2))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+        if self._closed:
+            return
+        self.js = self.nc.jetstream()
+        self._kvs.clear()
+        self.log.info("connected to nats")
+        await self._set_connected(True)
+
+    async def _set_connected(self, up: bool) -> None:
+        if up:
+            self._connected.set()
+            self.m_connected.set(1)
+            async with self._generation_changed:
+                self._generation += 1
+                self._generation_changed.notify_all()
+        else:
+            self._connected.clear()
+            self.m_connected.set(0)
+        for fn in self._on_change:
+            try:
+                fn(up)
+            except Exception:  # a listener's bug must not break the connection handling
+                self.log.exception("connection listener failed")
+
+    async def _on_disconnected(self) -> None:
+        if not self._closed:
+            self.log.warning("disconnected from nats")
+        await self._set_connected(False)
+
+    async def _on_reconnected(self) -> None:
+        self.m_reconnects.inc()
+        self._kvs.clear()  # a restarted server may have lost buckets: reopen them
+        self.log.info("reconnected to nats")
+        await self._set_connected(True)
+
+    async def _on_error(self, e: Exception) -> None:
+        if isinstance(e, (nats.errors.SlowConsumerError,)):
+            self.log.warning("nats slow consumer", error=str(e))
+        elif not self._closed:
+            self.log.debug("nats error", error=str(e) or type(e).__name__)
+
+    async def _on_closed(self) -> None:
+        await self._set_connected(False)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 2)
+            except Exception:
+                pass
+            if not self.nc.is_closed:
+                await self.nc.close()
+        await self._set_connected(False)
+
+    def _require(self) -> None:
+        if self.nc is None or not self.connected:
+            raise BusError("not connected to NATS")
+
+    # --- key-value ----------------------------------------------------------------------
+
+    async def kv(self, bucket: str, *, create: bool = True) -> KeyValue:
+        """Open a bucket, creating it with its fixed settings when missing (and allowed)."""
+        self._require()
+        kv = self._kvs.get(bucket)
+        if kv is not None:
+            return kv
+        try:
+            kv = await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            if not create:
+                raise
+            settings = BUCKETS.get(bucket, {"history": 1})
+            kv = await self.js.create_key_value(jsapi.KeyValueConfig(
+                bucket=bucket, storage=jsapi.StorageType.FILE, **settings))
+        self._kvs[bucket] = kv
+        return kv
+
+    async def put(self, bucket: str, key: str, msg: Any) -> int:
+        kv = await self.kv(bucket)
+        return await kv.put(key, encode(msg))
+
+    async def put_raw(self, bucket: str, key: str, payload: bytes) -> int:
+        kv = await self.kv(bucket)
+        return await kv.put(key, payload)
+
+    async def delete(self, bucket: str, key: str) -> None:
+        kv = await self.kv(bucket)
+        await kv.delete(key)
+
+    async def get_raw(self, bucket: str, key: str) -> bytes | None:
+        kv = await self.kv(bucket)
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return entry.value
+
+    async def get(self, bucket: str, key: str, cls: type[T]) -> T | None:
+        """The current value, or None when absent (or when it does not decode)."""
+        raw = await self.get_raw(bucket, key)
+        if raw is None:
+            return None
+        return self._decode(cls, raw, f"$KV.{bucket}.{key}")
+
+    async def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        kv = await self.kv(bucket)
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    async def items(self, bucket: str, cls: type[T], prefix: str = "") -> dict[str, T]:
+        """Every decodable value in a bucket (under a key prefix), read once."""
+        out = {}
+        for key in await self.keys(bucket, prefix):
+            value = await self.get(bucket, key, cls)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _decode(self, cls: type[T], payload: bytes, subject: str) -> T | None:
+        try:
+            return decode(cls, payload)
+        except DecodeError as e:
+            self.m_decode_errors.labels(subject.split(".", 2)[1] if subject.startswith("$KV.") else subject, e.reason).inc()
+            self.log.warning("dropped a bus message that does not decode", subject=subject, reason=e.reason, error=str(e))
+            return None
+
+    def watch(self, bucket: str, pattern: str, cls: type[T]) -> AsyncIterator[Snapshot[T] | Change[T]]:
+        """Watch one key, or a pattern (`ns.svc.>`, `ns.*`): a Snapshot, then Changes.
+
+        After a reconnect the watch starts again with a new Snapshot. Runs until the
+        consumer stops iterating or the bus closes; waits for the bucket if it does
+        not exist yet.
+        """
+        return self._watch(bucket, pattern, cls)
+
+    async def _watch(self, bucket: str, pattern: str, cls: type[T]):
+        while not self._closed:
+            await self._connected.wait()
+            generation = self._generation
+            watcher = None
+            try:
+                kv = await self.kv(bucket, create=False)
+                watcher = await kv.watch(pattern)
+                values: dict[str, T] = {}
+                while True:
+                    entry = await self._next_entry(watcher, generation)
+                    if entry is None:
+                        break
+                    if entry.operation in ("DEL", "PURGE") or entry.value is None:
+                        values.pop(entry.key, None)
+                    else:
+                        value = self._decode(cls, entry.value, f"$KV.{bucket}.{entry.key}")
+                        if value is not None:
+                            values[entry.key] = value
+                yield Snapshot(values)
+                while True:
+                    entry = await self._next_entry(watcher, generation)
+                    if entry is None:
+                        continue
+                    if entry.operation in ("DEL", "PURGE"):
+                        yield Change(entry.key, None, entry.revision)
+                        continue
+                    value = self._decode(cls, entry.value, f"$KV.{bucket}.{entry.key}")
+                    if value is not None:
+                        yield Change(entry.key, value, entry.revision)
+            except _Resync:
+                continue
+            except nats.js.errors.BucketNotFoundError:
+                await self._wait_generation_change(generation, 1.0)
+            except (nats.errors.Error, BusError, asyncio.TimeoutError, OSError) as e:
+                self.log.debug("watch interrupted", bucket=bucket, pattern=pattern, error=str(e) or type(e).__name__)
+                await self._wait_generation_change(generation, 0.5)
+            finally:
+                if watcher is not None:
+                    try:
+                        await watcher.stop()
+                    except Exception:
+                        pass
+
+    async def _next_entry(self, watcher, generation: int):
+        """The watcher's next entry (None marks the end of the initial values).
+
+        Raises _Resync when the connection was re-established meanwhile. Reads the
+        watcher's queue directly because nats-py offers no way to wait on it and on
+        another event at once.
+        """
+        get = asyncio.ensure_future(watcher._updates.get())
+        gen = asyncio.ensure_future(self._wait_generation_change(generation, None))
+        try:
+            done, _ = await asyncio.wait({get, gen}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gen.cancel()
+        if get in done:
+            item = get.result()
+            if item is watcher.STOP_ITER:
+                raise _Resync()
+            return item
+        get.cancel()
+        raise _Resync()
+
+    async def _wait_generation_change(self, generation: int, timeout: float | None) -> None:
+        async with self._generation_changed:
+            try:
+                await asyncio.wait_for(
+                    self._generation_changed.wait_for(lambda: self._generation != generation or self._closed), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    # --- request / reply, subscriptions ---------------------------------------------------
+
+    async def request(self, subject: str, msg: Any, reply_cls: type[T], timeout: float = 2.0) -> T:
+        """Send a request and decode the reply; BusError when nobody answers in time."""
+        self._require()
+        try:
+            reply = await self.nc.request(subject, encode(msg), timeout=timeout)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
+            raise BusError(f"no reply on {subject}: {type(e).__name__}") from None
+        value = self._decode(reply_cls, reply.data, subject)
+        if value is None:
+            raise BusError(f"reply on {subject} does not decode")
+        return value
+
+    async def gather(self, subject: str, msg: Any, reply_cls: type[T], timeout: float) -> list[T]:
+        """Scatter-gather: publish once and collect every reply that arrives before `timeout`."""
+        self._require()
+        inbox = self.nc.new_inbox()
+        replies: list[T] = []
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(subject, encode(msg), reply=inbox)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    m = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                value = self._decode(reply_cls, m.data, subject)
+                if value is not None:
+                    replies.append(value)
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    async def serve(self, subject: str, cls: type[T], handler: Callable[[T], Awaitable[Any]], *,
+                    queue: str = "") -> None:
+        """Answer requests on `subject` with `handler(request) -> reply message`.
+
+        A request that does not decode is counted and dropped (the requester times out).
+        Survives reconnects: nats-py re-subscribes on its own.
+        """
+        self._require()
+
+        async def on_msg(m: Msg) -> None:
+            request = self._decode(cls, m.data, subject)
+            if request is None or not m.reply:
+                return
+            try:
+                reply = await handler(request)
+            except Exception:
+                self.log.exception("request handler failed", subject=subject)
+                return
+            if reply is not None:
+                try:
+                    await m.respond(encode(reply))
+                except nats.errors.Error:
+                    pass
+
+        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
+
+    async def subscribe_raw(self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""):
+        self._require()
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        self._subs.append(sub)
+        return sub
+
+    # --- events -------------------------------------------------------------------------
+
+    async def ensure_events_stream(self) -> None:
+        """Create the TULLE_EVENTS stream if missing: it keeps events for late readers."""
+        self._require()
+        try:
+            await self.js.stream_info(schemas.EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(jsapi.StreamConfig(
+                    name=schemas.EVENTS_STREAM, subjects=[f"{schemas.EVENTS_PREFIX}.>"],
+                    retention=jsapi.RetentionPolicy.LIMITS, storage=jsapi.StorageType.FILE,
+                    max_age=24 * 3600, max_msgs=200_000, discard=jsapi.DiscardPolicy.OLD))
+            except nats.js.errors.BadRequestError:
+                pass  # another process created it first
+
+    def make_event(self, kind: str, type_: str, data: dict, subject: str | None = None) -> schemas.CloudEvent:
+        return schemas.CloudEvent(
+            id=str(uuid.uuid4()),
+            source=f"/tulle/{self.component}/{self.instance}",
+            type=f"dev.tulle.{kind}.{type_}",
+            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            data=data,
+            subject=subject,
+        )
+
+    async def publish_event(self, type_: str, data: dict, *, kind: str | None = None,
+                            subject: str | None = None) -> schemas.CloudEvent | None:
+        """Publish a CloudEvent on tulle.events.<kind>.<type>; best effort, never raises.
+
+        kind defaults to this process's component (destination, identity, proxy ...).
+        """
+        kind = kind or self.component
+        event = self.make_event(kind, type_, data, subject)
+        if self.nc is None or self.nc.is_closed:
+            return None
+        try:
+            await self.nc.publish(f"{schemas.EVENTS_PREFIX}.{kind}.{type_}", encode(event))
+        except nats.errors.Error as e:
+            self.log.debug("event not published", type=type_, error=str(e))
+            return None
+        return event
+
+
+class _Resync(Exception):
+    """The connection came back: restart the watch from a fresh snapshot."""
