@@ -1,0 +1,135 @@
+"""The proxy's configuration, from environment variables (as the injector and the local
+runner set them) — a pure function, so it is tested without starting anything.
+
+Every variable is TULLE_PROXY_<NAME>; `from_env` documents each with its default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from tulle.errors import UserError
+from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, identity_name
+
+# Linkerd's default opaque ports (server-speaks-first or TLS-first protocols).
+DEFAULT_OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+PROXY_UID = 2102
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    namespace: str
+    workload: str  # the pod's name
+    service_account: str = "default"
+    trust_domain: str = "cluster.local"
+    nats_url: str = "nats://127.0.0.1:4222"
+    token_file: str = ""
+    inbound_addr: tuple[str, int] = ("0.0.0.0", 4143)
+    outbound_addr: tuple[str, int] = ("127.0.0.1", 4140)
+    admin_addr: tuple[str, int] = ("0.0.0.0", 4191)
+    # Where inbound traffic is forwarded: the app's own address (its ports are the
+    # original destination ports, or the transport header's port).
+    app_host: str = "127.0.0.1"
+    # Target port for plain inbound connections that were not redirected by iptables
+    # (local mode without network namespaces); 0 = refuse them.
+    app_default_port: int = 0
+    # True when iptables redirects traffic to the proxy (SO_ORIGINAL_DST is meaningful).
+    transparent: bool = True
+    opaque_ports: frozenset[int] = frozenset(DEFAULT_OPAQUE_PORTS)
+    default_inbound_policy: str = "all-unauthenticated"
+    cluster_networks: tuple[str, ...] = DEFAULT_CLUSTER_NETWORKS
+    detect_timeout_s: float = 10.0
+    connect_timeout_s: float = 1.0
+    header_read_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    shutdown_grace_s: float = 120.0
+    shutdown_endpoint: bool = False
+    log_level: str = "info"
+
+    @property
+    def identity(self) -> str:
+        return identity_name(self.service_account, self.namespace, self.trust_domain)
+
+
+def _addr(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"{name}: expected host:port, got {value!r}")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _ports(value: str, name: str) -> frozenset[int]:
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise UserError(f"{name}: {part!r} is not a port or a port range") from None
+        if not (1 <= a <= b <= 65535):
+            raise UserError(f"{name}: {part!r} is not a valid port range")
+        if b - a > 1024:
+            raise UserError(f"{name}: {part!r}: ranges wider than 1024 ports are not supported")
+        out.update(range(a, b + 1))
+    return frozenset(out)
+
+
+def _seconds(value: str, name: str) -> float:
+    from tulle.resources.parse import _Invalid, parse_duration_ms
+
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else parse_duration_ms(value, name) / 1000
+    except _Invalid:
+        raise UserError(f"{name}: expected seconds or a duration such as '10s', got {value!r}") from None
+
+
+def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
+    env = os.environ if env is None else env
+
+    def get(name: str, default: str = "") -> str:
+        return env.get(f"TULLE_PROXY_{name}", default)
+
+    ns, workload = get("NAMESPACE"), get("WORKLOAD")
+    if not ns or not workload:
+        raise UserError("TULLE_PROXY_NAMESPACE and TULLE_PROXY_WORKLOAD must be set")
+    policy = get("DEFAULT_INBOUND_POLICY", "all-unauthenticated")
+    if policy not in DEFAULT_POLICIES:
+        raise UserError(f"TULLE_PROXY_DEFAULT_INBOUND_POLICY: {policy!r} is not one of {', '.join(DEFAULT_POLICIES)}")
+    networks = tuple(n.strip() for n in get("CLUSTER_NETWORKS", ",".join(DEFAULT_CLUSTER_NETWORKS)).split(",") if n.strip())
+    for n in networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise UserError(f"TULLE_PROXY_CLUSTER_NETWORKS: {n!r} is not a CIDR") from None
+    opaque = get("OPAQUE_PORTS", None)
+    return ProxyConfig(
+        namespace=ns,
+        workload=workload,
+        service_account=get("SERVICE_ACCOUNT", "default"),
+        trust_domain=get("TRUST_DOMAIN", "cluster.local"),
+        nats_url=env.get("TULLE_NATS_URL", "nats://127.0.0.1:4222"),
+        token_file=get("TOKEN_FILE"),
+        inbound_addr=_addr(get("INBOUND_ADDR", "0.0.0.0:4143"), "TULLE_PROXY_INBOUND_ADDR"),
+        outbound_addr=_addr(get("OUTBOUND_ADDR", "127.0.0.1:4140"), "TULLE_PROXY_OUTBOUND_ADDR"),
+        admin_addr=_addr(get("ADMIN_ADDR", "0.0.0.0:4191"), "TULLE_PROXY_ADMIN_ADDR"),
+        app_host=get("APP_HOST", "127.0.0.1"),
+        app_default_port=int(get("APP_DEFAULT_PORT", "0") or 0),
+        transparent=get("TRANSPARENT", "true").lower() in ("1", "true", "yes"),
+        opaque_ports=_ports(opaque, "TULLE_PROXY_OPAQUE_PORTS") if opaque is not None else frozenset(DEFAULT_OPAQUE_PORTS),
+        default_inbound_policy=policy,
+        cluster_networks=networks,
+        detect_timeout_s=_seconds(get("DETECT_TIMEOUT", "10"), "TULLE_PROXY_DETECT_TIMEOUT"),
+        connect_timeout_s=_seconds(get("CONNECT_TIMEOUT", "1"), "TULLE_PROXY_CONNECT_TIMEOUT"),
+        header_read_timeout_s=_seconds(get("HEADER_READ_TIMEOUT", "10"), "TULLE_PROXY_HEADER_READ_TIMEOUT"),
+        idle_timeout_s=_seconds(get("IDLE_TIMEOUT", "300"), "TULLE_PROXY_IDLE_TIMEOUT"),
+        max_header_bytes=int(get("MAX_HEADER_BYTES", "65536")),
+        max_headers=int(get("MAX_HEADERS", "100")),
+        shutdown_grace_s=_seconds(get("SHUTDOWN_GRACE_PERIOD", "120"), "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD"),
+        shutdown_endpoint=get("SHUTDOWN_ENDPOINT", "false").lower() in ("1", "true", "yes"),
+        log_level=get("LOG_LEVEL", env.get("TULLE_LOG_LEVEL", "info")),
+    )
