@@ -54,7 +54,10 @@ def cli():
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="tulle", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="tulle", standalone_mode=False)
+        # Without standalone mode, click hands back the code of `raise Exit(n)` instead of exiting.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         click.echo(f"tulle: {e}", err=True)
         sys.exit(e.exit_code)

@@ -221,7 +221,7 @@ def _service(o: _Obj, ns: str) -> m.Service:
     meta = _meta(o, True, ns)
     spec = o.obj("spec", required=True)
     ports = []
-    for item, path in spec.list("ports", required=True):
+    for item, path in spec.list("ports"):
         p = _Obj(item, path)
         port = p.int("port", required=True, lo=1, hi=65535)
         target = _int_or_name(p.data["targetPort"], f"{path}.targetPort") if p.has("targetPort") else port
@@ -229,12 +229,14 @@ def _service(o: _Obj, ns: str) -> m.Service:
         if protocol not in ("TCP", "UDP", "SCTP"):
             raise _Invalid(f"{path}.protocol", f"expected TCP, UDP or SCTP, got {protocol!r}")
         ports.append(m.ServicePort(port, target, p.str("name", default=""), protocol, p.str("appProtocol", default="")))
-    if not ports:
-        raise _Invalid("spec.ports", "a Service needs at least one port")
     cluster_ip = spec.str("clusterIP", default="")
+    svc_type = spec.str("type", default="ClusterIP")
+    # As the API server: only headless and ExternalName Services may have no ports.
+    if not ports and cluster_ip != "None" and svc_type != "ExternalName":
+        raise _Invalid("spec.ports", "a Service needs at least one port")
     if cluster_ip and cluster_ip != "None":
         _ip(cluster_ip, "spec.clusterIP")
-    return m.Service(meta, tuple(ports), spec.str_map("selector"), cluster_ip, spec.str("type", default="ClusterIP"))
+    return m.Service(meta, tuple(ports), spec.str_map("selector"), cluster_ip, svc_type)
 
 
 def _ip(v: str, path: str) -> str:
@@ -372,8 +374,56 @@ def _response_match(o: _Obj) -> m.ResponseMatch:
         status = m.StatusRange(lo, hi)
     all_ = tuple(_response_match(_Obj(v, p)) for v, p in o.list("all")) if o.has("all") else None
     any_ = tuple(_response_match(_Obj(v, p)) for v, p in o.list("any")) if o.has("any") else None
+    if all_ == () or any_ == ():
+        raise _Invalid(f"{o.path}.{'all' if all_ == () else 'any'}", "must not be empty")
     not_ = _response_match(o.obj("not")) if o.has("not") else None
     return m.ResponseMatch(status, all_, any_, not_)
+
+
+# Conditions in a canonical form, to find routes that can never match: nested `all`
+# flattened, `all`/`any` members unordered, several fields of one condition = `all`.
+_CATCH_ALL_REGEXES = frozenset({".*", "^.*", ".*$", "^.*$", "/.*", "^/.*", "/.*$", "^/.*$"})
+
+
+def _canonical(rm: m.RequestMatch) -> tuple:
+    parts: set[tuple] = set()
+    if rm.method is not None:
+        parts.add(("method", rm.method))
+    if rm.path_regex is not None:
+        parts.add(("path", rm.path_regex))
+    for sub in rm.all or ():
+        c = _canonical(sub)
+        parts.update(c[1] if c[0] == "all" else (c,))
+    if rm.any is not None:
+        members = frozenset(_canonical(sub) for sub in rm.any)
+        parts.add(next(iter(members)) if len(members) == 1 else ("any", members))
+    if rm.not_ is not None:
+        parts.add(("not", _canonical(rm.not_)))
+    return next(iter(parts)) if len(parts) == 1 else ("all", frozenset(parts))
+
+
+def _matches_everything(c: tuple) -> bool:
+    if c[0] == "path":
+        return c[1] in _CATCH_ALL_REGEXES
+    if c[0] == "all":
+        return all(_matches_everything(x) for x in c[1])
+    if c[0] == "any":
+        return any(_matches_everything(x) for x in c[1])
+    return False
+
+
+def _never_matches(c: tuple) -> Optional[str]:
+    """Why a condition can match no request at all, if it obviously cannot."""
+    if c[0] == "all":
+        methods = sorted(x[1] for x in c[1] if x[0] == "method")
+        if len(methods) > 1:
+            return f"it requires the method to be {' and '.join(methods)} at once"
+        for x in c[1]:
+            if ("not", x) in c[1]:
+                return "it requires a condition and its negation at once"
+    if c[0] == "not" and _matches_everything(c[1]):
+        return "it negates a condition that matches every request"
+    return None
 
 
 def _service_profile(o: _Obj, ns: str) -> m.ServiceProfile:
@@ -386,26 +436,53 @@ def _service_profile(o: _Obj, ns: str) -> m.ServiceProfile:
                        f"a ServiceProfile lives in its service's namespace {parts[1]!r}, not {meta.namespace!r}")
     spec = o.obj("spec", required=True)
     routes, names = [], set()
+    earlier: dict[tuple, tuple[str, str]] = {}  # canonical condition -> (path, name) of the first route with it
+    catch_all: Optional[tuple[str, str]] = None  # the first route that matches every request
     for item, path in spec.list("routes"):
         r = _Obj(item, path)
         name = r.str("name", required=True)
+        if not name.strip():
+            raise _Invalid(f"{path}.name", "must not be empty")
         if name in names:
             raise _Invalid(f"{path}.name", f"duplicate route name {name!r}")
         names.add(name)
-        classes = tuple(
-            m.ResponseClass(_response_match(_Obj(c, p).obj("condition", required=True)), _Obj(c, p).bool("isFailure"))
-            for c, p in r.list("responseClasses"))
+        classes, seen_classes = [], {}
+        for c, p in r.list("responseClasses"):
+            cls = m.ResponseClass(_response_match(_Obj(c, p).obj("condition", required=True)), _Obj(c, p).bool("isFailure"))
+            if cls.condition in seen_classes:
+                raise _Invalid(f"{p}.condition", f"never applies: {seen_classes[cls.condition]} has the same condition "
+                                                 "and is checked first")
+            seen_classes[cls.condition] = p
+            classes.append(cls)
         timeout = parse_duration_ms(r.data["timeout"], f"{path}.timeout") if r.has("timeout") else 0
-        routes.append(m.RouteSpec(name, _request_match(r.obj("condition", required=True)), classes,
-                                  r.bool("isRetryable"), timeout))
+        if r.has("timeout") and timeout <= 0:
+            raise _Invalid(f"{path}.timeout", "must be positive (leave it out for no timeout)")
+        condition = _request_match(r.obj("condition", required=True))
+        canonical = _canonical(condition)
+        why = _never_matches(canonical)
+        if why:
+            raise _Invalid(f"{path}.condition", f"route {name!r} can never match: {why}")
+        if catch_all is not None:
+            raise _Invalid(f"{path}.condition", f"route {name!r} can never match: route {catch_all[1]!r} "
+                                                f"({catch_all[0]}) matches every request and comes first")
+        if canonical in earlier:
+            raise _Invalid(f"{path}.condition", f"route {name!r} can never match: route {earlier[canonical][1]!r} "
+                                                f"({earlier[canonical][0]}) has the same condition and comes first")
+        earlier[canonical] = (path, name)
+        if _matches_everything(canonical):
+            catch_all = (path, name)
+        routes.append(m.RouteSpec(name, condition, tuple(classes), r.bool("isRetryable"), timeout))
     budget = None
     b = spec.obj("retryBudget")
     if b is not None:
         ttl = parse_duration_ms(b.data["ttl"], f"{b.path}.ttl") if b.has("ttl") else 10000
-        if ttl <= 0:
-            raise _Invalid(f"{b.path}.ttl", "must be positive")
-        budget = m.RetryBudgetSpec(b.number("retryRatio", 0.2, lo=0.0),
-                                   b.int("minRetriesPerSecond", 10, lo=0), ttl)
+        # The proxy's budget slides over ttl in tenths; Linkerd's proxy refuses a ttl outside 1s..60s.
+        if not 1000 <= ttl <= 60000:
+            raise _Invalid(f"{b.path}.ttl", f"must be from 1s to 60s, got {b.data['ttl']!r}")
+        ratio = b.number("retryRatio", 0.2, lo=0.0)
+        if ratio > 1000:
+            raise _Invalid(f"{b.path}.retryRatio", f"must be at most 1000, got {ratio!r}")
+        budget = m.RetryBudgetSpec(ratio, b.int("minRetriesPerSecond", 10, lo=0), ttl)
     opaque = []
     raw_opaque = spec.data.get("opaquePorts")
     if isinstance(raw_opaque, dict):
@@ -548,6 +625,14 @@ def load_documents(text: str, file: str = "") -> list[tuple[int, Any]]:
 
 def load_file(path: str | Path, *, default_namespace: str = "default",
               kinds: Optional[Iterable[str]] = None, display: str | None = None) -> list[m.Resource]:
+    return [obj for _, obj in _load_file_documents(path, default_namespace=default_namespace, kinds=kinds,
+                                                   display=display)]
+
+
+def _load_file_documents(path: str | Path, *, default_namespace: str = "default",
+                         kinds: Optional[Iterable[str]] = None,
+                         display: str | None = None) -> list[tuple[int, m.Resource]]:
+    """(document index, object) for each object in a file."""
     path = Path(path)
     shown = display or str(path)
     try:
@@ -561,7 +646,7 @@ def load_file(path: str | Path, *, default_namespace: str = "default",
         obj = parse_object(data, file=shown, doc=index, default_namespace=default_namespace, kinds=kinds)
         if isinstance(obj, m.Workload):
             obj = _with_base_dir(obj, str(path.parent.resolve()))
-        objects.append(obj)
+        objects.append((index, obj))
     return objects
 
 
@@ -582,23 +667,25 @@ def manifest_files(directory: str | Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def load_dir(directory: str | Path, *, kinds: Optional[Iterable[str]] = None) -> list[m.Resource]:
+def load_dir(directory: str | Path, *, kinds: Optional[Iterable[str]] = None,
+             seen: Optional[dict[tuple[str, str, str], str]] = None) -> list[m.Resource]:
     """Every object in a folder of manifests; the first bad one raises ManifestError.
 
-    Two objects of the same kind, namespace and name are an error too.
+    Two objects of the same kind, namespace and name are an error too (across several
+    folders when they share one `seen` dict: key -> file that defined it).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise ManifestError(str(directory), None, "", "", "not a folder")
-    seen: dict[tuple[str, str, str], str] = {}
+    seen = {} if seen is None else seen
     objects = []
     for f in manifest_files(directory):
         shown = str(f.relative_to(directory.parent)) if directory.parent != f else str(f)
-        for obj in load_file(f, kinds=kinds, display=shown):
+        for index, obj in _load_file_documents(f, kinds=kinds, display=shown):
             key = m.key_of(obj)
             if key in seen:
-                raise ManifestError(shown, None, f"{key[0]} {key[1] + '/' if key[1] else ''}{key[2]}", "metadata.name",
-                                    f"already defined in {seen[key]}")
+                raise ManifestError(shown, index, f"{key[0]} {key[1] + '/' if key[1] else ''}{key[2]}",
+                                    "metadata.name", f"already defined in {seen[key]}")
             seen[key] = shown
             objects.append(obj)
     return objects

@@ -4,6 +4,10 @@ Polling file stamps every `interval` seconds costs a few stat calls and needs no
 extra dependency; 0.1 s keeps a manifest edit well inside the "within a second" the
 issues ask for. A file that stops parsing yields one `error` event and keeps its
 last good objects until it is fixed.
+
+File modification times tick coarsely (the kernel's clock tick, a few ms), so two
+writes of the same size in one tick leave the same stamp. Like git's "racily clean"
+check, a file modified within the last RACY_WINDOW_NS also stamps its content hash.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import time
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Optional
 
 from tulle.resources import model as m
 from tulle.resources.parse import ManifestError, load_file, manifest_files
 from tulle.sources.base import ResourceEvent
+
+RACY_WINDOW_NS = 2_000_000_000
 
 
 class FolderSource:
@@ -31,15 +38,30 @@ class FolderSource:
 
     def _scan(self) -> dict[Path, tuple]:
         stamps = {}
+        now = time.time_ns()
         for d in self.directories:
             if not d.is_dir():
                 continue
-            for f in manifest_files(d):
+            try:
+                files = manifest_files(d)
+            except OSError:
+                # A sub-folder vanished mid-walk: keep what we knew of this folder until the next scan,
+                # rather than report its files as deleted.
+                stamps.update((f, entry[0]) for f, entry in self._files.items() if d in f.parents)
+                continue
+            for f in files:
                 try:
                     st = f.stat()
                 except FileNotFoundError:
                     continue
-                stamps[f] = (st.st_mtime_ns, st.st_size, st.st_ino)
+                digest = None
+                if now - st.st_mtime_ns < RACY_WINDOW_NS:
+                    # A recent mtime may not change on the next write: stamp the content too.
+                    try:
+                        digest = hashlib.sha256(f.read_bytes()).digest()
+                    except OSError:
+                        pass  # gone or unreadable: the next scan or _load says so
+                stamps[f] = (st.st_mtime_ns, st.st_size, st.st_ino, digest)
         return stamps
 
     def _load(self, f: Path) -> dict[tuple[str, str, str], m.Resource]:
