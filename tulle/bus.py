@@ -359,8 +359,10 @@ class Bus:
             raise BusError(f"reply on {subject} does not decode")
         return value
 
-    async def gather(self, subject: str, msg: Any, reply_cls: type[T], timeout: float) -> list[T]:
-        """Scatter-gather: publish once and collect every reply that arrives before `timeout`."""
+    async def gather(self, subject: str, msg: Any, reply_cls: type[T], timeout: float, *,
+                     until: Callable[[list[T]], bool] | None = None) -> list[T]:
+        """Scatter-gather: publish once and collect every reply that arrives before `timeout`
+        (or until `until(replies)` says every expected answer is in)."""
         self._require()
         inbox = self.nc.new_inbox()
         replies: list[T] = []
@@ -376,20 +378,24 @@ class Bus:
                 value = self._decode(reply_cls, m.data, subject)
                 if value is not None:
                     replies.append(value)
+                    if until is not None and until(replies):
+                        break
         finally:
             await sub.unsubscribe()
         return replies
 
     async def serve(self, subject: str, cls: type[T], handler: Callable[[T], Awaitable[Any]], *,
-                    queue: str = "") -> None:
+                    queue: str = "", concurrency: int = 1) -> None:
         """Answer requests on `subject` with `handler(request) -> reply message`.
 
         A request that does not decode is counted and dropped (the requester times out).
-        Survives reconnects: nats-py re-subscribes on its own.
+        Survives reconnects: nats-py re-subscribes on its own. With concurrency > 1, up
+        to that many requests are handled at once (for handlers that wait on I/O);
+        otherwise one after the other, which is fastest for CPU-bound handlers.
         """
         self._require()
 
-        async def on_msg(m: Msg) -> None:
+        async def answer(m: Msg) -> None:
             request = self._decode(cls, m.data, subject)
             if request is None or not m.reply:
                 return
@@ -403,6 +409,21 @@ class Bus:
                     await m.respond(encode(reply))
                 except nats.errors.Error:
                     pass
+
+        on_msg = answer
+        if concurrency > 1:
+            slots = asyncio.Semaphore(concurrency)
+            running: set[asyncio.Task] = set()
+
+            def done(task: asyncio.Task) -> None:
+                running.discard(task)
+                slots.release()
+
+            async def on_msg(m: Msg) -> None:
+                await slots.acquire()  # back-pressure: further requests wait in nats-py's queue
+                task = asyncio.ensure_future(answer(m))
+                running.add(task)
+                task.add_done_callback(done)
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
 

@@ -205,6 +205,9 @@ class PortPolicy:
     kind: Literal["Server", "default"] = "default"
     protocol: ProxyProtocol = "unknown"
     authorizations: list[Authorization] = field(default_factory=list)
+    # What produced this port's policy, for `tulle policy`: "Server demo/books-api",
+    # "Pod demo/web annotation config.tulle.dev/default-inbound-policy", "cluster default".
+    source: str = ""
 
 
 @dataclass(slots=True)
@@ -219,6 +222,9 @@ class WorkloadPolicy:
     cluster_networks: list[str] = field(default_factory=lambda: list(DEFAULT_CLUSTER_NETWORKS))
     # Where each setting came from, for `tulle policy`: e.g. {"default_policy": "Namespace demo"}.
     sources: dict[str, str] = field(default_factory=dict)
+    # Things worth a person's attention that are not errors, e.g. a ServerAuthorization
+    # in this namespace naming a Server that does not exist (yet).
+    warnings: list[str] = field(default_factory=list)
     v: int = 1
 
 
@@ -289,6 +295,8 @@ class StatsRequest:
     window_s: float = 60.0
     # Only proxies of these workloads answer (namespace.workload); empty: all.
     workloads: list[str] = field(default_factory=list)
+    # Only routes to these destination services (namespace.service); empty: all.
+    services: list[str] = field(default_factory=list)
     v: int = 1
 
 
@@ -302,7 +310,8 @@ class RouteWindow:
     effective_successes: int = 0
     actual_requests: int = 0
     actual_successes: int = 0
-    # Latency histogram of effective responses: counts per bucket upper bound (ms).
+    # Latency histogram of effective responses: the finite bucket upper bounds (ms), and
+    # a count per bucket plus one last count for +Inf (so one more count than bounds).
     latency_buckets_ms: list[float] = field(default_factory=list)
     latency_counts: list[int] = field(default_factory=list)
 
@@ -312,8 +321,23 @@ class StatsReply:
     VERSION: ClassVar[int] = 1
     namespace: str
     workload: str
-    window_s: float
+    window_s: float  # the span the figures really cover (shorter for a proxy that just started)
     routes: list[RouteWindow] = field(default_factory=list)
+    v: int = 1
+
+
+# --- tulle-leases -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Lease:
+    """Who holds a writer lease (`tulle-leases` `<component>`); the bucket's TTL ends it
+    unless the holder renews it (tulle/leader.py)."""
+
+    VERSION: ClassVar[int] = 1
+    holder: str  # <host>-<pid>-<random>: unique per process start
+    component: str
+    acquired: float = 0.0  # unix seconds
     v: int = 1
 
 
