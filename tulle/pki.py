@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -145,6 +146,9 @@ def new_csr(identity: str, key: ec.EllipticCurvePrivateKey) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+_CSR_PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.UnsupportedGeneralNameType)
+
+
 class CSRError(ValueError):
     """Why a CSR cannot be signed; `code` is the certify error code."""
 
@@ -159,15 +163,22 @@ def check_csr(csr_pem: bytes | str, identity: str) -> x509.CertificateSigningReq
         csr_pem = csr_pem.encode()
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as e:
+    except _CSR_PARSE_ERRORS as e:
         raise CSRError("invalid-csr", f"not a PEM certificate request: {e}") from None
-    if not csr.is_signature_valid:
+    # Parsing is lazy: a request that loads can still hold an unknown version, key type
+    # or malformed extensions. Whatever the sender got wrong is their error, never ours.
+    try:
+        signature_ok = csr.is_signature_valid
+        pub = csr.public_key()
+        extensions = csr.extensions
+    except _CSR_PARSE_ERRORS as e:
+        raise CSRError("invalid-csr", f"the request does not parse: {e}") from None
+    if not signature_ok:
         raise CSRError("invalid-csr", "the request's signature does not verify")
-    pub = csr.public_key()
     if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
         raise CSRError("invalid-csr", "the key must be ECDSA P-256")
     try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise CSRError("name-mismatch", "the request has no subject alternative name") from None
     dns = san.get_values_for_type(x509.DNSName)
@@ -178,7 +189,7 @@ def check_csr(csr_pem: bytes | str, identity: str) -> x509.CertificateSigningReq
     if cns not in ([], [identity]):
         raise CSRError("name-mismatch", f"the common name must be empty or {identity!r}, got {cns}")
     try:
-        bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
             raise CSRError("invalid-csr", "the request asks for a CA certificate")
     except x509.ExtensionNotFound:
