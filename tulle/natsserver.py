@@ -66,7 +66,10 @@ class NatsServer:
             f'listen: "{self.host}:{self.port}"\n'
             f'server_name: "tulle-{self.port}"\n'
             "max_payload: 1MB\n"
-            f'jetstream {{ store_dir: "{self.store_dir / "jetstream"}", max_memory_store: 256MB, max_file_store: 2GB }}\n'
+            f'jetstream {{ store_dir: "{self.store_dir / "jetstream"}", max_memory_store: 256MB, max_file_store: 2GB,\n'
+            # Every KV watch is a consumer; nats-server 2.15 caps a stream at 1,000 of them
+            # by default, which 1,000 proxy watches of tulle-endpoints reach. -1: no cap, as before 2.15.
+            "  limits { default_max_consumers: -1 } }\n"
         )
 
     def start(self, timeout: float = 10.0) -> "NatsServer":

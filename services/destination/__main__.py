@@ -1,14 +1,157 @@
-"""python -m services.destination"""
+"""python -m services.destination: sources -> compile (pure) -> KV writer.
 
+    python -m services.destination --nats URL --manifests DIR [--manifests DIR ...]
+    python -m services.destination --nats URL --kubernetes
+
+Reads Services, Pods, EndpointSlices (Kubernetes only) and ServiceProfiles; publishes
+each service port's ready endpoints to `tulle-endpoints` and compiled profiles to
+`tulle-profiles`. Several replicas may run: one writes (lease `destination` in
+`tulle-leases`), the others keep the same state compiled and take over within seconds.
+Ready once the source has synced and, on the writer, the result is in KV.
+"""
+
+from __future__ import annotations
+
+import argparse
 import asyncio
+import sys
+from pathlib import Path
 
+from services.destination.compile import DestinationState, Settings
+from services.destination.writer import KVWriter, endpoints_changed_event
+from tulle import schemas
+from tulle.errors import UserError
+from tulle.leader import LeaderElection
+from tulle.metrics import REGISTRY
 from tulle.service import Service, run_service
+
+LEASE = "destination"
+FOLDER_KINDS = ("Service", "Pod", "ServiceProfile")  # Workloads are the runner's business
+KUBE_KINDS = ("Service", "Pod", "EndpointSlice", "ServiceProfile")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifests", action="append", default=[], metavar="DIR",
+                   help="folder of manifests to watch (repeatable); local mode")
+    p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API (in-cluster or KUBECONFIG)")
+    p.add_argument("--cluster-domain", default="cluster.local")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--h2-upgrade", action="store_true",
+                   help="hint h2 for meshed endpoints (only once proxies speak HTTP/2 between themselves)")
+    p.add_argument("--batch-interval-ms", type=float, default=25.0,
+                   help="during a burst of changes, at most one KV write batch per this interval")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if bool(args.manifests) == bool(args.kubernetes):
+        raise UserError("destination: give either --manifests DIR (one or more) or --kubernetes")
+    for d in args.manifests:
+        if Path(d).exists() and not Path(d).is_dir():
+            raise UserError(f"destination: --manifests {d}: not a folder")
+    if not 0 <= args.batch_interval_ms <= 10_000:
+        raise UserError(f"destination: --batch-interval-ms {args.batch_interval_ms}: expected 0 to 10000")
+
+
+def make_source(args: argparse.Namespace):
+    if args.kubernetes:
+        from tulle.sources.kube import KubeSource, load_configuration
+
+        return KubeSource(load_configuration(), kinds=list(KUBE_KINDS))
+    from tulle.sources.folder import FolderSource
+
+    return FolderSource(args.manifests, kinds=set(FOLDER_KINDS))
 
 
 async def main(svc: Service) -> None:
-    # Connects, reports ready and waits; the service's real work comes with its issue.
-    await asyncio.Event().wait()
+    args = svc.args
+    log = svc.log
+    settings = Settings(cluster_domain=args.cluster_domain, trust_domain=args.trust_domain,
+                        h2_upgrade=args.h2_upgrade, endpoints_from="slices" if args.kubernetes else "selector")
+    state = DestinationState(settings)
+    source = make_source(args)
+    m_source_errors = REGISTRY.counter("tulle_destination_source_errors_total",
+                                       "Objects or files the source could not read (kept at their last good version)")
+    m_events = REGISTRY.counter("tulle_destination_source_events_total", "Resource events received", ("type",))
+
+    def on_written(key, old, new) -> None:
+        data = endpoints_changed_event(key, old, new)
+        if data is not None:
+            asyncio.ensure_future(svc.bus.publish_event("endpoints-changed", data, subject=data["key"]))
+
+    warned_conflicts: set[str] = set()
+
+    def take_changes():
+        changes = state.take_changes()
+        conflicts = state.ip_conflicts()
+        for key in conflicts.keys() - warned_conflicts:
+            log.warning("two services claim one cluster IP; the first by name keeps the IP key",
+                        key=key, services=[f"{ns}/{n}" for ns, n in conflicts[key]])
+        warned_conflicts.intersection_update(conflicts)
+        warned_conflicts.update(conflicts)
+        return changes
+
+    election = LeaderElection(svc.bus, LEASE)
+    writer = KVWriter(svc.bus, (schemas.ENDPOINTS_BUCKET, schemas.PROFILES_BUCKET), take_changes,
+                      is_leader=election.is_leader, can_write=lambda: state.synced, on_written=on_written,
+                      min_interval=args.batch_interval_ms / 1000)
+    election.on_elected = writer.forget_written
+    election.on_lost = writer.forget_written
+    # A restarted NATS may have lost what we wrote: read KV back before the next write.
+    svc.bus.on_connection_change(lambda up: up and writer.forget_written())
+    synced = asyncio.Event()
+
+    def ready() -> bool:
+        # The writer is ready once KV holds the state; a standby once it has the state
+        # compiled and has seen that another replica holds the lease.
+        if not synced.is_set():
+            return False
+        return writer.caught_up.is_set() if election.is_leader() else election.held_elsewhere
+
+    svc.add_ready_check("synced", ready)
+
+    async def consume() -> None:
+        async for ev in source.events():
+            m_events.labels(ev.type).inc()
+            if ev.type == "error":
+                m_source_errors.inc()
+                log.warning("skipping an object that cannot be read", error=ev.error)
+                continue
+            if state.apply(ev):
+                writer.notify()
+            if ev.type == "synced":
+                synced.set()
+                log.info("source synced", services=len(state.services), pods=len(state.pods),
+                         slices=len(state.slices), profiles=len(state.profiles))
+
+    async def compete() -> None:
+        # Only a replica with the whole state may take the lease: it must write at once.
+        await synced.wait()
+        await election.run()
+
+    tasks = [asyncio.ensure_future(t) for t in (consume(), writer.run(), compete())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await election.release()
+        if hasattr(source, "aclose"):
+            await source.aclose()  # the Kubernetes source's watch threads
+
+
+def run(argv: list[str] | None = None) -> None:
+    def prepare(svc: Service) -> None:
+        check_arguments(svc.args)
+
+    try:
+        run_service("destination", main, argv, add_arguments=add_arguments, prepare=prepare)
+    except UserError as e:
+        print(f"tulle destination: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-    run_service("destination", main)
+    run()
