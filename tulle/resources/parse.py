@@ -30,6 +30,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1, "s": 1000, "m": 60000, "h": 3600000}
 
 
+# libyaml's loader when PyYAML was built with it: ten times faster on large folders.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class ManifestError(UserError):
     def __init__(self, file: str, doc: Optional[int], what: str, path: str, message: str):
         self.file, self.doc, self.what, self.path, self.message = file, doc, what, path, message
@@ -603,7 +607,7 @@ def parse_object(data: Any, *, file: str = "", doc: Optional[int] = None, defaul
 def load_documents(text: str, file: str = "") -> list[tuple[int, Any]]:
     """(1-based document index, data) for each non-empty YAML document; `List` kinds unrolled."""
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = list(yaml.load_all(text, Loader=_YAML_LOADER))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -111,12 +111,14 @@ class FolderSource:
         return events
 
     async def events(self) -> AsyncIterator[ResourceEvent]:
-        for ev in self.poll():
+        # Polls run in a worker thread: parsing a large folder must not stall the
+        # event loop (and with it the NATS connection and the admin server).
+        for ev in await asyncio.to_thread(self.poll):
             yield ev
         yield ResourceEvent("synced")
         while True:
             await asyncio.sleep(self.interval)
-            for ev in self.poll():
+            for ev in await asyncio.to_thread(self.poll):
                 yield ev
 
 
