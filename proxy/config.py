@@ -25,6 +25,8 @@ class ProxyConfig:
     workload: str  # the pod's name
     service_account: str = "default"
     trust_domain: str = "cluster.local"
+    # Suffix of fully qualified service names (`svc.ns.svc.<cluster_domain>`).
+    cluster_domain: str = "cluster.local"
     nats_url: str = "nats://127.0.0.1:4222"
     token_file: str = ""
     inbound_addr: tuple[str, int] = ("0.0.0.0", 4143)
@@ -45,6 +47,13 @@ class ProxyConfig:
     connect_timeout_s: float = 1.0
     header_read_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
+    # Upstream HTTP/1 connections idle longer than this are closed (Linkerd: 3 s).
+    pool_idle_timeout_s: float = 3.0
+    # The same for mTLS connections to peer proxies, which cost a TLS handshake to
+    # replace (Linkerd keeps its HTTP/2 connection to a peer for as long as it is used).
+    mesh_pool_idle_timeout_s: float = 60.0
+    # A discovery watch nobody used for this long is stopped.
+    discovery_idle_timeout_s: float = 60.0
     max_header_bytes: int = 65536
     max_headers: int = 100
     shutdown_grace_s: float = 120.0
@@ -112,6 +121,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         workload=workload,
         service_account=get("SERVICE_ACCOUNT", "default"),
         trust_domain=get("TRUST_DOMAIN", "cluster.local"),
+        cluster_domain=get("CLUSTER_DOMAIN", "cluster.local").strip("."),
         nats_url=env.get("TULLE_NATS_URL", "nats://127.0.0.1:4222"),
         token_file=get("TOKEN_FILE"),
         inbound_addr=_addr(get("INBOUND_ADDR", "0.0.0.0:4143"), "TULLE_PROXY_INBOUND_ADDR"),
@@ -127,6 +137,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         connect_timeout_s=_seconds(get("CONNECT_TIMEOUT", "1"), "TULLE_PROXY_CONNECT_TIMEOUT"),
         header_read_timeout_s=_seconds(get("HEADER_READ_TIMEOUT", "10"), "TULLE_PROXY_HEADER_READ_TIMEOUT"),
         idle_timeout_s=_seconds(get("IDLE_TIMEOUT", "300"), "TULLE_PROXY_IDLE_TIMEOUT"),
+        pool_idle_timeout_s=_seconds(get("POOL_IDLE_TIMEOUT", "3"), "TULLE_PROXY_POOL_IDLE_TIMEOUT"),
+        mesh_pool_idle_timeout_s=_seconds(get("MESH_POOL_IDLE_TIMEOUT", "60"), "TULLE_PROXY_MESH_POOL_IDLE_TIMEOUT"),
+        discovery_idle_timeout_s=_seconds(get("DISCOVERY_IDLE_TIMEOUT", "60"), "TULLE_PROXY_DISCOVERY_IDLE_TIMEOUT"),
         max_header_bytes=int(get("MAX_HEADER_BYTES", "65536")),
         max_headers=int(get("MAX_HEADERS", "100")),
         shutdown_grace_s=_seconds(get("SHUTDOWN_GRACE_PERIOD", "120"), "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD"),

@@ -1,0 +1,365 @@
+"""The inbound room: connections to the app (port 4143).
+
+Three kinds arrive. A TLS ClientHello naming this proxy's identity (SNI) is a peer proxy:
+the proxy terminates mTLS, takes the client's identity from its verified certificate, and
+with ALPN `tulle/1` reads the transport header (target port, protocol) instead of
+detecting. A ClientHello naming anything else is the app's own TLS: passed through
+opaque. Plain connections come from outside the mesh: HTTP/1 is detected, anything else
+forwarded opaque. The target port is the transport header's, else the original
+destination's (iptables), else `app_default_port`.
+
+HTTP requests lose any `tulle-client-id` they carry and get it set from the verified
+identity. The policy decision point is called per connection and per request; until the
+policy issue lands it is `AllowAll`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+from proxy import detect
+from proxy import transport as tph
+from proxy.context import Shared
+from proxy.http1.client import Pools
+from proxy.http1.headers import CHUNKED, CLIENT_ID, serialize
+from proxy.http1.server import Http1Server, Limits, Request
+from proxy.listener import EOF, TIMEOUT, Listener, Peeker, adopt, original_dst
+from proxy.metrics import Labels
+from proxy.tcp import splice
+from proxy.upstream import Buffering, DialError, Dest, dial
+from tulle.log import get_logger
+from tulle.pki import ALPN_PROXY, peer_identity
+
+# On opaque ports HTTP is never detected, but a peer proxy's mTLS still has to be told
+# from plain bytes; a peer sends its ClientHello at once, so a short wait is enough and
+# keeps server-speaks-first clients from outside the mesh from stalling long.
+OPAQUE_TLS_WAIT_S = 1.0
+STRIP = frozenset({CLIENT_ID})
+
+log = get_logger(part="inbound")
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    server: str
+    authorization: str
+    reason: str = ""
+
+
+class AllowAll:
+    """The policy decision point until proxy/policy.py's InboundPolicy is wired in (same interface)."""
+
+    _ALLOW = Decision(True, "default:all-unauthenticated", "default:all-unauthenticated")
+
+    def decide_connection(self, port: int, client_ip: str, client_identity: str | None, tls: bool) -> Decision:
+        return self._ALLOW
+
+    def decide_request(self, port: int, client_ip: str, client_identity: str | None, tls: bool, method: str,
+                       path: str) -> Decision:
+        return self._ALLOW
+
+
+class InConn:
+    """Facts about one accepted inbound connection, fixed once its target port is known."""
+
+    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "head_extra", "decision")
+
+    def __init__(self, client_ip: str, port: int):
+        self.client_ip = client_ip
+        self.port = port
+        self.client_id: str | None = None
+        self.tls = False
+        self.labels: Labels | None = None
+        self.pool = None
+        self.head_extra = b""
+        self.decision: Decision | None = None
+
+
+class Inbound:
+    direction = "inbound"
+
+    def __init__(self, shared: Shared, pools: Pools, policy=None):
+        self.shared = shared
+        self.cfg = cfg = shared.cfg
+        self.metrics = shared.metrics
+        self.pools = pools
+        self.policy = policy or AllowAll()
+        self.loop = asyncio.get_event_loop()
+        self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
+        self.listener = Listener(cfg.inbound_addr, self._on_socket, name="inbound")
+        self.conns: set = set()  # HTTP/1 server connections (for timers and draining)
+        self.splices: set = set()  # opaque pairs (tunnels, upgrades, TCP)
+        self.tunnels = 0  # opaque connections being set up
+        self.default_labels = self.metrics.labels("inbound", cfg.namespace)
+        self._errors = self.metrics.http_errors["inbound"]
+
+    def start(self) -> None:
+        self.listener.start()
+
+    # --- accepting ---------------------------------------------------------------------
+
+    def _on_socket(self, sock: socket.socket, peer: tuple) -> None:
+        port = self.cfg.app_default_port
+        if self.cfg.transparent:
+            orig = original_dst(sock)
+            if orig is not None and orig != sock.getsockname()[:2]:
+                port = orig[1]
+        conn = InConn(peer[0], port)
+        opaque = port in self.cfg.opaque_ports
+        judge = _judge_tls_only if opaque else _judge
+        timeout = min(OPAQUE_TLS_WAIT_S, self.cfg.detect_timeout_s) if opaque else self.cfg.detect_timeout_s
+        Peeker(sock, judge, lambda verdict, data: self._detected(sock, conn, verdict, opaque), timeout)
+
+    def _detected(self, sock: socket.socket, conn: InConn, verdict, opaque: bool) -> None:
+        if verdict is EOF:
+            sock.close()
+            return
+        if isinstance(verdict, detect.ClientHello):
+            if verdict.valid and verdict.sni == self.cfg.identity:
+                ctx = self.shared.identity.server_context
+                if ctx is None:  # not certified yet: refuse rather than accept unverified TLS
+                    self._count("tls-not-ready")
+                    self.metrics.tcp_error("inbound", "tls_not_ready")
+                    sock.close()
+                    return
+                self._count("mtls")
+                adopt(sock, lambda: _TlsPreamble(self, conn), ssl=ctx, handshake_timeout=self.cfg.detect_timeout_s,
+                      on_error=self._handshake_failed)
+                return
+            self._count("tls")  # the app's own TLS
+            conn.labels = self.metrics.labels("inbound", self.cfg.namespace, tls="opaque")
+            self._opaque(sock, conn)
+            return
+        if verdict is detect.Kind.HTTP1 and not opaque:
+            self._count("http/1")
+            conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
+            if not self._allow_connection(conn, http=True):
+                sock.close()
+                return
+            self._prepare_http(conn)
+            adopt(sock, lambda: Http1Server(self, self.limits, STRIP, conn))
+            return
+        self._count("timeout" if verdict is TIMEOUT and not opaque else "opaque")
+        conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
+        self._opaque(sock, conn)
+
+    def _count(self, protocol: str) -> None:
+        self.metrics.detect_total.labels("inbound", protocol).inc()
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        self.metrics.tcp_error("inbound", "tls_handshake")
+        log.debug("inbound TLS handshake failed", error=str(exc) or type(exc).__name__)
+
+    def _allow_connection(self, conn: InConn, http: bool) -> bool:
+        d = self.policy.decide_connection(conn.port, conn.client_ip, conn.client_id, conn.tls)
+        conn.decision = d
+        if d.allowed:
+            return True
+        if http:
+            return True  # HTTP clients get a 403 per request (decide_request refuses them too)
+        self.metrics.tcp_error("inbound", "forbidden")
+        return False
+
+    def _prepare_http(self, conn: InConn) -> None:
+        if conn.port == 0:
+            conn.pool = None
+        else:
+            conn.pool = self.pools.get(Dest(self.cfg.app_host, conn.port))
+        if conn.client_id:
+            conn.head_extra = CLIENT_ID + b": " + conn.client_id.encode() + b"\r\n"
+
+    def _opaque(self, sock: socket.socket, conn: InConn) -> None:
+        if conn.port == 0:
+            self.metrics.tcp_error("inbound", "no_target_port")
+            sock.close()
+            return
+        if not self._allow_connection(conn, http=False):
+            sock.close()
+            return
+        asyncio.ensure_future(self._tcp_from_socket(sock, conn))
+
+    async def _tcp_from_socket(self, sock: socket.socket, conn: InConn) -> None:
+        self.tunnels += 1
+        try:
+            try:
+                up, proto = await dial(Dest(self.cfg.app_host, conn.port), Buffering, lambda: None,
+                                       self.cfg.connect_timeout_s)
+            except DialError as e:
+                self.metrics.tcp_error("inbound", e.error)
+                sock.close()
+                return
+            try:
+                client, cproto = await self.loop.connect_accepted_socket(Buffering, sock)
+            except OSError:
+                up.close()
+                return
+            s = splice(client, up, conn.labels, client_pending=bytes(cproto.data), server_pending=bytes(proto.data))
+            self.track(s)
+            if cproto.eof:
+                s.client.eof_received()
+        finally:
+            self.tunnels -= 1
+
+    async def _tcp_from_transport(self, transport: asyncio.Transport, pending: bytes, conn: InConn) -> None:
+        """Opaque forwarding of an already terminated (mTLS) connection."""
+        self.tunnels += 1
+        try:
+            try:
+                up, proto = await dial(Dest(self.cfg.app_host, conn.port), Buffering, lambda: None,
+                                       self.cfg.connect_timeout_s)
+            except DialError as e:
+                self.metrics.tcp_error("inbound", e.error)
+                transport.close()
+                return
+            if transport.is_closing():
+                up.close()
+                return
+            self.track(splice(transport, up, conn.labels, client_pending=pending, server_pending=bytes(proto.data)))
+        finally:
+            self.tunnels -= 1
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    def http_error(self, error: str) -> None:
+        self._errors.labels(error).inc()
+
+    def dispatch(self, server: Http1Server, req: Request) -> None:
+        conn: InConn = server.conn
+        if req.labels is None:
+            req.labels = conn.labels
+            conn.labels.requests.value += 1
+        if not req.head:
+            if req.method == b"CONNECT":
+                server.fail(req, 405, "CONNECT is not accepted inbound", "bad_request")
+                return
+            d = self.policy.decide_request(conn.port, conn.client_ip, conn.client_id, conn.tls,
+                                           req.method.decode("latin-1"), req.target.decode("latin-1"))
+            if not d.allowed:
+                server.fail(req, 403, f"unauthorized connection on server {d.server}", "forbidden")
+                return
+            if conn.pool is None:
+                server.fail(req, 502, "no target port for this connection", "no_target_port")
+                return
+            first = b"%b %b HTTP/%b\r\n" % (req.method, req.target, b"1.1" if req.version == "1.1" else b"1.0")
+            extra = conn.head_extra
+            if req.framing == CHUNKED:
+                extra += b"transfer-encoding: chunked\r\n"
+            if req.upgrade is not None:
+                extra += b"connection: upgrade\r\nupgrade: " + req.upgrade + b"\r\n"
+            req.head = serialize(first, req.headers, extra)
+        pool = conn.pool
+        client = pool.take()
+        if client is not None:  # the common keep-alive case: no closures, no waiting
+            server.forward(req, client)
+            return
+        pool.acquire(lambda c: server.forward(req, c), lambda e: server.fail(req, 502, e.reason, e.error))
+
+    def answered(self, req: Request, status: int, now: float, ok: bool = True) -> None:
+        req.ep = None  # nothing is balanced inbound
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def track(self, s) -> None:
+        self.splices.add(s)
+        s.on_close = self.splices.discard
+
+    @property
+    def busy(self) -> int:
+        """Connections still open or being set up (graceful shutdown waits for them)."""
+        return len(self.conns) + len(self.splices) + self.tunnels
+
+    def stop_accepting(self) -> None:
+        self.listener.close()
+
+    def drain(self) -> None:
+        for s in list(self.conns):
+            s.drain()
+
+
+class _TlsPreamble(asyncio.Protocol):
+    """A terminated mTLS connection before it is known what it carries.
+
+    With ALPN tulle/1 the first 8 bytes are the transport header; otherwise the first
+    bytes are classified like a plain connection's.
+    """
+
+    def __init__(self, room: Inbound, conn: InConn):
+        self.room = room
+        self.conn = conn
+        self.transport = None
+        self.buf = b""
+        self.tulle = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        room, conn = self.room, self.conn
+        ssl_object = transport.get_extra_info("ssl_object")
+        conn.tls = True
+        conn.client_id = peer_identity(ssl_object)
+        self.tulle = ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_PROXY
+        tls_label = "true" if conn.client_id else "no_identity"
+        conn.labels = room.metrics.labels("inbound", room.cfg.namespace, tls=tls_label, client_id=conn.client_id or "")
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        room, conn = self.room, self.conn
+        if self.tulle:
+            if len(self.buf) < tph.SIZE:
+                return
+            try:
+                port, protocol = tph.decode(self.buf)
+            except tph.TransportHeaderError as e:
+                room.metrics.tcp_error("inbound", "transport_header")
+                log.info("bad transport header from a peer", error=str(e), client_id=conn.client_id)
+                self.transport.abort()
+                return
+            conn.port = port
+            rest = self.buf[tph.SIZE:]
+            http = protocol == tph.HTTP1
+        else:
+            kind = detect.classify(self.buf)
+            if kind == detect.Kind.NEED_MORE and len(self.buf) < detect.MAX_REQUEST_LINE:
+                return
+            rest = self.buf
+            http = kind == detect.Kind.HTTP1
+        self.buf = b""
+        if not room._allow_connection(conn, http=http):
+            self.transport.close()
+            return
+        if http:
+            room._prepare_http(conn)
+            server = Http1Server(room, room.limits, STRIP, conn)
+            self.transport.set_protocol(server)
+            server.connection_made(self.transport)
+            if rest:
+                server.data_received(rest)
+            return
+        if conn.port == 0:
+            room.metrics.tcp_error("inbound", "no_target_port")
+            self.transport.close()
+            return
+        self.transport.pause_reading()
+        asyncio.ensure_future(room._tcp_from_transport(self.transport, rest, conn))
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+
+def _judge(data: bytes):
+    kind = detect.classify(data)
+    if kind == detect.Kind.TLS:
+        hello = detect.client_hello(data)
+        return hello if hello.complete else None
+    return None if kind == detect.Kind.NEED_MORE else kind
+
+
+def _judge_tls_only(data: bytes):
+    if data[:1] == b"\x16":
+        return _judge(data)
+    return detect.Kind.OPAQUE

@@ -1,0 +1,134 @@
+"""Opaque forwarding: two transports joined byte for byte, with flow control and counters.
+
+`splice(a, b, ...)` takes over two connected transports (their current protocols are
+replaced) and copies bytes both ways until both sides are done. A half-close (EOF) is
+passed on where the other side can signal it (plain TCP); over TLS it closes that side.
+Byte counts land in the metrics when the pair closes, as Linkerd does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from proxy.metrics import Labels
+
+
+class _End(asyncio.Protocol):
+    """One side of a spliced pair. Data read here is written to the other side."""
+
+    __slots__ = ("transport", "peer", "read", "eof", "closed", "pair")
+
+    def __init__(self, pair: "Splice"):
+        self.pair = pair
+        self.transport: asyncio.Transport | None = None
+        self.peer: _End | None = None
+        self.read = 0
+        self.eof = False
+        self.closed = False
+
+    def connection_made(self, transport):  # only for ends created by connecting
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.read += len(data)
+        peer = self.peer
+        if not peer.closed:
+            peer.transport.write(data)
+
+    def eof_received(self):
+        self.eof = True
+        peer = self.peer
+        if peer.eof or peer.closed:
+            self.pair.close()
+            return False
+        if peer.transport.can_write_eof():
+            try:
+                peer.transport.write_eof()
+            except (OSError, RuntimeError):
+                self.pair.close()
+                return False
+            # Keep our side open for writing what the peer still sends, if we can.
+            return self.transport.can_write_eof()
+        peer.transport.close()  # TLS cannot half-close: finish the other side gracefully
+        return False
+
+    def pause_writing(self) -> None:
+        if not self.peer.closed:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.peer.closed:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            if exc is not None:
+                peer.transport.abort()  # a reset on one side resets the other
+            else:
+                peer.transport.close()  # flushes what is buffered first
+        self.pair._end_closed()
+
+
+class Splice:
+    """A pair of joined transports; `client` is the side that connected to the proxy."""
+
+    __slots__ = ("client", "server", "labels", "on_close", "_open")
+
+    def __init__(self, labels: Labels | None, on_close: Callable[["Splice"], None] | None = None):
+        self.client = _End(self)
+        self.server = _End(self)
+        self.client.peer = self.server
+        self.server.peer = self.client
+        self.labels = labels
+        self.on_close = on_close
+        self._open = 2
+
+    def attach(self, client_transport: asyncio.Transport, server_transport: asyncio.Transport,
+               client_pending: bytes = b"", server_pending: bytes = b"") -> None:
+        """Join two transports; `*_pending` are bytes already read from that side, to pass on."""
+        self.client.transport = client_transport
+        self.server.transport = server_transport
+        client_transport.set_protocol(self.client)
+        server_transport.set_protocol(self.server)
+        if self.labels is not None:
+            self.labels.tcp_opened()
+        if client_pending:
+            self.client.data_received(client_pending)
+        if server_pending:
+            self.server.data_received(server_pending)
+        # Whoever was paused while the pair was being set up may read again.
+        for t in (client_transport, server_transport):
+            try:
+                t.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def close(self) -> None:
+        for end in (self.client, self.server):
+            if not end.closed and end.transport is not None:
+                end.transport.close()
+
+    def abort(self) -> None:
+        for end in (self.client, self.server):
+            if not end.closed and end.transport is not None:
+                end.transport.abort()
+
+    def _end_closed(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            if self.labels is not None:
+                # From the client's point of view: read from it, written to it.
+                self.labels.tcp_closed(self.client.read, self.server.read)
+            if self.on_close is not None:
+                self.on_close(self)
+
+
+def splice(client: asyncio.Transport, server: asyncio.Transport, labels: Labels | None = None, *,
+           client_pending: bytes = b"", server_pending: bytes = b"",
+           on_close: Callable[[Splice], None] | None = None) -> Splice:
+    s = Splice(labels, on_close)
+    s.attach(client, server, client_pending, server_pending)
+    return s
