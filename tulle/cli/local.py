@@ -1,0 +1,241 @@
+"""`tulle up`, `tulle status`, `tulle down`: local mode (tulle/local/)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from tulle.errors import UserError
+
+STATE_DIR_OPTION = click.option(
+    "--state-dir", envvar="TULLE_STATE_DIR", type=click.Path(file_okay=False),
+    help="where local mode keeps its record, logs, NATS store and identity material "
+         "(env TULLE_STATE_DIR; default ~/.local/state/tulle)")
+
+
+def bundled_demo() -> Path:
+    return Path(__file__).resolve().parents[2] / "examples" / "demo"
+
+
+@click.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.option("--detach", "-d", is_flag=True, help="start in the background, wait until ready and return")
+@click.option("--isolation", type=click.Choice(["auto", "netns", "none"]), default="auto", show_default=True,
+              help="netns: a network namespace per workload with iptables redirection (root on Linux); "
+                   "none: loopback addresses, apps reach others through their proxy")
+@click.option("--no-proxy", is_flag=True, help="run the apps without proxies (for debugging)")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="with --detach: seconds to wait for everything to be ready")
+@STATE_DIR_OPTION
+def up(directory, detach, isolation, no_proxy, timeout, state_dir):
+    """Start NATS, the control plane and every Workload in DIRECTORY (default: the bundled demo)."""
+    from tulle.local import plan
+    from tulle.local.state import AlreadyRunning, StateDir, acquire_lock, read_record
+    from tulle.resources.parse import load_dir
+
+    directory = (directory or bundled_demo()).resolve()
+    try:
+        load_dir(directory)  # a bad manifest stops us here, before anything starts (ManifestError: exit 2)
+    except OSError as e:
+        raise UserError(f"{e.filename or directory}: {e.strerror}") from None
+    resolved = plan.resolve_isolation(
+        isolation, is_root=os.geteuid() == 0, is_linux=platform.system() == "Linux",
+        have_ip=shutil.which("ip") is not None,
+        have_iptables=shutil.which("iptables") is not None and shutil.which("iptables-restore") is not None)
+    state = StateDir.at(state_dir)
+    try:
+        state.make()
+        lock_fd = acquire_lock(state)
+    except AlreadyRunning as e:
+        click.echo(str(e), err=True)
+        sys.exit(1)
+    except OSError as e:
+        raise UserError(f"--state-dir {state.root}: {e.strerror}") from None
+    if read_record(state):
+        from tulle.local.teardown import stop_run
+
+        click.echo("cleaning up after an earlier run that did not stop cleanly", err=True)
+        stop_run(state, stale_only=True)
+    if detach:
+        _up_detached(state, lock_fd, directory, resolved, no_proxy, timeout)
+    else:
+        _up_foreground(state, lock_fd, directory, resolved, no_proxy)
+
+
+def _up_detached(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool, timeout: float) -> None:
+    from tulle.local.procs import log_tail
+    from tulle.local.state import read_record
+
+    log = state.log("supervisor")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "tulle.local.supervisor", str(directory), "--state-dir", str(state.root),
+           "--isolation", isolation, "--lock-fd", str(lock_fd)] + (["--no-proxy"] if no_proxy else [])
+    with open(log, "ab") as out:
+        sup = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True, pass_fds=(lock_fd,))
+    os.close(lock_fd)  # the supervisor holds the lock now
+    deadline = time.monotonic() + timeout
+    record = None
+    while time.monotonic() < deadline:
+        if sup.poll() is not None:
+            lines = [ln for ln in log_tail(log, 20).splitlines() if ln.startswith("tulle: ")]
+            click.echo(lines[-1] if lines else f"tulle: the supervisor stopped ({sup.returncode}); see {log}", err=True)
+            sys.exit(1)
+        record = read_record(state)
+        if record and record.get("ready") and record.get("supervisor", {}).get("pid") == sup.pid:
+            break
+        failing = _failing_workload(record) if record else None
+        if failing:
+            click.echo(f"tulle: {failing}; everything else keeps running: fix it and it is picked up, "
+                       "or `tulle down`", err=True)
+            sys.exit(1)
+        time.sleep(0.1)
+    else:
+        from tulle.local.status import collect
+
+        view = asyncio.run(collect(state)) if record else None
+        waiting = []
+        if view:
+            waiting += [c["name"] for c in view["components"] if not c["ready"]]
+            waiting += [f"{w['namespace']}/{w['name']}" + ("" if not w["proxy"] or w["proxy"]["ready"] else " (proxy)")
+                        for w in view["workloads"] if not w["ready"]]
+        click.echo(f"tulle: not ready after {timeout:.0f} s: {', '.join(waiting) or 'starting'}; it keeps trying "
+                   f"in the background: `tulle status` shows progress, logs are in {state.logs}, "
+                   "`tulle down` stops it", err=True)
+        sys.exit(1)
+    workloads = record.get("workloads") or []
+    click.echo(f"tulle is up: {len(record.get('components') or [])} services, {len(workloads)} workloads "
+               f"({'netns' if isolation == 'netns' else 'loopback'} isolation"
+               f"{', no proxies' if no_proxy else ''}), NATS {record['nats']['url']}")
+    click.echo(f"state {state.root}; `tulle status` shows it, `tulle events` follows it, `tulle down` stops it")
+
+
+CRASH_LOOP_RESTARTS = 3
+
+
+def _failing_workload(record: dict) -> str | None:
+    """One line about a workload that cannot start or keeps crashing, if any (the
+    detached `up` reports it at once instead of waiting out its timeout)."""
+    from tulle.local.procs import log_tail
+
+    for w in record.get("workloads") or []:
+        if w.get("ready"):
+            continue
+        app, proxy = w.get("app") or {}, w.get("proxy") or {}
+        name = f"{w.get('namespace')}/{w.get('name')}"
+        if str(app.get("last_exit", "")).startswith("could not start"):
+            return f"{name} {app['last_exit']}"
+        for what, part in (("app", app), ("proxy", proxy)):
+            if part and part.get("restarts", 0) >= CRASH_LOOP_RESTARTS:
+                last = log_tail(Path(part.get("log", "")), 1) if part.get("log") else ""
+                how = f" ({part['last_exit']})" if part.get("last_exit") else ""
+                return (f"{name}: its {what} keeps stopping{how}, {part['restarts']} restarts; "
+                        f"see {part.get('log')}" + (f": {last}" if last else ""))
+    return None
+
+
+def _up_foreground(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool) -> None:
+    import structlog
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from tulle.local.runner import RunOptions, Runner, StartError
+    from tulle.local.status import collect, render
+    from tulle.log import setup_logging
+
+    # The terminal shows the live view; the supervisor's own log goes to its file.
+    state.logs.mkdir(parents=True, exist_ok=True)
+    logfile = open(state.log("supervisor"), "a", buffering=1)
+    setup_logging("local", fmt="json")
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=logfile))
+    console = Console()
+    runner = Runner(RunOptions(manifests=directory, state=state, isolation=isolation, meshed=not no_proxy))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, runner.stopping.set)
+        task = asyncio.ensure_future(runner.run())
+        if console.is_terminal:
+            with Live(Text("starting…"), console=console, refresh_per_second=4, transient=False) as live:
+                while not task.done():
+                    if runner.stopping.is_set():
+                        live.update(Text("stopping…"))
+                    elif runner.phase == "running":
+                        view = await collect(state, runner.record())
+                        live.update(Group(render(view), Text("Ctrl-C stops everything", style="dim")))
+                    await asyncio.wait([task], timeout=1.0)
+        else:
+            announced = False
+            while not task.done():
+                if not announced and runner.record()["ready"]:
+                    announced = True
+                    view = await collect(state, runner.record())
+                    console.print(render(view))
+                    console.print("tulle is up; Ctrl-C or SIGTERM stops everything")
+                await asyncio.wait([task], timeout=0.5)
+        await task
+
+    try:
+        asyncio.run(main())
+    except StartError as e:
+        click.echo(f"tulle: {e}", err=True)
+        sys.exit(1)
+    finally:
+        os.close(lock_fd)
+        logfile.close()
+    console.print("tulle stopped")
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@STATE_DIR_OPTION
+def status(output, state_dir):
+    """Show every component, workload (with its proxy) and service of the local run."""
+    from rich.console import Console
+
+    from tulle.local.state import StateDir
+    from tulle.local.status import collect, render
+
+    state = StateDir.at(state_dir)
+    view = asyncio.run(collect(state))
+    if view is None:
+        click.echo(f"tulle is not running (state dir {state.root}); start it with `tulle up`", err=True)
+        sys.exit(1)
+    if output == "json":
+        click.echo(json.dumps(view, indent=2))
+    else:
+        Console().print(render(view))
+    if not view["supervisor"]["running"]:
+        click.echo("the supervisor is not running (a crashed `tulle up`?): `tulle down` cleans up", err=True)
+        sys.exit(1)
+
+
+@click.command()
+@STATE_DIR_OPTION
+def down(state_dir):
+    """Stop everything `tulle up` started: workloads, proxies, services, NATS, namespaces."""
+    from tulle.local.state import StateDir
+    from tulle.local.teardown import stop_run
+
+    state = StateDir.at(state_dir)
+    report = stop_run(state)
+    if not report.was_running:
+        click.echo(f"tulle is not running (state dir {state.root})")
+        return
+    for p in report.problems:
+        click.echo(f"tulle: {p}", err=True)
+    if report.killed:
+        click.echo(f"stopped {len(report.killed)} leftover processes: {', '.join(report.killed)}", err=True)
+    click.echo("tulle stopped")

@@ -1,0 +1,392 @@
+"""The pure decisions of local mode: no process, socket or file is touched here.
+
+What isolation a run gets, which subnet and addresses it uses, what each namespace and
+interface is called, the environment of every app and proxy, the Pod manifest the
+runner writes for a workload, the hosts file of a namespace, and the iptables rules
+proxy-init would write. Tested in microseconds (tests/test_local_plan.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import random
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+from tulle.errors import UserError
+from tulle.resources import model as m
+from tulle.schemas import identity_name
+
+PROXY_UID = 2102  # DESIGN.md / Linkerd: the proxy's user, excluded from the outbound redirect
+INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT = 4143, 4140, 4191
+CONTROL_PORT = 4190
+PROXY_CONTAINER = m.PROXY_CONTAINER
+ISOLATIONS = ("auto", "netns", "none")
+# Second octets a run may use: 10.<n>.0.0/16 (netns) or 127.<n>.0.0/16 (none).
+# 96 is the local cluster-IP range (10.96.0.0/16), never a pod subnet.
+SUBNET_OCTETS = tuple(n for n in range(100, 255) if n != 96)
+# Variables a user's shell may carry that would send an app's traffic somewhere else.
+PROXY_ENV_VARS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                  "NO_PROXY", "no_proxy", "grpc_proxy", "no_grpc_proxy")
+
+
+# --- isolation ------------------------------------------------------------------------------
+
+
+def resolve_isolation(requested: str, *, is_root: bool, is_linux: bool, have_ip: bool, have_iptables: bool) -> str:
+    """`auto` is netns when it can work (root on Linux with ip and iptables), else none."""
+    can = is_root and is_linux and have_ip and have_iptables
+    if requested == "auto":
+        return "netns" if can else "none"
+    if requested == "netns" and not can:
+        missing = [what for ok, what in ((is_linux, "Linux"), (is_root, "root"), (have_ip, "the `ip` command (iproute2)"),
+                                         (have_iptables, "the `iptables` command")) if not ok]
+        raise UserError(f"--isolation netns needs {', '.join(missing)}; run as root, or use --isolation none")
+    if requested not in ISOLATIONS:
+        raise UserError(f"--isolation: expected one of {', '.join(ISOLATIONS)}, got {requested!r}")
+    return requested
+
+
+# --- subnets and addresses --------------------------------------------------------------------
+
+
+def subnet_of(isolation: str, n: int) -> ipaddress.IPv4Network:
+    first = 10 if isolation == "netns" else 127
+    return ipaddress.ip_network(f"{first}.{n}.0.0/16")
+
+
+def subnet_candidates(seed: int) -> list[int]:
+    """Every usable second octet, in an order drawn from `seed` (the supervisor's pid), so
+    runs started at the same moment try different subnets first."""
+    octets = list(SUBNET_OCTETS)
+    random.Random(seed).shuffle(octets)
+    return octets
+
+
+def subnet_free(subnet: ipaddress.IPv4Network, in_use: Iterable[ipaddress.IPv4Network]) -> bool:
+    """Free when no network already routed or addressed on this host overlaps it.
+
+    A default route (0.0.0.0/0) and the host's own /8 loopback are not conflicts.
+    """
+    for net in in_use:
+        if net.prefixlen == 0:
+            continue
+        if subnet.network_address.is_loopback and net == ipaddress.ip_network("127.0.0.0/8"):
+            continue
+        if net.overlaps(subnet):
+            return False
+    return True
+
+
+def bridge_address(n: int) -> str:
+    return f"10.{n}.0.1"
+
+
+def workload_address(isolation: str, n: int, index: int) -> str:
+    """The index-th workload's address: 10.<n>.x.y (netns) or 127.<n>.x.y (none).
+
+    .0.1 is the bridge; hosts skip .0 and .255 in every /24.
+    """
+    first = 10 if isolation == "netns" else 127
+    return f"{first}.{n}.{1 + index // 254}.{1 + index % 254}"
+
+
+def first_free_index(used: Iterable[int]) -> int:
+    used = set(used)
+    i = 0
+    while i in used:
+        i += 1
+    return i
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def bridge_name(n: int) -> str:
+    return f"tl{n}br"
+
+
+def veth_name(n: int, index: int) -> str:
+    return f"tl{n}v{index}"  # at most 11 characters; interface names stop at 15
+
+
+def veth_peer_name(n: int, index: int) -> str:
+    return f"tl{n}p{index}"  # renamed to eth0 once inside the namespace
+
+
+def netns_name(n: int, namespace: str, name: str) -> str:
+    """`tl<n>-<namespace>-<name>`, shortened with a hash when long (it is a file name)."""
+    full = f"tl{n}-{namespace}-{name}"
+    if len(full) <= 60:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
+    return f"{full[:49]}-{digest}"
+
+
+def workload_key(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"
+
+
+def log_name(kind: str, namespace: str, name: str) -> str:
+    """Log file stem of a workload's app ("workload") or its proxy ("proxy")."""
+    return f"{kind}-{namespace}-{name}"
+
+
+# --- environments --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a workload runs in this run."""
+
+    isolation: str  # netns | none
+    address: str  # its pod IP
+    meshed: bool  # a proxy in front of it
+    netns: str = ""  # namespace name (netns isolation)
+
+
+def port_env_name(name: str) -> str:
+    return "PORT_" + name.upper().replace("-", "_")
+
+
+def app_env(base: Mapping[str, str], w: m.Workload, p: Placement) -> dict[str, str]:
+    """The app's environment (ARCHITECTURE.md, "Local mode addressing").
+
+    HOST/PORT (the first declared port), PORT_<NAME> per named port, TULLE_WORKLOAD,
+    TULLE_NAMESPACE, POD_IP; without namespaces a meshed app reaches others through its
+    proxy's outbound port as an HTTP proxy (grpcio honours http_proxy with CONNECT too).
+    The Workload's own env comes last and wins.
+    """
+    env = {k: v for k, v in base.items() if k not in PROXY_ENV_VARS and not k.startswith("TULLE_PROXY_")}
+    env["HOST"] = "0.0.0.0" if p.isolation == "netns" else p.address
+    if w.ports:
+        env["PORT"] = str(w.ports[0].container_port)
+    for port in w.ports:
+        if port.name:
+            env[port_env_name(port.name)] = str(port.container_port)
+    env.update(TULLE_WORKLOAD=w.meta.name, TULLE_NAMESPACE=w.meta.namespace, POD_IP=p.address,
+               POD_NAME=w.meta.name, POD_NAMESPACE=w.meta.namespace)
+    if p.isolation == "none" and p.meshed:
+        proxy = f"http://{p.address}:{OUTBOUND_PORT}"
+        no_proxy = f"{p.address},localhost,127.0.0.1"
+        env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY=no_proxy, no_proxy=no_proxy)
+    env.update(dict(w.env))
+    return env
+
+
+def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, *, nats_url: str, token_file: str,
+              trust_domain: str = "cluster.local", cluster_domain: str = "cluster.local",
+              networks: Iterable[str] = (), shutdown_grace: str = "3s") -> dict[str, str]:
+    """The proxy's environment, by proxy/config.py's contract."""
+    env = {k: v for k, v in base.items() if k not in PROXY_ENV_VARS and not k.startswith("TULLE_PROXY_")}
+    env.update({
+        "TULLE_NATS_URL": nats_url,
+        "TULLE_PROXY_NAMESPACE": w.meta.namespace,
+        "TULLE_PROXY_WORKLOAD": w.meta.name,
+        "TULLE_PROXY_SERVICE_ACCOUNT": w.service_account,
+        "TULLE_PROXY_TRUST_DOMAIN": trust_domain,
+        "TULLE_PROXY_CLUSTER_DOMAIN": cluster_domain,
+        "TULLE_PROXY_TOKEN_FILE": token_file,
+        "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD": shutdown_grace,
+        "TULLE_LOG_FORMAT": "json",
+    })
+    if networks:
+        env["TULLE_PROXY_CLUSTER_NETWORKS"] = ",".join(networks)
+    if p.isolation == "netns":
+        env.update({
+            "TULLE_PROXY_INBOUND_ADDR": f"0.0.0.0:{INBOUND_PORT}",
+            "TULLE_PROXY_OUTBOUND_ADDR": f"127.0.0.1:{OUTBOUND_PORT}",
+            "TULLE_PROXY_ADMIN_ADDR": f"0.0.0.0:{ADMIN_PORT}",
+            "TULLE_PROXY_APP_HOST": "127.0.0.1",
+            "TULLE_PROXY_TRANSPARENT": "true",
+        })
+    else:
+        env.update({
+            "TULLE_PROXY_INBOUND_ADDR": f"{p.address}:{INBOUND_PORT}",
+            "TULLE_PROXY_OUTBOUND_ADDR": f"{p.address}:{OUTBOUND_PORT}",
+            "TULLE_PROXY_ADMIN_ADDR": f"{p.address}:{ADMIN_PORT}",
+            "TULLE_PROXY_APP_HOST": p.address,
+            "TULLE_PROXY_TRANSPARENT": "false",
+            "TULLE_PROXY_APP_DEFAULT_PORT": str(w.ports[0].container_port) if w.ports else "0",
+        })
+    return env
+
+
+def cluster_networks(isolation: str, n: int) -> list[str]:
+    """What counts as "the cluster" for cluster-* policies: the run's pod subnet with
+    namespaces; without them every peer is on the loopback (a proxy's outgoing
+    connections may come from 127.0.0.1, not its own 127.<n>.x.y)."""
+    return [str(subnet_of("netns", n))] if isolation == "netns" else ["127.0.0.0/8"]
+
+
+def workload_identity(w: m.Workload, trust_domain: str = "cluster.local") -> str:
+    return identity_name(w.service_account, w.meta.namespace, trust_domain)
+
+
+# --- the Pod the runner writes (the kubelet's view of a workload) ------------------------------------
+
+
+def pod_manifest(w: m.Workload, p: Placement, *, ready: bool, node_name: str = "local") -> dict:
+    """A `v1 Pod` for a running Workload: status.podIP, a Ready condition, the service
+    account, the Workload's ports and probes as its container, and a `tulle-proxy`
+    container when meshed (the services key identities and policy off that)."""
+    annotations = dict(w.meta.annotations)
+    if p.meshed and p.isolation == "none":
+        annotations[m.PROXY_INBOUND_PORT_ANNOTATION] = str(INBOUND_PORT)
+    app: dict = {"name": w.meta.name, "command": list(w.command)}
+    if w.ports:
+        app["ports"] = [{"containerPort": port.container_port, "protocol": port.protocol,
+                         **({"name": port.name} if port.name else {})} for port in w.ports]
+    for key, probe in zip(("readinessProbe", "livenessProbe", "startupProbe"), w.probes):
+        app[key] = {"httpGet": {"path": probe.path, "port": probe.port}}
+    containers = [app]
+    if p.meshed:
+        containers.insert(0, {"name": PROXY_CONTAINER, "ports": [
+            {"name": "tulle-proxy", "containerPort": INBOUND_PORT, "protocol": "TCP"},
+            {"name": "tulle-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ], "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}}})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": w.meta.name, "namespace": w.meta.namespace, "labels": dict(w.meta.labels),
+                     "annotations": annotations},
+        "spec": {"serviceAccountName": w.service_account, "nodeName": node_name, "containers": containers},
+        "status": {
+            "phase": "Running",
+            "podIP": p.address,
+            "podIPs": [{"ip": p.address}],
+            "conditions": [
+                {"type": "Ready", "status": "True" if ready else "False"},
+                {"type": "ContainersReady", "status": "True" if ready else "False"},
+            ],
+        },
+    }
+
+
+def pod_file_name(namespace: str, name: str) -> str:
+    return f"pod-{namespace}-{name}.json"
+
+
+# --- hosts files (the cluster DNS of a namespace) ----------------------------------------------------
+
+
+def service_names(svc: m.Service, cluster_domain: str = "cluster.local") -> list[str]:
+    ns, name = svc.meta.namespace, svc.meta.name
+    return [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{cluster_domain}"]
+
+
+def hosts_file(pod_name: str, pod_ip: str, pod_namespace: str, services: Iterable[m.Service],
+               cluster_domain: str = "cluster.local") -> str:
+    """/etc/hosts for one namespace: its own name, and every Service's DNS names mapped
+    to its cluster IP; short names only for the pod's own namespace, as the cluster
+    DNS search path would resolve them."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod_ip}\t{pod_name}"]
+    for svc in sorted(services, key=lambda s: (s.meta.namespace, s.meta.name)):
+        if not svc.cluster_ip or svc.cluster_ip == "None":
+            continue
+        names = service_names(svc, cluster_domain)
+        if svc.meta.namespace == pod_namespace:
+            names.insert(0, svc.meta.name)
+        lines.append(f"{svc.cluster_ip}\t{' '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+# A namespace has no route to a DNS server: names are the cluster's, from its hosts file.
+# Pointing the resolver at the namespace's own loopback, where nothing listens, makes any
+# other lookup fail at once instead of after the resolver's timeouts (10 s and more).
+RESOLV_CONF = "# tulle local mode: service names come from /etc/hosts\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+
+
+# --- iptables, as Linkerd's proxy-init writes them ------------------------------------------------------
+
+REDIRECT_CHAIN = "TULLE_PROXY_INIT_REDIRECT"
+OUTPUT_CHAIN = "TULLE_PROXY_INIT_OUTPUT"
+
+
+def proxy_init_rules(*, proxy_uid: int = PROXY_UID, inbound_port: int = INBOUND_PORT,
+                     outbound_port: int = OUTBOUND_PORT,
+                     inbound_ports_to_ignore: Iterable[int] = (CONTROL_PORT, ADMIN_PORT),
+                     outbound_ports_to_ignore: Iterable[int] = ()) -> str:
+    """`iptables-restore --noflush` input for the nat table of one namespace.
+
+    Inbound: every TCP connection to the pod goes to the proxy's inbound port, except
+    the proxy's own admin and control ports. Outbound: everything the app sends goes to
+    the proxy's outbound port, except the proxy's own traffic (its uid) and loopback.
+    """
+    def comment(text: str) -> str:
+        return f'-m comment --comment "proxy-init/{text}"'
+
+    lines = ["*nat", f":{REDIRECT_CHAIN} - [0:0]", f":{OUTPUT_CHAIN} - [0:0]"]
+    ignore_in = sorted(set(inbound_ports_to_ignore))
+    for chunk in _chunks(ignore_in, 15):  # multiport takes at most 15 ports per rule
+        ports = ",".join(map(str, chunk))
+        lines.append(f"-A {REDIRECT_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN {comment('ignore-port-' + ports)}")
+    lines.append(f"-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {inbound_port} "
+                 f"{comment('redirect-all-incoming-to-proxy-port')}")
+    lines.append(f"-A PREROUTING -j {REDIRECT_CHAIN} {comment('install-proxy-init-prerouting')}")
+    lines.append(f"-A {OUTPUT_CHAIN} -m owner --uid-owner {proxy_uid} -j RETURN {comment('ignore-proxy-user-id')}")
+    lines.append(f"-A {OUTPUT_CHAIN} -o lo -j RETURN {comment('ignore-loopback')}")
+    ignore_out = sorted(set(outbound_ports_to_ignore))
+    for chunk in _chunks(ignore_out, 15):
+        ports = ",".join(map(str, chunk))
+        lines.append(f"-A {OUTPUT_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN {comment('ignore-port-' + ports)}")
+    lines.append(f"-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {outbound_port} "
+                 f"{comment('redirect-all-outgoing-to-proxy-port')}")
+    lines.append(f"-A OUTPUT -j {OUTPUT_CHAIN} {comment('install-proxy-init-output')}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def bridge_forward_rule(bridge: str) -> list[str]:
+    """Host FORWARD rule letting pods talk across the bridge even when the host's
+    FORWARD policy drops (Docker sets it so, and br_netfilter applies it to bridges)."""
+    return ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT", "-m", "comment", "--comment", f"tulle/{bridge}"]
+
+
+# --- what the status view shows -------------------------------------------------------------------------
+
+
+def selected_workloads(svc: m.Service, workloads: Iterable[m.Workload]) -> list[m.Workload]:
+    if not svc.selector:
+        return []
+    return [w for w in workloads
+            if w.meta.namespace == svc.meta.namespace and all(w.meta.labels.get(k) == v for k, v in svc.selector.items())]
+
+
+def services_view(services: Iterable[m.Service], workloads: Iterable[m.Workload],
+                  ready: Mapping[str, bool]) -> list[dict]:
+    """Each Service with its cluster IP, ports and the workloads behind it (ready or not)."""
+    workloads = list(workloads)
+    out = []
+    for svc in sorted(services, key=lambda s: (s.meta.namespace, s.meta.name)):
+        out.append({
+            "name": svc.meta.name,
+            "namespace": svc.meta.namespace,
+            "cluster_ip": svc.cluster_ip,
+            "ports": [{"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+                      for p in svc.ports],
+            "endpoints": [{"workload": w.meta.name, "ready": bool(ready.get(workload_key(w.meta.namespace, w.meta.name)))}
+                          for w in selected_workloads(svc, workloads)],
+        })
+    return out
+
+
+def restart_delay(consecutive_failures: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+    """Back-off before restarting a crashed process: 0.5 s, 1 s, 2 s ... at most 30 s."""
+    if consecutive_failures <= 0:
+        return 0.0
+    return min(cap, base * (2 ** (consecutive_failures - 1)))
+
+
+def resolve_port(w: m.Workload, port: int | str) -> Optional[int]:
+    if isinstance(port, int):
+        return port
+    for p in w.ports:
+        if p.name == port:
+            return p.container_port
+    return None
