@@ -1,0 +1,277 @@
+"""The policy service's adapters: source events in, `tulle-policy` KV values out.
+
+    source (folder or Kubernetes) -> PolicyState (Store + compile, pure) -> KVWriter -> NATS KV
+
+Source events only wake the writer; the writer asks `PolicyState.take_changes` for what
+changed, which compiles once for however many events arrived meanwhile. The writer
+(shared with the destination service) writes a key only when its bytes differ from
+what KV holds, reads KV back on takeover or reconnect, and writes only while this
+replica holds the `policy` lease; standbys keep compiling, ready to take over.
+
+Anything invalid — a manifest that does not parse, an object the compiler rejects — is
+logged and published as a `policy.invalid-resource` CloudEvent once (again only if it
+goes away and comes back); the service carries on with everything else. A standby that
+knows another replica writes leaves the events to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from services.destination.writer import KVWriter
+from services.policy.compile import DEFAULT_PROBE_NETWORKS, Rejection, Settings, compile_policies
+from tulle.codec import encode
+from tulle.errors import UserError
+from tulle.leader import LeaderElection
+from tulle.metrics import REGISTRY
+from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, POLICY_BUCKET, WorkloadPolicy
+from tulle.service import Service
+from tulle.sources.base import ResourceEvent, Store
+
+KINDS = ("Namespace", "Pod", "Server", "ServerAuthorization")
+LEASE = "policy"
+
+
+# --- flags -----------------------------------------------------------------------------------
+
+
+def cidr_list(text: str) -> tuple[str, ...]:
+    """A comma-separated CIDR list flag, normalised; argparse turns the error into one line."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a CIDR such as 10.0.0.0/8") from None
+    return tuple(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifests", action="append", default=[], metavar="DIR",
+                   help="a folder of manifests to watch (repeatable; local mode)")
+    p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API (in-cluster or KUBECONFIG)")
+    p.add_argument("--default-policy", choices=DEFAULT_POLICIES,
+                   default=os.environ.get("TULLE_DEFAULT_INBOUND_POLICY", "all-unauthenticated"),
+                   help="the mesh's default inbound policy; a namespace or pod annotation "
+                        "config.tulle.dev/default-inbound-policy overrides it")
+    p.add_argument("--cluster-networks", type=cidr_list, default=DEFAULT_CLUSTER_NETWORKS,
+                   help="comma-separated CIDRs the cluster-* default policies admit")
+    p.add_argument("--probe-networks", type=cidr_list, default=DEFAULT_PROBE_NETWORKS,
+                   help="comma-separated CIDRs from which the workloads' probe paths are always admitted")
+    p.add_argument("--trust-domain", default="cluster.local", help="the mesh's trust domain")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if bool(args.manifests) == bool(args.kubernetes):
+        raise UserError("policy: give either --manifests DIR (one or more) or --kubernetes")
+    for d in args.manifests:
+        if Path(d).exists() and not Path(d).is_dir():
+            raise UserError(f"policy: --manifests {d}: not a folder")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(args.default_policy, tuple(args.cluster_networks), tuple(args.probe_networks), args.trust_domain)
+
+
+def make_source(args: argparse.Namespace):
+    if args.kubernetes:
+        from tulle.sources.kube import KubeSource, load_configuration
+
+        return KubeSource(load_configuration(), kinds=list(KINDS))
+    from tulle.sources.folder import FolderSource
+
+    return FolderSource(args.manifests, kinds=set(KINDS))
+
+
+# --- the state (pure) --------------------------------------------------------------------------
+
+
+class PolicyState:
+    """The objects seen so far, and the compiled policies that changed since last asked.
+
+    Everything that decides a workload's policy lives in its own namespace (its Pod, the
+    Namespace's annotation, the Servers and ServerAuthorizations beside it), so an event
+    recompiles only its namespace; the result is the same as compiling everything
+    (`compile_policies` over the whole store), which the tests check.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store()
+        self.rejected: list[Rejection] = []
+        self.policies: dict[str, WorkloadPolicy] = {}
+        self.compile_seconds = 0.0
+        self._by_ns: dict[str, dict[tuple[str, str, str], object]] = {}
+        self._dirty: set[str] = set()
+        self._ns_keys: dict[str, set[str]] = {}  # namespace -> its policy keys
+        self._ns_rejected: dict[str, list[Rejection]] = {}
+        self._encoded: dict[str, bytes] = {}
+
+    @property
+    def synced(self) -> bool:
+        return self.store.synced
+
+    @staticmethod
+    def _namespace_of(obj) -> str:
+        return obj.meta.name if obj.kind == "Namespace" else obj.meta.namespace
+
+    def apply(self, ev: ResourceEvent) -> bool:
+        """True when the event may change a policy."""
+        if not self.store.apply(ev):
+            return False
+        if ev.obj is not None:
+            ns = self._namespace_of(ev.obj)
+            objects = self._by_ns.setdefault(ns, {})
+            key = (ev.obj.kind, ev.obj.meta.namespace, ev.obj.meta.name)
+            if ev.type == "deleted":
+                objects.pop(key, None)
+            else:
+                objects[key] = ev.obj
+            self._dirty.add(ns)
+        return True
+
+    def take_changes(self) -> dict[tuple[str, str], Optional[WorkloadPolicy]]:
+        """Recompile the namespaces touched since the last call; return
+        {(bucket, key): new value, or None if gone} for what changed."""
+        started = time.perf_counter()
+        changes: dict[tuple[str, str], Optional[WorkloadPolicy]] = {}
+        for ns in sorted(self._dirty):
+            compiled = compile_policies(self._by_ns.get(ns, {}).values(), self.settings)
+            self._ns_rejected[ns] = compiled.rejected
+            for key in self._ns_keys.get(ns, set()) - set(compiled.policies):
+                self.policies.pop(key, None)
+                self._encoded.pop(key, None)
+                changes[(POLICY_BUCKET, key)] = None
+            for key, wp in compiled.policies.items():
+                encoded = encode(wp)
+                if self._encoded.get(key) != encoded:
+                    self._encoded[key] = encoded
+                    changes[(POLICY_BUCKET, key)] = wp
+                self.policies[key] = wp
+            self._ns_keys[ns] = set(compiled.policies)
+            if not self._by_ns.get(ns):
+                self._by_ns.pop(ns, None)
+                self._ns_keys.pop(ns, None)
+                self._ns_rejected.pop(ns, None)
+        self._dirty.clear()
+        self.rejected = [r for ns in sorted(self._ns_rejected) for r in self._ns_rejected[ns]]
+        self.compile_seconds = time.perf_counter() - started
+        return changes
+
+
+# --- the process -------------------------------------------------------------------------------
+
+
+class InvalidResourceReporter:
+    """A log line and a `policy.invalid-resource` CloudEvent for each new problem."""
+
+    def __init__(self, svc: Service, quiet=lambda: False):
+        self.svc, self.quiet = svc, quiet
+        self._current: set[str] = set()  # rejections now in force (each reported once)
+        self._tasks: set[asyncio.Task] = set()
+        self.m_invalid = REGISTRY.counter("tulle_policy_invalid_resources_total",
+                                          "Invalid resources reported: manifests that do not parse (parse), "
+                                          "objects the policy compiler refuses (rejected)", ("reason",))
+        self.m_rejected = REGISTRY.gauge("tulle_policy_rejected_objects",
+                                         "Objects the policy compiler currently refuses")
+
+    def rejections(self, rejected: list[Rejection]) -> None:
+        lines = {r.line(): r for r in rejected}
+        for line, r in sorted(lines.items()):
+            if line not in self._current:
+                self.report(line, {"kind": r.kind, "namespace": r.namespace, "name": r.name}, reason="rejected")
+        gone = self._current - set(lines)
+        if gone:
+            self.svc.log.info("rejection resolved", errors=sorted(gone))
+        self._current = set(lines)
+        self.m_rejected.set(len(lines))
+
+    def report(self, line: str, data: dict, *, reason: str) -> None:
+        self.svc.log.warning("invalid resource", error=line, **data)
+        self.m_invalid.labels(reason).inc()
+        if self.quiet():
+            return
+        task = asyncio.ensure_future(self._publish({"error": line, "reason": reason, **data}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, data: dict) -> None:
+        await self.svc.bus.wait_connected()  # problems found at start-up, before NATS answered
+        await self.svc.bus.publish_event("invalid-resource", data, kind="policy")
+
+
+async def main(svc: Service, source: Optional[object] = None) -> None:
+    args = svc.args
+    log = svc.log
+    state = PolicyState(settings_from(args))
+    source = source or getattr(svc, "policy_source", None) or make_source(args)
+    election = LeaderElection(svc.bus, LEASE)
+    reporter = InvalidResourceReporter(svc, quiet=lambda: election.held_elsewhere and not election.is_leader())
+    m_workloads = REGISTRY.gauge("tulle_policy_workloads", "Workloads with a compiled policy")
+    m_workloads.set_function(lambda: len(state.policies))
+    REGISTRY.gauge("tulle_policy_last_compile_seconds", "Duration of the last compile").set_function(
+        lambda: state.compile_seconds)
+    m_events = REGISTRY.counter("tulle_policy_source_events_total", "Resource events received", ("type",))
+
+    def take_changes():
+        changes = state.take_changes()
+        if state.synced:  # a partial view may reject what the whole one accepts
+            reporter.rejections(state.rejected)
+        if changes:
+            log.info("policies changed", workloads=sorted(k for _, k in changes))
+        return changes
+
+    writer = KVWriter(svc.bus, (POLICY_BUCKET,), take_changes, is_leader=election.is_leader,
+                      can_write=lambda: state.synced, metric_prefix="tulle_policy")
+    election.on_elected = writer.forget_written
+    election.on_lost = writer.forget_written
+    # A restarted NATS may have lost what we wrote: read KV back before the next write.
+    svc.bus.on_connection_change(lambda up: up and writer.forget_written())
+    synced = asyncio.Event()
+
+    def ready() -> bool:
+        # The writer: once KV holds every policy (a proxy waits for its key before it is
+        # ready). A standby: once it has compiled and seen that another replica writes.
+        if not synced.is_set():
+            return False
+        return writer.caught_up.is_set() if election.is_leader() else election.held_elsewhere
+
+    svc.add_ready_check("policies published", ready)
+
+    async def consume() -> None:
+        async for ev in source.events():
+            m_events.labels(ev.type).inc()
+            if ev.type == "error":
+                reporter.report(ev.error, {}, reason="parse")
+                continue
+            if state.apply(ev) or ev.type == "synced":
+                writer.notify()
+            if ev.type == "synced" and not synced.is_set():
+                synced.set()
+                log.info("source synced", objects=len(state.store.objects))
+
+    async def compete() -> None:
+        # Only a replica with the whole state may take the lease: it must write at once.
+        await synced.wait()
+        await election.run()
+
+    tasks = [asyncio.ensure_future(t) for t in (consume(), writer.run(), compete())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await election.release()
+        if hasattr(source, "aclose"):
+            await source.aclose()
