@@ -68,7 +68,8 @@ def test_each_meshed_namespace_has_proxy_init_rules(run):
         assert "--dports 4190,4191" in redirect[0] and redirect[0].endswith("-j RETURN")
         assert redirect[-1].endswith("-j REDIRECT --to-ports 4143")
         assert "--uid-owner 2102" in output[0] and output[0].endswith("-j RETURN")
-        assert "-o lo" in output[1] and output[1].endswith("-j RETURN")
+        assert "--gid-owner 2102" in output[1] and output[1].endswith("-j RETURN")
+        assert "-o lo" in output[2] and output[2].endswith("-j RETURN")
         assert output[-1].endswith("-j REDIRECT --to-ports 4140")
 
 

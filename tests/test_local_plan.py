@@ -196,7 +196,8 @@ def test_proxy_init_rules_redirect_inbound_except_admin_ports_and_outbound_excep
     output = [r for r in rules if r.startswith(f"-A {plan.OUTPUT_CHAIN}")]
     assert "--dports 4190,4191 -j RETURN" in redirect[0]
     assert "-j REDIRECT --to-ports 4143" in redirect[-1]
-    assert "--uid-owner 2102 -j RETURN" in output[0] and "-o lo -j RETURN" in output[1]
+    assert "--uid-owner 2102 -j RETURN" in output[0] and "--gid-owner 2102 -j RETURN" in output[1]
+    assert "-o lo -j RETURN" in output[2]
     assert "-j REDIRECT --to-ports 4140" in output[-1]
     assert f"-A PREROUTING -j {plan.REDIRECT_CHAIN}" in "\n".join(rules)
     assert f"-A OUTPUT -j {plan.OUTPUT_CHAIN}" in "\n".join(rules)

@@ -304,7 +304,7 @@ REDIRECT_CHAIN = "TULLE_PROXY_INIT_REDIRECT"
 OUTPUT_CHAIN = "TULLE_PROXY_INIT_OUTPUT"
 
 
-def proxy_init_rules(*, proxy_uid: int = PROXY_UID, inbound_port: int = INBOUND_PORT,
+def proxy_init_rules(*, proxy_uid: int = PROXY_UID, proxy_gid: int = PROXY_UID, inbound_port: int = INBOUND_PORT,
                      outbound_port: int = OUTBOUND_PORT,
                      inbound_ports_to_ignore: Iterable[int] = (CONTROL_PORT, ADMIN_PORT),
                      outbound_ports_to_ignore: Iterable[int] = ()) -> str:
@@ -326,6 +326,9 @@ def proxy_init_rules(*, proxy_uid: int = PROXY_UID, inbound_port: int = INBOUND_
                  f"{comment('redirect-all-incoming-to-proxy-port')}")
     lines.append(f"-A PREROUTING -j {REDIRECT_CHAIN} {comment('install-proxy-init-prerouting')}")
     lines.append(f"-A {OUTPUT_CHAIN} -m owner --uid-owner {proxy_uid} -j RETURN {comment('ignore-proxy-user-id')}")
+    # proxy-init's optional gid rule: a proxy that must keep uid 0 (a checkout uid 2102
+    # cannot read) still runs with gid 2102, and its traffic is still not redirected.
+    lines.append(f"-A {OUTPUT_CHAIN} -m owner --gid-owner {proxy_gid} -j RETURN {comment('ignore-proxy-group-id')}")
     lines.append(f"-A {OUTPUT_CHAIN} -o lo -j RETURN {comment('ignore-loopback')}")
     ignore_out = sorted(set(outbound_ports_to_ignore))
     for chunk in _chunks(ignore_out, 15):

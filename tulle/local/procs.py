@@ -30,10 +30,12 @@ def command_line(cmd: Sequence[str], *, netns: str = "", uid: Optional[int] = No
     if setpriv:
         argv += [setpriv]
         if uid is not None:
-            argv += [f"--reuid={uid}", f"--regid={gid if gid is not None else uid}", "--clear-groups"]
+            argv += [f"--reuid={uid}"]
+        if uid is not None or gid is not None:
+            argv += [f"--regid={gid if gid is not None else uid}", "--clear-groups"]
         argv += ["--pdeathsig=TERM", "--"]
-    elif uid is not None and uid != os.getuid():
-        raise RuntimeError("running a process as another user needs setpriv (util-linux)")
+    elif (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid()):
+        raise RuntimeError("running a process as another user or group needs setpriv (util-linux)")
     return argv + list(cmd)
 
 

@@ -85,9 +85,11 @@ def _app_user() -> tuple[Optional[int], Optional[int]]:
     return None, None
 
 
-def check_proxy_user_can_run() -> None:
-    """In netns mode the proxy runs as uid 2102: it must be able to run this Python and
-    import the proxy. A checkout below a private home is the usual reason it cannot."""
+def proxy_user_can_run() -> bool:
+    """In netns mode the proxy runs as uid 2102, as in a pod, when that user can run this
+    Python and import the proxy. A checkout below a private folder (a home, /root) is the
+    usual reason it cannot; the proxy then keeps uid 0 with gid 2102, which the outbound
+    rules exclude just the same."""
     import shutil
     import subprocess
 
@@ -101,9 +103,11 @@ def check_proxy_user_can_run() -> None:
                           env=_base_env(), cwd="/")
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["exit code " + str(proc.returncode)])[-1]
-        raise StartError(f"the proxy runs as uid {uid} in netns isolation and cannot start from {sys.executable} "
-                         f"({why}); make the checkout and its .venv readable by other users "
-                         "(e.g. chmod o+rx on each folder above it), or use --isolation none")
+        get_logger(component="local").warning(
+            "uid 2102 cannot run the proxy from this checkout; proxies keep uid 0 with gid 2102",
+            python=sys.executable, why=why, fix="make the checkout and its .venv readable by other users")
+        return False
+    return True
 
 
 class Runner:
@@ -120,6 +124,7 @@ class Runner:
         self.services: dict[tuple[str, str], m.Service] = {}
         self.host_rules: list[list[str]] = []
         self.token_secret = b""
+        self.proxy_uid: Optional[int] = plan.PROXY_UID  # None: proxies keep uid 0 (with gid 2102)
         self.phase = "starting"
         self.synced = False
         self.error = ""
@@ -183,7 +188,7 @@ class Runner:
         self.n, self._subnet_fd = await asyncio.to_thread(nets.claim_subnet, self.isolation, os.getpid())
         self.save()
         if self.isolation == "netns" and self.opts.meshed:
-            await asyncio.to_thread(check_proxy_user_can_run)
+            self.proxy_uid = plan.PROXY_UID if await asyncio.to_thread(proxy_user_can_run) else None
         if self.isolation == "netns":
             self.host_rules = [plan.bridge_forward_rule(plan.bridge_name(self.n))]
             self.save()
@@ -556,10 +561,11 @@ class WorkloadUnit:
         env = plan.proxy_env(runner._base_env, self.w, p, nats_url=runner.nats_url, token_file=str(self.token_file),
                              trust_domain=runner.opts.trust_domain, cluster_domain=runner.opts.cluster_domain,
                              networks=plan.cluster_networks(p.isolation, runner.n))
-        uid = plan.PROXY_UID if p.isolation == "netns" else None
+        netns = p.isolation == "netns"
         self.proxy = procs.spawn(f"proxy {self.key}", [sys.executable, "-m", "proxy"], env=env, cwd="/",
                                  log=runner.state.log(plan.log_name("proxy", self.w.meta.namespace, self.w.meta.name)),
-                                 netns=p.netns, uid=uid, gid=uid)
+                                 netns=p.netns, uid=runner.proxy_uid if netns else None,
+                                 gid=plan.PROXY_UID if netns else None)
 
     async def _start_proxy_until_ready(self) -> None:
         """Local mode starts an app only once its proxy is ready (as Linkerd's startup ordering)."""
