@@ -21,7 +21,7 @@ import re
 import secrets
 import ssl
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm

@@ -15,8 +15,10 @@ import sys
 
 import click
 
+from tulle.cli.common import nats_option
+
 from tulle import schemas
-from tulle.bus import Bus, nats_url
+from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
@@ -104,8 +106,7 @@ def _table(rows: list[dict]) -> str:
 @click.command()
 @click.argument("target", metavar="SERVICE[.NAMESPACE][:PORT]")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--nats", "url", default=nats_url, show_default="env TULLE_NATS_URL or nats://127.0.0.1:4222",
-              help="NATS URL")
+@nats_option()
 def endpoints(target: str, output: str, url: str) -> None:
     """Show the endpoints published for a service: address, port, identity, protocol hint, weight."""
     setup_logging("cli", "warning")  # stdout carries the answer only

@@ -12,6 +12,8 @@ from typing import Optional
 
 import click
 
+from tulle.cli.common import nats_option
+
 from tulle.errors import UserError
 
 FORMATS = ("text", "json", "wide")
@@ -82,14 +84,10 @@ def format_event(raw: bytes, kind_type: str, output: str) -> str:
 @click.option("--count", type=click.IntRange(min=1), help="exit after this many events")
 @click.option("-o", "--output", type=click.Choice(FORMATS), default="text", show_default=True,
               help="json: each CloudEvent exactly as published, one per line")
-@click.option("--nats", "nats_url", metavar="URL",
-              help="NATS to read from (default: TULLE_NATS_URL, else the running `tulle up`, else nats://127.0.0.1:4222)")
+@nats_option("url")
 @click.option("--timeout", type=float, help="give up after this many seconds without the events asked for (exit 1)")
-def events(type_, since, count, output, nats_url, timeout):
+def events(type_, since, count, output, url, timeout):
     """Print the mesh's events as they happen: services ready, certificates issued, endpoints changed..."""
-    from tulle.local.discover import nats_url_for_cli
-
-    url = nats_url_for_cli(nats_url)
     window = parse_since(since)
     try:
         code = asyncio.run(_follow(url, type_, window, count, output, timeout, since))

@@ -23,8 +23,10 @@ from typing import Optional
 
 import click
 
+from tulle.cli.common import nats_option
+
 from tulle import pki, schemas
-from tulle.bus import Bus, nats_url
+from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
@@ -231,8 +233,7 @@ async def _read(url: str, key: Optional[str], timeout_s: float) -> tuple[Optiona
 @click.argument("workload", required=False)
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--nats", "url", default=nats_url, show_default="env TULLE_NATS_URL or nats://127.0.0.1:4222",
-              help="NATS URL")
+@nats_option()
 @click.option("--timeout", default="5s", show_default=True, help="how long to try reaching NATS")
 def show(workload: Optional[str], namespace: str, output: str, url: str, timeout: str) -> None:
     """Show the trust anchors, the issuer's expiry and (with WORKLOAD) its proxy's certificate."""

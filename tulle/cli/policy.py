@@ -28,22 +28,14 @@ from typing import Optional
 
 import click
 
+from tulle.cli.common import nats_option
+
 from proxy.policy import describe_authorization, explain
 from tulle import schemas
 from tulle.bus import Bus
 from tulle.codec import to_jsonable
 from tulle.errors import UserError
 from tulle.log import setup_logging
-
-
-def _nats_url(explicit: Optional[str]) -> str:
-    try:
-        from tulle.local.discover import nats_url_for_cli
-    except ImportError:  # pragma: no cover - local mode not installed
-        from tulle.bus import nats_url
-
-        return explicit or nats_url()
-    return nats_url_for_cli(explicit)
 
 
 async def _read(url: str, workload: str, namespace: Optional[str]) -> tuple[str, Optional[schemas.WorkloadPolicy]]:
@@ -159,8 +151,7 @@ def _explain_text(e, client: str) -> str:
               help="whether the client's connection is TLS-terminated by the proxy (default: yes with an identity)")
 @click.option("--method", default=None, help="explain an HTTP request with this method (probe rules apply)")
 @click.option("--path", default=None, help="explain an HTTP request for this path (probe rules apply)")
-@click.option("--nats", "url", default=None, help="NATS URL (default: TULLE_NATS_URL, else the running "
-                                                   "local mode's, else nats://127.0.0.1:4222)")
+@nats_option()
 def policy(workload, namespace, port, output, explain_, client, tls, method, path, url):
     """Show a workload's inbound policy per port, or --explain whether a client would be allowed.
 
@@ -176,7 +167,7 @@ def policy(workload, namespace, port, output, explain_, client, tls, method, pat
         raise UserError("policy: --method and --path are only used with --explain")
     if explain_:
         identity, ip, tls = parse_client(client, tls)
-    key, wp = asyncio.run(_read(_nats_url(url), workload, namespace))
+    key, wp = asyncio.run(_read(url, workload, namespace))
     if wp is None:
         click.echo(f"tulle: no policy published for {key.replace('.', '/', 1)}: the workload does not exist, is not "
                    f"meshed, or the policy service has not seen it yet", err=True)

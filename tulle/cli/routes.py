@@ -32,6 +32,8 @@ from typing import Optional
 
 import click
 
+from tulle.cli.common import nats_option
+
 from tulle import schemas
 from tulle.errors import UserError
 
@@ -401,16 +403,6 @@ async def _keys(bus, bucket: str, prefix: str) -> list[str]:
     return await bus.keys(bucket, prefix)
 
 
-def _default_url(explicit: Optional[str]) -> str:
-    try:
-        from tulle.local.discover import nats_url_for_cli
-    except ImportError:  # local mode not installed: the environment or the default
-        from tulle.bus import nats_url
-
-        return explicit or nats_url()
-    return nats_url_for_cli(explicit)
-
-
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -423,8 +415,7 @@ def _default_url(explicit: Optional[str]) -> str:
 @click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table", show_default=True,
               help="wide: effective (as callers saw it) and actual (every attempt on the wire) figures.")
 @click.option("--timeout", default="2s", show_default=True, help="How long to wait for the proxies' answers.")
-@click.option("--nats", "url", default=None, help="NATS URL (default: TULLE_NATS_URL, the running local mode, "
-                                                  "or nats://127.0.0.1:4222).")
+@nats_option()
 def routes(target, all_, namespace, to, window, output, timeout, url):
     """Per-route success rate, request rate and latency, from every proxy.
 
@@ -445,7 +436,7 @@ def routes(target, all_, namespace, to, window, output, timeout, url):
     dest = parse_to(to, parsed)
     window_s = parse_seconds(window, "--window", 1, MAX_WINDOW_S)
     timeout_s = parse_seconds(timeout, "--timeout", 0.001, 60)
-    got = asyncio.run(gather_routes(_default_url(url), parsed, dest, window_s, timeout_s))
+    got = asyncio.run(gather_routes(url, parsed, dest, window_s, timeout_s))
 
     for line in missing_proxies(got.expected, got.replies, time.time()):
         click.echo(line, err=True)
