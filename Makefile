@@ -41,7 +41,7 @@ test: $(STAMP) sysdeps
 bench: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
-	  for t in nginx haproxy wrk hey; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	  for t in nginx haproxy wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	  if [ -n "$$missing" ]; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import requires_netns, wait_until
 from tests.local_support import read_record, recorded_pids, service_yaml, status_json, tiny_folder, tulle
-from tulle.local import plan
+from tulle.local import plan, runner
 from tulle.local.state import StateDir, lock_held, process_alive
 from tulle.resources import model as m
 from tulle.resources.parse import load_file
@@ -25,11 +25,19 @@ def sh(*argv: str, check: bool = True) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30).stdout
 
 
-def uid_of(pid: int) -> int:
+def _id_of(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise AssertionError(f"no Uid line for pid {pid}")
+    raise AssertionError(f"no {field} line for pid {pid}")
+
+
+def uid_of(pid: int) -> int:
+    return _id_of(pid, "Uid")
+
+
+def gid_of(pid: int) -> int:
+    return _id_of(pid, "Gid")
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,12 @@ def test_a_service_added_while_running_resolves_in_every_namespace(run):
 
 
 def test_the_proxy_runs_as_uid_2102_and_the_app_as_the_invoking_user(run):
+    # uid 2102 as in a pod when that user can read the checkout; otherwise (a clone below
+    # /root) the proxy keeps uid 0 and is told apart by its gid, which the rules exclude too.
+    readable = runner.proxy_user_can_run()
     for w in status_json(run["state"])["workloads"]:
-        assert uid_of(w["proxy"]["pid"]) == plan.PROXY_UID
+        assert uid_of(w["proxy"]["pid"]) == (plan.PROXY_UID if readable else 0)
+        assert gid_of(w["proxy"]["pid"]) == plan.PROXY_UID
         assert uid_of(w["pid"]) == 0
 
 

@@ -20,6 +20,9 @@ from typing import Mapping, Optional, Sequence
 from tulle.local.state import process_alive, process_start
 
 
+HEADER_PREFIX = "--- "  # what starts the line written to a log before each (re)start
+
+
 def command_line(cmd: Sequence[str], *, netns: str = "", uid: Optional[int] = None,
                  gid: Optional[int] = None, setpriv: Optional[str] = None) -> list[str]:
     """The argv that runs `cmd` inside network namespace `netns` (with its /etc/netns
@@ -73,7 +76,7 @@ def spawn(name: str, cmd: Sequence[str], *, env: Mapping[str, str], log: Path, c
     setpriv = shutil.which("setpriv")
     argv = command_line(cmd, netns=netns, uid=uid, gid=gid, setpriv=setpriv)
     with open(log, "ab") as out:
-        out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}: {' '.join(argv)}\n".encode())
+        out.write(f"{HEADER_PREFIX}{time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}: {' '.join(argv)}\n".encode())
         out.flush()
         popen = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
@@ -118,11 +121,14 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines a process printed, without the `--- starting` lines of restarts
+    (a crash-looping app's log may end with the header of its next run)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
+    printed = [line for line in text.strip().splitlines() if not line.startswith(HEADER_PREFIX)]
+    return "\n".join(printed[-lines:])
 
 
 async def terminate_async(child: Child, *, grace: float = 5.0) -> None:
