@@ -178,14 +178,22 @@ class Bus:
         await self._set_connected(False)
 
     async def close(self) -> None:
+        """Drain and close; never raises, whatever state the connection is in (nats-py
+        raises from close() when the server has already gone)."""
         self._closed = True
         if self.nc is not None and not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), 2)
-            except Exception:
-                pass
+            if self.connected:
+                try:
+                    await asyncio.wait_for(self.nc.drain(), 2)
+                except Exception:
+                    pass
             if not self.nc.is_closed:
-                await self.nc.close()
+                try:
+                    await asyncio.wait_for(self.nc.close(), 2)
+                except Exception as e:
+                    self.log.debug("nats close failed", error=str(e) or type(e).__name__)
+        async with self._generation_changed:
+            self._generation_changed.notify_all()  # watches waiting for a reconnect end now
         await self._set_connected(False)
 
     def _require(self) -> None:
@@ -410,7 +418,7 @@ class Bus:
                 except nats.errors.Error:
                     pass
 
-        on_msg = answer
+        on_msg: Callable[[Msg], Awaitable[None]] = answer
         if concurrency > 1:
             slots = asyncio.Semaphore(concurrency)
             running: set[asyncio.Task] = set()
@@ -419,11 +427,13 @@ class Bus:
                 running.discard(task)
                 slots.release()
 
-            async def on_msg(m: Msg) -> None:
+            async def answer_concurrently(m: Msg) -> None:
                 await slots.acquire()  # back-pressure: further requests wait in nats-py's queue
                 task = asyncio.ensure_future(answer(m))
                 running.add(task)
                 task.add_done_callback(done)
+
+            on_msg = answer_concurrently
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
 
