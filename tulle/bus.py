@@ -88,6 +88,7 @@ class Bus:
         self._closed = False
         self._on_change: list[Callable[[bool], None]] = []
         self._subs: list[Any] = []
+        self._watchers: set[Any] = set()  # live nats-py KeyWatchers, told to resync on reconnect
         self.m_decode_errors = registry.counter(
             "tulle_bus_decode_errors_total", "Bus messages dropped because they did not decode", ("subject", "reason"))
         self.m_connected = registry.gauge("tulle_bus_connected", "1 while connected to NATS")
@@ -148,6 +149,8 @@ class Bus:
             async with self._generation_changed:
                 self._generation += 1
                 self._generation_changed.notify_all()
+            for watcher in list(self._watchers):
+                _put_dropping_oldest(watcher._updates, _RESYNC)
         else:
             self._connected.clear()
             self.m_connected.set(0)
@@ -194,6 +197,8 @@ class Bus:
                     self.log.debug("nats close failed", error=str(e) or type(e).__name__)
         async with self._generation_changed:
             self._generation_changed.notify_all()  # watches waiting for a reconnect end now
+        for watcher in list(self._watchers):
+            _put_dropping_oldest(watcher._updates, _RESYNC)
         await self._set_connected(False)
 
     def _require(self) -> None:
@@ -288,6 +293,9 @@ class Bus:
             try:
                 kv = await self.kv(bucket, create=False)
                 watcher = await kv.watch(pattern)
+                self._watchers.add(watcher)
+                if self._generation != generation or self._closed:
+                    raise _Resync()
                 values: dict[str, T] = {}
                 while True:
                     entry = await self._next_entry(watcher, generation)
@@ -319,6 +327,7 @@ class Bus:
                 await self._wait_generation_change(generation, 0.5)
             finally:
                 if watcher is not None:
+                    self._watchers.discard(watcher)
                     try:
                         await watcher.stop()
                     except Exception:
@@ -327,23 +336,15 @@ class Bus:
     async def _next_entry(self, watcher, generation: int):
         """The watcher's next entry (None marks the end of the initial values).
 
-        Raises _Resync when the connection was re-established meanwhile. Reads the
-        watcher's queue directly because nats-py offers no way to wait on it and on
-        another event at once.
+        Raises _Resync when the connection was re-established meanwhile: a reconnect
+        puts a marker into every live watcher's queue, so waiting costs one queue get
+        per entry. Reads nats-py's queue directly because its iterator would swallow
+        the initial-values marker.
         """
-        get = asyncio.ensure_future(watcher._updates.get())
-        gen = asyncio.ensure_future(self._wait_generation_change(generation, None))
-        try:
-            done, _ = await asyncio.wait({get, gen}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gen.cancel()
-        if get in done:
-            item = get.result()
-            if item is watcher.STOP_ITER:
-                raise _Resync()
-            return item
-        get.cancel()
-        raise _Resync()
+        item = await watcher._updates.get()
+        if item is _RESYNC or item is watcher.STOP_ITER or self._generation != generation:
+            raise _Resync()
+        return item
 
     async def _wait_generation_change(self, generation: int, timeout: float | None) -> None:
         async with self._generation_changed:
@@ -489,3 +490,20 @@ class Bus:
 
 class _Resync(Exception):
     """The connection came back: restart the watch from a fresh snapshot."""
+
+
+_RESYNC = object()  # put into a watcher's queue when the connection came back
+
+
+def _put_dropping_oldest(queue: asyncio.Queue, item: Any) -> None:
+    """Put `item` in a bounded queue now, dropping the oldest entries if it is full
+    (a watch that is about to resync does not need them)."""
+    while True:
+        try:
+            queue.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
