@@ -319,6 +319,19 @@ backend peer
         await bus.put(schemas.ENDPOINTS_BUCKET, schemas.endpoints_key(NS, "origin", origin), schemas.EndpointSet(
             namespace=NS, service="origin", port=origin, endpoints=[schemas.Endpoint(
                 address="127.0.0.1", port=origin, identity=self.server_identity, proxy_port=self.ports["tulle_in"])]))
+        # Each proxy is ready once its inbound policy arrived (as the policy service writes
+        # it): the server's app port behind a Server that admits the client's identity only,
+        # so every request through the pair pays for a real authorization decision.
+        from proxy.policy import default_port_policy
+
+        for role in ("client", "server"):
+            ports = []
+            if role == "server":
+                ports = [schemas.PortPolicy(origin, "origin-http", "Server", "unknown", [schemas.Authorization(
+                    "origin-from-client", identities=[self.client_identity])])]
+            await bus.put(schemas.POLICY_BUCKET, schemas.policy_key(NS, f"{role}-0"), schemas.WorkloadPolicy(
+                namespace=NS, workload=f"{role}-0", default_policy="all-unauthenticated",
+                default=default_port_policy("all-unauthenticated", schemas.DEFAULT_CLUSTER_NETWORKS), ports=ports))
         await bus.close()
 
     def setup(self) -> None:

@@ -2,8 +2,9 @@
 
 Start-up: listeners and the admin server come up at once (so /live answers and the app's
 connections queue rather than fail); /ready turns 200 once the identity holds a
-certificate and trust bundle and the bus has been reached once (plus any extra
-ready check, e.g. the policy issue's "first policy received").
+certificate and trust bundle and the bus has been reached once and the first inbound
+policy has arrived (`tulle-policy` `<namespace>.<workload>`; until then the configured
+default inbound policy applies), plus any extra ready check.
 
 Shutdown (SIGTERM or POST /shutdown): stop accepting, close idle keep-alive connections,
 let in-flight requests and open tunnels finish up to `shutdown_grace_s`, then close the
@@ -29,7 +30,11 @@ from proxy.http1.client import Pools
 from proxy.inbound import Inbound
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
-from tulle import __version__
+from proxy.route_stats import stats_reply
+from proxy.policy import InboundPolicy
+from proxy.policy_metrics import DenialReporter
+from proxy.policy_watch import PolicyWatcher
+from tulle import __version__, schemas
 from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import get_logger, setup_logging
@@ -51,7 +56,10 @@ class ProxyApp:
         self.cfg = cfg
         self.registry = registry
         self._identity = identity
+        # A policy given here is fixed (tests); without one the proxy watches its own key.
         self._policy = policy
+        self.policy: InboundPolicy | None = None
+        self.policy_watcher: PolicyWatcher | None = None
         self._on_profile = on_profile
         self.bus: Bus | None = None
         self.identity: Any = None
@@ -95,7 +103,14 @@ class ProxyApp:
                          idle_timeout=cfg.pool_idle_timeout_s)
         self.pools = (out_pools, in_pools)
         self.outbound = Outbound(self.shared, out_pools)
-        self.inbound = Inbound(self.shared, in_pools, self._policy)
+        self.policy = self._policy if self._policy is not None else InboundPolicy(cfg.default_inbound_policy,
+                                                                                   cfg.cluster_networks)
+        denials = DenialReporter(self.bus, namespace=cfg.namespace, workload=cfg.workload, registry=self.registry)
+        self.inbound = Inbound(self.shared, in_pools, self.policy, denials)
+        if self._policy is None:
+            self.policy_watcher = PolicyWatcher(self.bus, cfg.namespace, cfg.workload, self.policy,
+                                                on_update=lambda _: self.inbound.policy_changed())
+            self.ready_checks["policy"] = self.policy_watcher.first.is_set
         host, port = cfg.admin_addr
         self.admin = make_admin(host, port, ready=self.is_ready, registry=self.registry,
                                 shutdown_enabled=cfg.shutdown_endpoint, on_shutdown=self.stopping.set)
@@ -111,7 +126,10 @@ class ProxyApp:
         if self._identity is None and run is not None:
             self._tasks.append(asyncio.ensure_future(run()))
         self._tasks.append(asyncio.ensure_future(self.heartbeat.run()))
+        if self.policy_watcher is not None:
+            self._tasks.append(asyncio.ensure_future(self.policy_watcher.run()))
         self._tasks.append(asyncio.ensure_future(self._tick()))
+        self._tasks.append(asyncio.ensure_future(self._serve_route_stats()))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         log.info("proxy listening", outbound=_fmt(self.outbound.listener.address),
                  inbound=_fmt(self.inbound.listener.address), admin=self.admin.address, identity=cfg.identity,
@@ -138,6 +156,24 @@ class ProxyApp:
             for room in (self.outbound, self.inbound):
                 for server in list(room.conns):
                     server.tick(interval)
+
+    async def _serve_route_stats(self) -> None:
+        """Answer `tulle routes` (PROXY_STATS_SUBJECT) with this proxy's outbound route windows;
+        no answer when the request names other workloads."""
+        cfg = self.cfg
+
+        async def answer(request: schemas.StatsRequest) -> schemas.StatsReply | None:
+            return stats_reply(cfg.namespace, cfg.workload, self.outbound.route_stats, request)
+
+        while True:
+            await self.bus.wait_connected()
+            try:
+                # Once is enough: nats-py subscribes again by itself after a reconnect.
+                await self.bus.serve(schemas.PROXY_STATS_SUBJECT, schemas.StatsRequest, answer)
+                return
+            except Exception as e:  # disconnected again between the wait and the subscribe
+                log.debug("cannot serve route stats yet", error=str(e) or type(e).__name__)
+                await asyncio.sleep(0.5)
 
     async def _announce_ready(self) -> None:
         while not self.is_ready():
@@ -183,9 +219,7 @@ class ProxyApp:
             pools.close()
         if self.heartbeat is not None:
             await self.heartbeat.remove()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_all(self._tasks)
         if self.shared is not None:
             await self.shared.discovery.close()
         if self.admin is not None:
@@ -212,6 +246,17 @@ class ProxyApp:
         await self.stopping.wait()
         await self.shutdown()
         return 0
+
+
+async def _cancel_all(tasks: list[asyncio.Task]) -> None:
+    """Cancel and wait, cancelling again what still runs: in Python 3.11 asyncio.wait_for
+    (inside nats-py's requests) returns a result that races a cancellation and drops the
+    cancellation, which would leave a start-up task (a KV watch) running forever."""
+    while pending := [t for t in tasks if not t.done()]:
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _fmt(addr: tuple) -> str:

@@ -9,15 +9,26 @@ forwarded opaque. The target port is the transport header's, else the original
 destination's (iptables), else `app_default_port`.
 
 HTTP requests lose any `tulle-client-id` they carry and get it set from the verified
-identity. The policy decision point is called per connection and per request; until the
-policy issue lands it is `AllowAll`.
+identity.
+
+Authorization (proxy/policy.py's `InboundPolicy`, kept current by proxy/policy_watch.py):
+- HTTP: `decide_request` for every request, so a policy change applies to the next
+  request on a connection already open and probe paths pass on a port that admits no one
+  else; denied → 403 with `tulle-proxy-error` (the connection stays usable).
+- opaque TCP and passed-through TLS: `decide_connection` once, when the target port is
+  known; denied → closed at once, before the app is dialled. When the policy changes,
+  open opaque connections are judged again and those now denied are closed (Linkerd:
+  policy changes may abruptly end existing TCP connections).
+- a port whose Server says `proxyProtocol: opaque` (or `TLS`) is not parsed, like a port
+  in TULLE_PROXY_OPAQUE_PORTS.
+Every decision is counted (proxy/policy_metrics.py); denials become rate-limited
+`policy.denied` CloudEvents.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
 
 from proxy import detect
 from proxy import transport as tph
@@ -27,7 +38,9 @@ from proxy.http1.headers import CHUNKED, CLIENT_ID, serialize
 from proxy.http1.server import Http1Server, Limits, Request
 from proxy.listener import EOF, TIMEOUT, Listener, Peeker, adopt, original_dst
 from proxy.metrics import Labels
-from proxy.tcp import splice
+from proxy.policy import Decision, InboundPolicy
+from proxy.policy_metrics import DenialReporter, PolicyMetrics
+from proxy.tcp import Splice, splice
 from proxy.upstream import Buffering, DialError, Dest, dial
 from tulle.log import get_logger
 from tulle.pki import ALPN_PROXY, peer_identity
@@ -37,35 +50,21 @@ from tulle.pki import ALPN_PROXY, peer_identity
 # keeps server-speaks-first clients from outside the mesh from stalling long.
 OPAQUE_TLS_WAIT_S = 1.0
 STRIP = frozenset({CLIENT_ID})
+# Server proxyProtocols whose bytes the proxy must not parse.
+UNPARSED_PROTOCOLS = frozenset({"opaque", "TLS"})
 
 log = get_logger(part="inbound")
 
 
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    server: str
-    authorization: str
-    reason: str = ""
-
-
-class AllowAll:
-    """The policy decision point until proxy/policy.py's InboundPolicy is wired in (same interface)."""
-
-    _ALLOW = Decision(True, "default:all-unauthenticated", "default:all-unauthenticated")
-
-    def decide_connection(self, port: int, client_ip: str, client_identity: str | None, tls: bool) -> Decision:
-        return self._ALLOW
-
-    def decide_request(self, port: int, client_ip: str, client_identity: str | None, tls: bool, method: str,
-                       path: str) -> Decision:
-        return self._ALLOW
+def forbidden_reason(decision: Decision) -> str:
+    """The tulle-proxy-error of a denial: which Server refused, not why (that is for logs)."""
+    return f"unauthorized request on server {decision.server}"
 
 
 class InConn:
     """Facts about one accepted inbound connection, fixed once its target port is known."""
 
-    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "head_extra", "decision")
+    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "head_extra", "generation")
 
     def __init__(self, client_ip: str, port: int):
         self.client_ip = client_ip
@@ -75,18 +74,23 @@ class InConn:
         self.labels: Labels | None = None
         self.pool = None
         self.head_extra = b""
-        self.decision: Decision | None = None
+        self.generation = -1  # the policy generation an opaque connection was last allowed under
 
 
 class Inbound:
     direction = "inbound"
 
-    def __init__(self, shared: Shared, pools: Pools, policy=None):
+    def __init__(self, shared: Shared, pools: Pools, policy: InboundPolicy | None = None,
+                 denials: DenialReporter | None = None):
         self.shared = shared
         self.cfg = cfg = shared.cfg
         self.metrics = shared.metrics
         self.pools = pools
-        self.policy = policy or AllowAll()
+        # Read on every decision, never cached: `update` swaps what it holds at once.
+        self.policy = policy if policy is not None else InboundPolicy(cfg.default_inbound_policy, cfg.cluster_networks)
+        self.authz = PolicyMetrics(self.metrics.registry)
+        self.denials = denials
+        self.opaque_conns: dict[Splice, InConn] = {}  # open opaque pairs, judged again on a policy change
         self.loop = asyncio.get_event_loop()
         self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
         self.listener = Listener(cfg.inbound_addr, self._on_socket, name="inbound")
@@ -108,7 +112,7 @@ class Inbound:
             if orig is not None and orig != sock.getsockname()[:2]:
                 port = orig[1]
         conn = InConn(peer[0], port)
-        opaque = port in self.cfg.opaque_ports
+        opaque = port in self.cfg.opaque_ports or self.policy.protocol(port) in UNPARSED_PROTOCOLS
         judge = _judge_tls_only if opaque else _judge
         timeout = min(OPAQUE_TLS_WAIT_S, self.cfg.detect_timeout_s) if opaque else self.cfg.detect_timeout_s
         Peeker(sock, judge, lambda verdict, data: self._detected(sock, conn, verdict, opaque), timeout)
@@ -136,9 +140,6 @@ class Inbound:
         if verdict is detect.Kind.HTTP1 and not opaque:
             self._count("http/1")
             conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
-            if not self._allow_connection(conn, http=True):
-                sock.close()
-                return
             self._prepare_http(conn)
             adopt(sock, lambda: Http1Server(self, self.limits, STRIP, conn))
             return
@@ -153,14 +154,48 @@ class Inbound:
         self.metrics.tcp_error("inbound", "tls_handshake")
         log.debug("inbound TLS handshake failed", error=str(exc) or type(exc).__name__)
 
-    def _allow_connection(self, conn: InConn, http: bool) -> bool:
-        d = self.policy.decide_connection(conn.port, conn.client_ip, conn.client_id, conn.tls)
-        conn.decision = d
+    def _allow_connection(self, conn: InConn) -> bool:
+        """An opaque connection (HTTP is judged per request): allowed to reach the app?"""
+        policy = self.policy
+        generation = policy.generation
+        d = policy.decide_connection(conn.port, conn.client_ip, conn.client_id, conn.tls)
+        self.authz.count("tcp", conn.port, d, conn.client_id)
         if d.allowed:
+            conn.generation = generation
             return True
-        if http:
-            return True  # HTTP clients get a 403 per request (decide_request refuses them too)
-        self.metrics.tcp_error("inbound", "forbidden")
+        self._denied("tcp", conn, d)
+        return False
+
+    def _denied(self, protocol: str, conn: InConn, d: Decision) -> None:
+        if protocol == "tcp":
+            self.metrics.tcp_error("inbound", "forbidden")
+        if self.denials is not None and self.denials.report(protocol, conn.port, d, conn.client_ip, conn.client_id):
+            # Logged as often as events go out: a flood of denials cannot flood the log.
+            log.info("denied", protocol=protocol, port=conn.port, server=d.server, client_ip=conn.client_ip,
+                     client_id=conn.client_id or "", reason=d.reason)
+
+    def policy_changed(self) -> None:
+        """The policy was updated: close the open opaque connections it no longer allows.
+
+        HTTP needs nothing here: every request is judged with the policy of its moment.
+        """
+        generation = self.policy.generation
+        for s, conn in list(self.opaque_conns.items()):
+            if conn.generation != generation and not self._still_allowed(conn):
+                log.info("closing a connection the new policy denies", port=conn.port, client_ip=conn.client_ip,
+                         client_id=conn.client_id or "")
+                s.abort()
+
+    def _still_allowed(self, conn: InConn) -> bool:
+        """Judge an open opaque connection again; only a denial is counted (the allow was)."""
+        policy = self.policy
+        generation = policy.generation
+        d = policy.decide_connection(conn.port, conn.client_ip, conn.client_id, conn.tls)
+        if d.allowed:
+            conn.generation = generation
+            return True
+        self.authz.count("tcp", conn.port, d, conn.client_id)
+        self._denied("tcp", conn, d)
         return False
 
     def _prepare_http(self, conn: InConn) -> None:
@@ -176,7 +211,7 @@ class Inbound:
             self.metrics.tcp_error("inbound", "no_target_port")
             sock.close()
             return
-        if not self._allow_connection(conn, http=False):
+        if not self._allow_connection(conn):
             sock.close()
             return
         asyncio.ensure_future(self._tcp_from_socket(sock, conn))
@@ -197,8 +232,7 @@ class Inbound:
                 up.close()
                 return
             s = splice(client, up, conn.labels, client_pending=bytes(cproto.data), server_pending=bytes(proto.data))
-            self.track(s)
-            if cproto.eof:
+            if self.track(s, conn) and cproto.eof:
                 s.client.eof_received()
         finally:
             self.tunnels -= 1
@@ -217,7 +251,7 @@ class Inbound:
             if transport.is_closing():
                 up.close()
                 return
-            self.track(splice(transport, up, conn.labels, client_pending=pending, server_pending=bytes(proto.data)))
+            self.track(splice(transport, up, conn.labels, client_pending=pending, server_pending=bytes(proto.data)), conn)
         finally:
             self.tunnels -= 1
 
@@ -237,8 +271,10 @@ class Inbound:
                 return
             d = self.policy.decide_request(conn.port, conn.client_ip, conn.client_id, conn.tls,
                                            req.method.decode("latin-1"), req.target.decode("latin-1"))
+            self.authz.count("http", conn.port, d, conn.client_id)
             if not d.allowed:
-                server.fail(req, 403, f"unauthorized connection on server {d.server}", "forbidden")
+                self._denied("http", conn, d)
+                server.fail(req, 403, forbidden_reason(d), "forbidden")
                 return
             if conn.pool is None:
                 server.fail(req, 502, "no target port for this connection", "no_target_port")
@@ -262,9 +298,23 @@ class Inbound:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def track(self, s) -> None:
+    def track(self, s: Splice, conn: InConn | None = None) -> bool:
+        """An opaque pair is open; with `conn`, it is a connection policy judges (not an
+        upgrade). False when it was closed at once."""
         self.splices.add(s)
-        s.on_close = self.splices.discard
+        if conn is None:
+            s.on_close = self.splices.discard
+            return True
+        self.opaque_conns[s] = conn
+        s.on_close = self._opaque_closed
+        if conn.generation != self.policy.generation and not self._still_allowed(conn):
+            s.abort()  # the policy changed while the app was being dialled
+            return False
+        return True
+
+    def _opaque_closed(self, s: Splice) -> None:
+        self.splices.discard(s)
+        self.opaque_conns.pop(s, None)
 
     @property
     def busy(self) -> int:
@@ -326,9 +376,6 @@ class _TlsPreamble(asyncio.Protocol):
             rest = self.buf
             http = kind == detect.Kind.HTTP1
         self.buf = b""
-        if not room._allow_connection(conn, http=http):
-            self.transport.close()
-            return
         if http:
             room._prepare_http(conn)
             server = Http1Server(room, room.limits, STRIP, conn)
@@ -339,6 +386,9 @@ class _TlsPreamble(asyncio.Protocol):
             return
         if conn.port == 0:
             room.metrics.tcp_error("inbound", "no_target_port")
+            self.transport.close()
+            return
+        if not room._allow_connection(conn):
             self.transport.close()
             return
         self.transport.pause_reading()

@@ -164,6 +164,9 @@ class KV:
     def put(self, key: str, value: Any, bucket: str = schemas.ENDPOINTS_BUCKET) -> None:
         self.lt.call(self.bus.put(bucket, key, value))
 
+    def put_policy(self, policy: schemas.WorkloadPolicy) -> None:
+        self.lt.call(put_policy(self.bus, policy))
+
     def delete(self, key: str, bucket: str = schemas.ENDPOINTS_BUCKET) -> None:
         self.lt.call(self.bus.delete(bucket, key))
 
@@ -172,6 +175,22 @@ class KV:
             self.lt.call(self.bus.close(), 5)
         except Exception:
             pass
+
+
+def workload_policy(ns: str, workload: str, default: str = "all-unauthenticated",
+                    ports: list[schemas.PortPolicy] | None = None,
+                    cluster_networks: tuple[str, ...] = schemas.DEFAULT_CLUSTER_NETWORKS) -> schemas.WorkloadPolicy:
+    """A workload's inbound policy as the policy service writes it (a proxy is ready only
+    once its own has arrived)."""
+    from proxy.policy import default_port_policy
+
+    return schemas.WorkloadPolicy(namespace=ns, workload=workload, default_policy=default,
+                                  default=default_port_policy(default, cluster_networks), ports=list(ports or []),
+                                  cluster_networks=list(cluster_networks))
+
+
+async def put_policy(bus: Bus, policy: schemas.WorkloadPolicy) -> None:
+    await bus.put(schemas.POLICY_BUCKET, schemas.policy_key(policy.namespace, policy.workload), policy)
 
 
 def unique_ns() -> str:

@@ -17,7 +17,7 @@ import pytest
 from proxy.admin import make_admin
 from tests.conftest import REPO, wait_until
 from tests.proxy_support import (
-    AppServer, KV, LoopThread, Mesh, NotYetIdentity, Proxy, http_request, proxy_config, unique_ns,
+    AppServer, KV, LoopThread, Mesh, NotYetIdentity, Proxy, http_request, proxy_config, unique_ns, workload_policy,
 )
 from tulle import schemas
 from tulle.admin import AdminRequest
@@ -32,6 +32,14 @@ def lt():
     loop.stop()
 
 
+def publish_policy(lt, nats_url: str, ns: str, workload: str) -> None:
+    kv = KV(lt, nats_url)
+    try:
+        kv.put_policy(workload_policy(ns, workload))
+    finally:
+        kv.close()
+
+
 def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None)
     try:
@@ -43,6 +51,7 @@ def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
 
 def test_live_always_and_ready_only_with_a_certificate_and_the_bus(lt, nats_server):
     ns = unique_ns()
+    publish_policy(lt, nats_server.url, ns, "web-1")  # (not ready without it: tests/test_proxy_policy.py)
     ident = NotYetIdentity(schemas.identity_name("web", ns))
     p = Proxy(lt, proxy_config(nats_server.url, ns, "web-1", "web"), ident)
     try:
@@ -91,6 +100,7 @@ def test_heartbeat_is_written_to_tulle_proxies(lt, nats_server):
     ident = Mesh().identity("web", ns)
     p = Proxy(lt, proxy_config(nats_server.url, ns, "web-7", "web"), ident)
     kv = KV(lt, nats_server.url)
+    kv.put_policy(workload_policy(ns, "web-7"))
     try:
         def beat():
             return lt.call(kv.bus.get(schemas.PROXIES_BUCKET, schemas.proxy_key(ns, "web-7"), schemas.ProxyHeartbeat))
@@ -217,6 +227,7 @@ def tulle(*args, timeout=30):
 
 def test_tulle_proxy_await_returns_once_the_proxy_is_ready(lt, nats_server):
     ns = unique_ns()
+    publish_policy(lt, nats_server.url, ns, "web-1")
     ident = NotYetIdentity(schemas.identity_name("web", ns))
     p = Proxy(lt, proxy_config(nats_server.url, ns, "web-1", "web"), ident)
     try:

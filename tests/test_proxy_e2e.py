@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.identity_support import IdentityProcess, make_issuer_dir, token_file, token_secret
-from tests.proxy_support import AppServer, unique_ns
+from tests.proxy_support import AppServer, put_policy, unique_ns, workload_policy
 from tulle import schemas
 from tulle.bus import Bus
 from tulle.metrics import sample
@@ -42,6 +42,14 @@ async def publish(nats_url, ns, app_port, inbound_port, identity):
     await bus.close()
 
 
+async def publish_policies(nats_url, ns):
+    bus = Bus(nats_url, component="test-policy")
+    await bus.start()
+    for sa in ("web", "client"):
+        await put_policy(bus, workload_policy(ns, f"{sa}-0"))
+    await bus.close()
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_two_proxy_processes_certified_by_the_identity_service_carry_curl_over_mtls(nats_server, tmp_path):
     ns = unique_ns()
@@ -52,6 +60,7 @@ def test_two_proxy_processes_certified_by_the_identity_service_carry_curl_over_m
     procs = []
     try:
         identity.wait_ready()
+        asyncio.run(publish_policies(nats_server.url, ns))  # each proxy is ready once its policy arrived
         server_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
         client_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
         procs.append(start_proxy(nats_server.url, ns, "web", token_file(tmp_path / "web.token", secret, ns, "web"),

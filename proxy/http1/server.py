@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from proxy.http1.headers import (
-    CHUNKED, LAST_CHUNK, LENGTH, UNTIL_CLOSE, HeadError, error_response, request_head, response_has_body,
+    CHUNKED, LAST_CHUNK, LENGTH, NO_BODY, UNTIL_CLOSE, HeadError, error_response, request_head, response_has_body,
     response_head, serialize, status_line,
 )
 from proxy.metrics import Labels
@@ -316,8 +316,9 @@ class Http1Server(asyncio.Protocol):
         resp.value += 1
         req.resp_status = status
         # After CONNECT or an upgrade request the parser has stopped: the connection ends.
-        keep = (req.keep_alive and not self.draining and req.complete and req.upgrade is None
-                and req.method != b"CONNECT")
+        # A request without a body is whole once its head is read (it is dispatched then).
+        keep = (req.keep_alive and not self.draining and (req.complete or req.framing == NO_BODY)
+                and req.upgrade is None and req.method != b"CONNECT")
         self.out.append(error_response(status, reason, close=not keep))
         if not keep:
             req.close_after = True
