@@ -92,6 +92,25 @@ class Balancer(Generic[T]):
         a, b = states[i], states[j]
         return a if a.ewma * (a.pending + 1) <= b.ewma * (b.pending + 1) else b
 
+    def pick_other(self, avoid: EndpointState[T] | None) -> EndpointState[T] | None:
+        """`pick`, but not `avoid` while another endpoint exists (a retry prefers another
+        endpoint than the one that just failed)."""
+        states = self.states
+        if avoid is None or len(states) < 2:
+            return self.pick()
+        others = [st for st in states if st is not avoid]
+        n = len(others)
+        if n == len(states):  # `avoid` is gone from the set meanwhile
+            return self.pick()
+        if n == 1:
+            return others[0]
+        i = int(self._rand() * n)
+        j = int(self._rand() * (n - 1))
+        if j >= i:
+            j += 1
+        a, b = others[i], others[j]
+        return a if a.ewma * (a.pending + 1) <= b.ewma * (b.pending + 1) else b
+
     def start(self, st: EndpointState[T]) -> float:
         """A request (or connection) to `st` begins; returns its start time."""
         st.pending += 1

@@ -11,6 +11,16 @@ header; others over plain TCP.
 
 Errors, as Linkerd's: known service without endpoints → 503; connect failure → 502;
 discovery silent for a new target → 504 after FAILFAST_S; opaque TCP: the connection closes.
+
+Service profiles (proxy/profiles.py decides, this room acts): a request to a mesh service
+that has a profile becomes an `Exchange` on its first matching route (`req.route`). The
+route's timeout covers the whole request, retries included (504 when it expires before
+a response head reached the caller; the attempt in flight is aborted). A failed attempt
+(by the route's response classes, or a connection that failed) of a retryable route is
+sent again — to another endpoint when there is one, with `tulle-retry-attempt: <n>` —
+when the whole request body was read and kept (≤ 64 KiB), nothing of the response reached
+the caller yet, and the service's retry budget allows. Every attempt counts as *actual*,
+the answer the caller got as *effective*, in `route_stats` (proxy/route_stats.py).
 """
 
 from __future__ import annotations
@@ -24,9 +34,13 @@ from proxy.authority import is_ip, mesh_service, split_authority
 from proxy.context import Shared
 from proxy.discovery import Watched
 from proxy.http1.headers import CHUNKED, HeadError, serialize
-from proxy.http1.server import Http1Server, Limits, Request
+from proxy.http1.server import IDEMPOTENT, Http1Server, Limits, Request
 from proxy.listener import EOF, TIMEOUT, Listener, Peeker, adopt, original_dst
 from proxy.metrics import Labels
+from proxy.profiles import (
+    RETRY_ATTEMPT_HEADER, CompiledRoute, RetryBudget, RouteMetrics, RouteRecorder, RouteStats, RouteTable,
+    grpc_status_of, retry_allowed,
+)
 from proxy.tcp import splice
 from proxy.upstream import Buffering, DialError, Dest, dial
 from proxy.http1.client import Pools
@@ -37,6 +51,8 @@ FAILFAST_S = 3.0
 MAX_TARGETS = 10000  # cached authorities; the cache is cleared when it grows past this
 
 log = get_logger(part="outbound")
+
+_RETRY_HEADER = RETRY_ATTEMPT_HEADER.encode() + b": %d\r\n\r\n"
 
 
 class OutConn:
@@ -66,7 +82,7 @@ class Target:
     """A logical destination: an authority (and original destination), resolved via discovery."""
 
     __slots__ = ("name", "port", "watches", "fallback", "fallback_pool", "fallback_labels", "generation",
-                 "profile", "authority")
+                 "profile", "authority", "routes")
 
     def __init__(self, authority: bytes, name: tuple[str, str] | None, port: int, watches: list[Watched],
                  fallback: Dest | None, generation: int):
@@ -78,7 +94,66 @@ class Target:
         self.fallback_pool = None
         self.fallback_labels: Labels | None = None
         self.generation = generation
-        self.profile: Watched | None = None
+        self.profile: Watched | None = None  # the service's profile watch (mesh names only)
+        self.routes: ServiceRoutes | None = None  # what that profile compiles to, with its budget
+
+
+class ServiceRoutes:
+    """One destination service's compiled profile in this proxy: its route table, the retry
+    budget all its routes share, and each route's recorder. Recompiled when the profile
+    watch holds another value; the budget and the figures outlive recompiles."""
+
+    __slots__ = ("key", "profile", "table", "budget", "recorders", "stats")
+
+    def __init__(self, key: str, stats: RouteStats):
+        self.key = key  # <namespace>.<service>
+        self.stats = stats
+        self.profile: schemas.Profile | None = None
+        self.table: RouteTable | None = None
+        self.budget: RetryBudget | None = None
+        self.recorders: dict[CompiledRoute, RouteRecorder] = {}
+
+    def refresh(self, profile: schemas.Profile) -> None:
+        table = RouteTable.from_profile(profile)
+        try:
+            settings = table.budget_settings()
+            if self.budget is None:
+                self.budget = RetryBudget(*settings)
+            else:
+                self.budget.update(*settings)
+        except ValueError:
+            log.warning("invalid retry budget in profile; keeping the previous one", profile=self.key)
+            if self.budget is None:
+                self.budget = RetryBudget()
+        self.table = table
+        self.profile = profile
+        self.recorders = {r: self.stats.route(self.key, r.name) for r in (*table.routes, table.default)}
+
+
+class Exchange:
+    """A request on a profile route, over all its attempts (kept in `Request.route`).
+
+    Http1Server asks it only `is_failure(status)` to classify the response it forwards;
+    the rest is this room's: the deadline, the retries, the figures.
+    """
+
+    __slots__ = ("route", "recorder", "budget", "timer", "retries", "base_head", "avoid", "sent_at", "finished",
+                 "balancer")
+
+    def __init__(self, route: CompiledRoute, recorder: RouteRecorder, budget: RetryBudget):
+        self.route = route
+        self.recorder = recorder
+        self.budget = budget
+        self.timer: asyncio.TimerHandle | None = None
+        self.retries = 0
+        self.base_head = b""  # the head as first sent (a retry adds its attempt header to it)
+        self.avoid = None  # the balancer state of the endpoint whose attempt failed last
+        self.sent_at = 0.0  # when the current retry was sent
+        self.finished = False  # the caller's answer was decided (and counted)
+        self.balancer = None  # the balancer the current attempt's endpoint came from
+
+    def is_failure(self, status: int, grpc_status: int | None = None) -> bool:
+        return self.route.is_failure(status, grpc_status)
 
 
 class Outbound:
@@ -99,7 +174,10 @@ class Outbound:
         self.default_labels = self.metrics.labels("outbound")
         self._targets: dict[tuple, Target] = {}
         self._errors = self.metrics.http_errors["outbound"]
-        self._no_strip = frozenset()
+        # The attempt header is the proxy's to set: an app's own copy never reaches a server.
+        self._strip = frozenset({RETRY_ATTEMPT_HEADER.encode()})
+        self.route_stats = RouteStats(metrics=RouteMetrics(self.metrics.registry))
+        self._services: dict[str, ServiceRoutes] = {}
 
     # --- accepting ---------------------------------------------------------------------
 
@@ -125,7 +203,7 @@ class Outbound:
             return
         if verdict is detect.Kind.HTTP1:
             self._count_detect("http/1")
-            adopt(sock, lambda: Http1Server(self, self.limits, self._no_strip, conn))
+            adopt(sock, lambda: Http1Server(self, self.limits, self._strip, conn))
             return
         self._count_detect("timeout" if verdict is TIMEOUT else "opaque" if verdict is detect.Kind.OPAQUE
                            else "tls" if verdict is detect.Kind.TLS else "h2")
@@ -184,6 +262,11 @@ class Outbound:
         t = Target(authority or b"", name, port, watches, fallback, d.generation)
         if name is not None:
             t.profile = d.profile(*name)
+            key = schemas.profile_key(*name)
+            routes = self._services.get(key)
+            if routes is None:
+                routes = self._services[key] = ServiceRoutes(key, self.route_stats)
+            t.routes = routes
         return t
 
     def _is_self(self, host: str, port: int) -> bool:
@@ -249,6 +332,14 @@ class Outbound:
         self._route(server, req, t)
 
     def _route(self, server: Http1Server, req: Request, t: Target) -> None:
+        p = t.profile
+        if p is not None and req.route is None:
+            p.used = True
+            if not p.known:
+                self._wait(server, req, t, p)
+                return
+            if p.value is not None and req.upgrade is None:
+                req.route = self.choose_route(server, req, t)
         for w in t.watches:
             w.used = True
             if not w.known:
@@ -260,7 +351,7 @@ class Outbound:
                 return
         if t.fallback is None:
             self._count_request(req, self.default_labels)
-            server.fail(req, 503, "no endpoints", "no_endpoints")
+            self._fail(server, req, 503, "no endpoints", "no_endpoints")
             return
         if t.fallback_pool is None:
             t.fallback_pool = self.pools.get(t.fallback)
@@ -270,18 +361,21 @@ class Outbound:
 
     def _to_endpoint(self, server: Http1Server, req: Request, t: Target, w: Watched,
                      es: schemas.EndpointSet) -> None:
-        st = w.balancer.pick()
+        ex = req.route
+        if ex is None:
+            st = w.balancer.pick()
+        else:
+            ex.balancer = w.balancer
+            st = w.balancer.pick() if ex.avoid is None else w.balancer.pick_other(ex.avoid)
         if st is None:
             labels = self.metrics.labels("outbound", es.namespace, es.service)
             self._count_request(req, labels)
-            server.fail(req, 503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints")
+            self._fail(server, req, 503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints")
             return
         h = st.handle
         if h is None:
             h = st.handle = self._handle(st.endpoint, es, tph.HTTP1)
         self._count_request(req, h.labels)
-        if req.route is None:
-            req.route = self.choose_route(t, req)
         st.pending += 1
         req.ep = st
         self._send(server, req, h.pool)
@@ -301,11 +395,116 @@ class Outbound:
             labels.requests.value += 1
         req.labels = labels
 
-    def choose_route(self, t: Target, req: Request):
-        """Where the profiles issue plugs in: the route of `t.profile`'s value for
-        (req.method, req.target), which then decides timeout, retries and response
-        classes. No routes yet: None (default classification, no retry, no timeout)."""
-        return None
+    # --- service profiles: routes, timeouts, retries ---------------------------------------
+
+    def choose_route(self, server: Http1Server, req: Request, t: Target) -> Exchange:
+        """The first route of the target's profile matching (method, path), as an Exchange
+        that carries the request's deadline, retries and figures from here on."""
+        sr = t.routes
+        profile = t.profile.value
+        if sr.profile is not profile:
+            sr.refresh(profile)
+        route = sr.table.match(req.method.decode("latin-1"), req.target.decode("latin-1"))
+        recorder = sr.recorders[route]
+        recorder.request()
+        sr.budget.deposit()  # every original request earns retries for the whole service
+        ex = Exchange(route, recorder, sr.budget)
+        timeout = route.timeout_s
+        if timeout is not None:
+            left = timeout - (self.loop.time() - req.start)  # discovery waits count too
+            ex.timer = self.loop.call_later(left if left > 0 else 0, self._timed_out, server, req)
+        return ex
+
+    def attempt_answered(self, server: Http1Server, client, req: Request, status: int, headers: list) -> bool:
+        """A response head arrived for an attempt of a profile-routed request, before anything
+        of it reached the caller. True: the request was sent again and this response is to be
+        dropped; False: it is the caller's answer (counted here as the effective outcome)."""
+        ex: Exchange = req.route
+        now = self.loop.time()
+        failed = ex.route.is_failure(status, grpc_status_of(headers) if headers else None)
+        ex.recorder.actual(not failed)
+        if failed and not ex.finished and req is server.active and not req.done and not server.closed:
+            if self._may_retry(ex, req, started=client.interim):
+                st = req.ep
+                if st is not None:
+                    self.answered(req, status, now)
+                server.upstream = None  # the client keeps reading this response into nothing
+                self._retry(server, req, ex, st)
+                return True
+        self._finish(ex, req, not failed, now)
+        return False
+
+    def attempt_lost(self, server: Http1Server, client, req: Request, reason: str | None) -> bool:
+        """The connection of an attempt failed before its response head reached the caller.
+        True: sent again; False: the server answers the caller (502, or its own resend of an
+        idempotent request whose reused connection the server had closed meanwhile)."""
+        ex: Exchange = req.route
+        if ex.finished or req.resp_status or req is not server.active or req.done or server.closed:
+            return False
+        if (client.reused and not client.started and req.replayable and req.attempts < 3
+                and req.method in IDEMPOTENT and req.body is not None):
+            return False  # a stale keep-alive connection, not a failed attempt (Http1Server resends)
+        ex.recorder.actual(False)
+        if self._may_retry(ex, req, started=client.interim):
+            st = req.ep
+            if st is not None:
+                self.answered(req, 502, self.loop.time(), ok=False)
+            server.upstream = None
+            self._retry(server, req, ex, st)
+            return True
+        self._finish(ex, req, False, self.loop.time())
+        return False
+
+    @staticmethod
+    def _may_retry(ex: Exchange, req: Request, started: bool) -> bool:
+        # The body must have been read whole and kept (an answer before its end makes the
+        # request non-retryable), and an upgrade is never sent twice.
+        replayable = req.complete and req.replayable and req.body is not None and req.upgrade is None
+        return retry_allowed(ex.route, True, replayable, started, ex.budget)
+
+    def _retry(self, server: Http1Server, req: Request, ex: Exchange, failed_on) -> None:
+        """Send the request again, preferring another endpoint, with its attempt number."""
+        ex.retries += 1
+        ex.avoid = failed_on
+        if not ex.base_head:
+            ex.base_head = req.head
+        req.head = ex.base_head[:-2] + _RETRY_HEADER % ex.retries
+        ex.sent_at = self.loop.time()
+        self._route(server, req, req.target_info)
+
+    def _timed_out(self, server: Http1Server, req: Request) -> None:
+        ex: Exchange = req.route
+        ex.timer = None
+        if ex.finished or req.done or req is not server.active or server.closed:
+            return
+        up = server.upstream
+        if up is not None and up.req is req:
+            server.upstream = None
+            up.abandon()  # the attempt in flight is cancelled: its server sees the connection go
+        now = self.loop.time()
+        if req.ep is not None:
+            self.answered(req, 504, now, ok=False)
+        self._finish(ex, req, False, now)
+        server.fail(req, 504, f"route {ex.route.name!r} timed out after {ex.route.timeout_s:g}s", "route_timeout")
+
+    def _finish(self, ex: Exchange, req: Request, success: bool, now: float) -> None:
+        """The caller's answer is decided: count it once, stop the deadline."""
+        if ex.finished:
+            return
+        ex.finished = True
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        ex.recorder.effective(success, (now - req.start) * 1000)
+
+    def _fail(self, server: Http1Server, req: Request, status: int, reason: str, error: str) -> None:
+        """server.fail, counting the failure as the caller's answer on a profile route."""
+        ex = req.route
+        if ex is not None and not ex.finished and req is server.active and not req.done and not server.closed:
+            self._finish(ex, req, False, self.loop.time())
+        server.fail(req, status, reason, error)
+
+    # --- sending --------------------------------------------------------------------------
 
     def _send(self, server: Http1Server, req: Request, pool) -> None:
         client = pool.take()
@@ -315,16 +514,27 @@ class Outbound:
         pool.acquire(lambda c: server.forward(req, c), lambda e: self._connect_failed(server, req, e))
 
     def _connect_failed(self, server: Http1Server, req: Request, e: DialError) -> None:
+        ex = req.route
+        if ex is not None and not ex.finished and req is server.active and not req.done and not server.closed:
+            ex.recorder.actual(False)  # a connection error is a failed attempt
+            # Sent again only to another endpoint: dialling the same one at once again
+            # would just spend the budget.
+            if req.ep is not None and len(ex.balancer) > 1 and self._may_retry(ex, req, started=False):
+                st = req.ep
+                self.answered(req, 502, self.loop.time(), ok=False)
+                self._retry(server, req, ex, st)
+                return
         if req.ep is not None:
             self.answered(req, 502, self.loop.time(), ok=False)
-        server.fail(req, 502, e.reason, e.error)
+        self._fail(server, req, 502, e.reason, e.error)
 
     def answered(self, req: Request, status: int, now: float, ok: bool = True) -> None:
         """The attempt on `req.ep` got its response head (or failed): feed the balancer."""
         st = req.ep
         req.ep = None
         st.pending -= 1
-        rtt = now - req.start
+        ex = req.route
+        rtt = now - (ex.sent_at if ex is not None and ex.retries else req.start)
         if not ok or status >= 500:
             rtt = max(rtt, st.ewma * 2)
         st.observe(rtt, now)
@@ -342,7 +552,8 @@ class Outbound:
             except ValueError:
                 pass
             self._count_request(req, self.default_labels)
-            server.fail(req, 504, f"no answer from discovery for {w.key} in {FAILFAST_S:g}s", "discovery_timeout")
+            self._fail(server, req, 504, f"no answer from discovery for {w.key} in {FAILFAST_S:g}s",
+                       "discovery_timeout")
 
         timer = self.loop.call_later(FAILFAST_S, too_late)
         w.when_known(ready)

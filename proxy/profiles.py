@@ -343,8 +343,23 @@ def may_retry(route: CompiledRoute, failed: bool, body: Optional[ReplayBuffer], 
     `body` None: the request has no body. `response_started`: some of this attempt's
     response already reached the caller (then it can never be retried).
     """
-    if not (failed and route.is_retryable) or response_started:
-        return False
-    if body is not None and not body.can_replay:
+    return retry_allowed(route, failed, body is None or body.can_replay, response_started, budget)
+
+
+def retry_allowed(route: CompiledRoute, failed: bool, body_replayable: bool, response_started: bool,
+                  budget: RetryBudget) -> bool:
+    """`may_retry` for a caller that keeps the body itself (the proxy's HTTP/1 server):
+    `body_replayable` = the whole body was read and kept (none counts as kept)."""
+    if not (failed and route.is_retryable) or response_started or not body_replayable:
         return False
     return budget.try_withdraw()
+
+
+def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> Optional[int]:
+    """The `grpc-status` among response headers (a trailers-only gRPC answer) or trailers;
+    None when absent or not a number (then the HTTP status classifies)."""
+    for name, value in headers:
+        if len(name) == 11 and name.lower() == b"grpc-status":
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return None

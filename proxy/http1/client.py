@@ -5,6 +5,12 @@ and calls the server back with the response head, body pieces and end. It goes b
 its pool only when the request was sent whole and the response read whole with
 keep-alive; otherwise it is closed. Idle connections expire after `idle_timeout`
 (Linkerd's HTTP/1 pool keeps them 3 s).
+
+Requests on a service-profile route (`req.route` set, outbound only) are shown to the
+room before anything reaches the caller: `room.attempt_answered` when a response head
+arrives, `room.attempt_lost` when the connection fails first. When the room sends the
+request again elsewhere, this response is read to its end and dropped (`_Dropped`),
+so the connection can serve again.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ if TYPE_CHECKING:
     from proxy.http1.server import Http1Server, Request
 
 MAX_RESPONSE_HEADERS = 500
+# A dropped (retried) response is read to its end so its connection can be reused, but
+# no further than this many body bytes and no longer than this: then it is closed.
+DROP_MAX_BODY = 64 * 1024
+DROP_TIMEOUT_S = 10.0
 
 log = get_logger(part="http1-client")
 
@@ -32,7 +42,7 @@ class _SkipBody(Exception):
 
 class Http1Client(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "server", "req", "out", "headers", "reused", "closed",
-                 "idle_since", "started", "status", "keep_alive", "until_close", "read_paused")
+                 "idle_since", "started", "status", "keep_alive", "until_close", "read_paused", "interim")
 
     def __init__(self, pool: "Pool"):
         self.pool = pool
@@ -50,6 +60,7 @@ class Http1Client(asyncio.Protocol):
         self.keep_alive = True
         self.until_close = False
         self.read_paused = False  # paused because the client reads the response slowly
+        self.interim = False  # a 1xx response of this exchange was passed on to the caller
 
     # --- driven by the server ----------------------------------------------------------
 
@@ -60,6 +71,7 @@ class Http1Client(asyncio.Protocol):
         self.started = False
         self.status = 0
         self.until_close = False
+        self.interim = False
         out = self.out
         out.append(req.head)
         if req.body:
@@ -155,7 +167,7 @@ class Http1Client(asyncio.Protocol):
             if srv.out:
                 srv.flush()
         else:
-            srv.on_upstream_lost(self, self.started)
+            self._lost(srv, self.req, None)
 
     # --- httptools callbacks -----------------------------------------------------------
 
@@ -176,11 +188,19 @@ class Http1Client(asyncio.Protocol):
         self.status = status
         if status < 200:
             if status != 101:
+                self.interim = True
                 self.server.on_upstream_interim(status, self.headers)
             return
         self.keep_alive = self.parser.should_keep_alive()
         req = self.req
-        self.until_close = self.server.on_upstream_head(self, status, self.headers, self.keep_alive)
+        srv = self.server
+        if req.route is not None and srv.room.attempt_answered(srv, self, req, status, self.headers):
+            self._drop()  # the room sent the request again: this response goes nowhere
+            if req.method == b"HEAD":
+                self._end()
+                raise _SkipBody()
+            return
+        self.until_close = srv.on_upstream_head(self, status, self.headers, self.keep_alive)
         if req.method == b"HEAD":
             self.until_close = False
             self._end()
@@ -225,15 +245,80 @@ class Http1Client(asyncio.Protocol):
         self.transport.abort()
 
     def _broken(self, srv: "Http1Server", reason: str) -> None:
+        req = self.req
         self.server = None
         self.req = None
         self.closed = True
         self.transport.abort()
+        self._lost(srv, req, reason)
+
+    def _lost(self, srv: "Http1Server", req: "Request | None", reason: str | None) -> None:
+        """The exchange ended without a (whole) response: a profile route's room may send
+        the request again; otherwise the server answers the caller."""
+        if req is not None and req.route is not None and srv.room.attempt_lost(srv, self, req, reason):
+            return
         srv.on_upstream_lost(self, self.started, reason)
+
+    def _drop(self) -> None:
+        """Read the rest of this response into nothing, then serve the pool again."""
+        dropped = _Dropped(self)
+        self.server = dropped
+        self.req = dropped
+        if self.read_paused:
+            self.resume_reading()
 
 
 class _Broken(Exception):
     """The upstream response exceeds what the proxy accepts."""
+
+
+class _Dropped:
+    """Stands in for both the server and the request while a response that was retried
+    elsewhere is read to its end (then the connection goes back to its pool)."""
+
+    __slots__ = ("client", "size", "timer")
+
+    out = ()  # nothing to flush towards any caller
+    complete = True  # the request was sent whole (a retry needs that), so keep-alive may go on
+    route = None
+    method = b""
+
+    def __init__(self, client: Http1Client):
+        self.client = client
+        self.size = 0
+        self.timer = asyncio.get_event_loop().call_later(DROP_TIMEOUT_S, self._too_slow)
+
+    def _too_slow(self) -> None:
+        c = self.client
+        if c.server is self and not c.closed:
+            c._close()
+
+    def on_upstream_body(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > DROP_MAX_BODY and not self.client.closed:
+            self.client._close()
+
+    def on_upstream_end(self, client: Http1Client) -> None:
+        self.timer.cancel()
+
+    def on_upstream_lost(self, client: Http1Client, started: bool, reason: str | None = None) -> None:
+        self.timer.cancel()
+
+    def on_upstream_interim(self, status: int, headers: list) -> None:
+        pass
+
+    def on_upstream_upgrade(self, client: Http1Client, headers: list, tail: bytes) -> None:
+        self.timer.cancel()
+        client._close()
+
+    def pause_for_upstream(self) -> None:
+        pass
+
+    def resume_for_upstream(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 class Pool:
