@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from services.destination.compile import DestinationState, Settings  # noqa: E402
-from services.destination.writer import KVWriter  # noqa: E402
+from tulle.kvwriter import KVWriter  # noqa: E402
 from tulle import schemas  # noqa: E402
 from tulle.bus import Bus, Change, Snapshot  # noqa: E402
 from tulle.codec import decode, encode  # noqa: E402

@@ -245,4 +245,4 @@ def test_bad_flags_get_one_line_and_exit_2(own_nats):
                           "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert got.returncode == 2
     assert got.stderr.strip().splitlines()[-1] == (
-        "tulle destination: destination: give either --manifests DIR (one or more) or --kubernetes")
+        "tulle destination: give either --manifests DIR (one or more) or --kubernetes")

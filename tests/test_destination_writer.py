@@ -9,7 +9,8 @@ import time
 import pytest
 
 from services.destination.compile import DestinationState
-from services.destination.writer import KVWriter, endpoints_changed_event
+from services.destination.events import endpoints_changed_event
+from tulle.kvwriter import KVWriter
 from tests.conftest import eventually
 from tests.destination_objects import obj, pod_doc, service_doc
 from tulle import schemas

@@ -209,7 +209,7 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'allow'" in r.stderr
     r = run()
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-        "tulle policy: policy: give either --manifests DIR (one or more) or --kubernetes"
+        "tulle policy: give either --manifests DIR (one or more) or --kubernetes"
     assert "Traceback" not in r.stderr
 
 

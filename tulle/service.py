@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 from tulle import __version__
 from tulle.admin import AdminServer
 from tulle.bus import Bus, nats_url
+from tulle.errors import UserError
 from tulle.log import setup_logging
 from tulle.metrics import REGISTRY
 
@@ -118,7 +119,8 @@ def parse_args(component: str, argv: list[str] | None,
 def run_service(component: str, main: Callable[[Service], Awaitable[None]], argv: list[str] | None = None,
                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
                 prepare: Callable[[Service], None] | None = None) -> None:
-    """Entry point of `python -m services.<component>`."""
+    """Entry point of `python -m services.<component>`. Bad flags or files found by
+    `prepare` (a UserError) are one line on stderr and exit code 2."""
     args = parse_args(component, argv, add_arguments)
 
     async def _run() -> int:
@@ -127,7 +129,12 @@ def run_service(component: str, main: Callable[[Service], Awaitable[None]], argv
             prepare(svc)
         return await svc.run(main)
 
-    sys.exit(run_async(_run()))
+    try:
+        code = run_async(_run())
+    except UserError as e:
+        print(f"tulle {component}: {e}", file=sys.stderr)
+        code = e.exit_code
+    sys.exit(code)
 
 
 def run_async(coro) -> int:

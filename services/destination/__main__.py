@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 
 from services.destination.compile import DestinationState, Settings
-from services.destination.writer import KVWriter, endpoints_changed_event
+from services.destination.events import endpoints_changed_event
 from tulle import schemas
 from tulle.errors import UserError
-from tulle.leader import LeaderElection
+from tulle.kvwriter import ElectedPublisher
 from tulle.metrics import REGISTRY
 from tulle.service import Service, run_service
 
@@ -44,12 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     if bool(args.manifests) == bool(args.kubernetes):
-        raise UserError("destination: give either --manifests DIR (one or more) or --kubernetes")
+        raise UserError("give either --manifests DIR (one or more) or --kubernetes")
     for d in args.manifests:
         if Path(d).exists() and not Path(d).is_dir():
-            raise UserError(f"destination: --manifests {d}: not a folder")
+            raise UserError(f"--manifests {d}: not a folder")
     if not 0 <= args.batch_interval_ms <= 10_000:
-        raise UserError(f"destination: --batch-interval-ms {args.batch_interval_ms}: expected 0 to 10000")
+        raise UserError(f"--batch-interval-ms {args.batch_interval_ms}: expected 0 to 10000")
 
 
 def make_source(args: argparse.Namespace):
@@ -90,67 +89,31 @@ async def main(svc: Service) -> None:
         warned_conflicts.update(conflicts)
         return changes
 
-    election = LeaderElection(svc.bus, LEASE)
-    writer = KVWriter(svc.bus, (schemas.ENDPOINTS_BUCKET, schemas.PROFILES_BUCKET), take_changes,
-                      is_leader=election.is_leader, can_write=lambda: state.synced, on_written=on_written,
-                      min_interval=args.batch_interval_ms / 1000)
-    election.on_elected = writer.forget_written
-    election.on_lost = writer.forget_written
-    # A restarted NATS may have lost what we wrote: read KV back before the next write.
-    svc.bus.on_connection_change(lambda up: up and writer.forget_written())
-    synced = asyncio.Event()
+    publisher = ElectedPublisher(svc.bus, lease=LEASE, buckets=(schemas.ENDPOINTS_BUCKET, schemas.PROFILES_BUCKET),
+                                 take_changes=take_changes, can_write=lambda: state.synced, on_written=on_written,
+                                 min_interval=args.batch_interval_ms / 1000)
+    svc.add_ready_check("synced", publisher.ready)
 
-    def ready() -> bool:
-        # The writer is ready once KV holds the state; a standby once it has the state
-        # compiled and has seen that another replica holds the lease.
-        if not synced.is_set():
+    def apply(ev) -> bool:
+        m_events.labels(ev.type).inc()
+        if ev.type == "error":
+            m_source_errors.inc()
+            log.warning("skipping an object that cannot be read", error=ev.error)
             return False
-        return writer.caught_up.is_set() if election.is_leader() else election.held_elsewhere
+        return state.apply(ev)
 
-    svc.add_ready_check("synced", ready)
+    def on_synced() -> None:
+        log.info("source synced", services=len(state.services), pods=len(state.pods),
+                 slices=len(state.slices), profiles=len(state.profiles))
 
-    async def consume() -> None:
-        async for ev in source.events():
-            m_events.labels(ev.type).inc()
-            if ev.type == "error":
-                m_source_errors.inc()
-                log.warning("skipping an object that cannot be read", error=ev.error)
-                continue
-            if state.apply(ev):
-                writer.notify()
-            if ev.type == "synced":
-                synced.set()
-                log.info("source synced", services=len(state.services), pods=len(state.pods),
-                         slices=len(state.slices), profiles=len(state.profiles))
-
-    async def compete() -> None:
-        # Only a replica with the whole state may take the lease: it must write at once.
-        await synced.wait()
-        await election.run()
-
-    tasks = [asyncio.ensure_future(t) for t in (consume(), writer.run(), compete())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            t.result()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await election.release()
-        if hasattr(source, "aclose"):
-            await source.aclose()  # the Kubernetes source's watch threads
+    await publisher.run(source, apply, on_synced)
 
 
 def run(argv: list[str] | None = None) -> None:
     def prepare(svc: Service) -> None:
         check_arguments(svc.args)
 
-    try:
-        run_service("destination", main, argv, add_arguments=add_arguments, prepare=prepare)
-    except UserError as e:
-        print(f"tulle destination: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    run_service("destination", main, argv, add_arguments=add_arguments, prepare=prepare)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
 from services.identity.ca import CertificateAuthority, IssuerError, load_issuer, parse_duration
 from services.identity.server import IdentityServer
@@ -112,11 +111,7 @@ def entry() -> None:
     async def main(svc: Service) -> None:
         await servers[0].run()
 
-    try:
-        run_service("identity", main, add_arguments=add_arguments, prepare=prepare)
-    except UserError as e:
-        print(f"identity: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    run_service("identity", main, add_arguments=add_arguments, prepare=prepare)
 
 
 if __name__ == "__main__":

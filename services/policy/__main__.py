@@ -12,10 +12,8 @@ in `tulle-leases`), the others keep the same state compiled and take over within
 
 from __future__ import annotations
 
-import sys
 
 from services.policy.service import add_arguments, check_arguments, main, make_source
-from tulle.errors import UserError
 from tulle.service import Service, run_service
 
 
@@ -24,11 +22,7 @@ def run(argv: list[str] | None = None) -> None:
         check_arguments(svc.args)
         svc.policy_source = make_source(svc.args)  # a missing kubeconfig is a user error, exit 2
 
-    try:
-        run_service("policy", main, argv, add_arguments=add_arguments, prepare=prepare)
-    except UserError as e:
-        print(f"tulle policy: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    run_service("policy", main, argv, add_arguments=add_arguments, prepare=prepare)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from services.destination.writer import KVWriter
 from services.policy.compile import DEFAULT_PROBE_NETWORKS, Rejection, Settings, compile_policies
 from tulle.codec import encode
 from tulle.errors import UserError
-from tulle.leader import LeaderElection
+from tulle.kvwriter import ElectedPublisher
 from tulle.metrics import REGISTRY
 from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, POLICY_BUCKET, WorkloadPolicy
 from tulle.service import Service
@@ -71,10 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     if bool(args.manifests) == bool(args.kubernetes):
-        raise UserError("policy: give either --manifests DIR (one or more) or --kubernetes")
+        raise UserError("give either --manifests DIR (one or more) or --kubernetes")
     for d in args.manifests:
         if Path(d).exists() and not Path(d).is_dir():
-            raise UserError(f"policy: --manifests {d}: not a folder")
+            raise UserError(f"--manifests {d}: not a folder")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -213,8 +212,8 @@ async def main(svc: Service, source: Optional[object] = None) -> None:
     log = svc.log
     state = PolicyState(settings_from(args))
     source = source or getattr(svc, "policy_source", None) or make_source(args)
-    election = LeaderElection(svc.bus, LEASE)
-    reporter = InvalidResourceReporter(svc, quiet=lambda: election.held_elsewhere and not election.is_leader())
+    publisher: Optional[ElectedPublisher] = None
+    reporter = InvalidResourceReporter(svc, quiet=lambda: publisher is not None and publisher.is_standby())
     m_workloads = REGISTRY.gauge("tulle_policy_workloads", "Workloads with a compiled policy")
     m_workloads.set_function(lambda: len(state.policies))
     REGISTRY.gauge("tulle_policy_last_compile_seconds", "Duration of the last compile").set_function(
@@ -229,49 +228,16 @@ async def main(svc: Service, source: Optional[object] = None) -> None:
             log.info("policies changed", workloads=sorted(k for _, k in changes))
         return changes
 
-    writer = KVWriter(svc.bus, (POLICY_BUCKET,), take_changes, is_leader=election.is_leader,
-                      can_write=lambda: state.synced, metric_prefix="tulle_policy")
-    election.on_elected = writer.forget_written
-    election.on_lost = writer.forget_written
-    # A restarted NATS may have lost what we wrote: read KV back before the next write.
-    svc.bus.on_connection_change(lambda up: up and writer.forget_written())
-    synced = asyncio.Event()
+    publisher = ElectedPublisher(svc.bus, lease=LEASE, buckets=(POLICY_BUCKET,), take_changes=take_changes,
+                                 can_write=lambda: state.synced, metric_prefix="tulle_policy")
+    # The writer is ready once KV holds every policy: a proxy waits for its key before it is ready.
+    svc.add_ready_check("policies published", publisher.ready)
 
-    def ready() -> bool:
-        # The writer: once KV holds every policy (a proxy waits for its key before it is
-        # ready). A standby: once it has compiled and seen that another replica writes.
-        if not synced.is_set():
+    def apply(ev) -> bool:
+        m_events.labels(ev.type).inc()
+        if ev.type == "error":
+            reporter.report(ev.error, {}, reason="parse")
             return False
-        return writer.caught_up.is_set() if election.is_leader() else election.held_elsewhere
+        return state.apply(ev) or ev.type == "synced"
 
-    svc.add_ready_check("policies published", ready)
-
-    async def consume() -> None:
-        async for ev in source.events():
-            m_events.labels(ev.type).inc()
-            if ev.type == "error":
-                reporter.report(ev.error, {}, reason="parse")
-                continue
-            if state.apply(ev) or ev.type == "synced":
-                writer.notify()
-            if ev.type == "synced" and not synced.is_set():
-                synced.set()
-                log.info("source synced", objects=len(state.store.objects))
-
-    async def compete() -> None:
-        # Only a replica with the whole state may take the lease: it must write at once.
-        await synced.wait()
-        await election.run()
-
-    tasks = [asyncio.ensure_future(t) for t in (consume(), writer.run(), compete())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            t.result()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await election.release()
-        if hasattr(source, "aclose"):
-            await source.aclose()
+    await publisher.run(source, apply, lambda: log.info("source synced", objects=len(state.store.objects)))

@@ -1,4 +1,9 @@
-"""The KV writer: publishes the desired state, only what changed, bursts coalesced.
+"""Publishing compiled state to KV: the KV writer, and one elected writer among replicas.
+
+DESIGN.md: "sources -> compile (pure) -> KV writer". Destination and policy both run
+that pipeline; `ElectedPublisher` is the part they share.
+
+The KV writer publishes the desired state, only what changed, bursts coalesced.
 
 It keeps two maps of encoded values: `desired` (what the compiled state says) and
 `written` (what KV holds, read back from KV when this replica becomes the writer and
@@ -23,10 +28,10 @@ from typing import Callable, Optional
 import nats.errors
 import nats.js.errors
 
-from tulle import schemas
 from tulle.bus import Bus, BusError
-from tulle.codec import DecodeError, decode, encode
-from tulle.leader import raise_if_cancelled
+from tulle.codec import encode
+from tulle.sources.base import ResourceEvent, Source
+from tulle.leader import LeaderElection, raise_if_cancelled
 from tulle.log import get_logger
 from tulle.metrics import REGISTRY, Registry
 
@@ -182,27 +187,59 @@ class KVWriter:
             await kv.put(name, value)
 
 
-# --- the destination's CloudEvents --------------------------------------------------------------
+class ElectedPublisher:
+    """A source's events -> the caller's compiled state -> KV, written by one replica.
 
+    `apply(event)` feeds the caller's state and says whether it changed; the writer then
+    asks `take_changes()` for what to write. Only a replica that has seen the whole
+    source (`synced`) competes for the lease, because the winner must write at once.
+    A restarted NATS may have lost what was written, so the writer reads KV back on
+    every reconnect and every change of leadership.
+    """
 
-def _addresses(raw: Optional[bytes]) -> set[str]:
-    if raw is None:
-        return set()
-    try:
-        es = decode(schemas.EndpointSet, raw)
-    except DecodeError:
-        return set()
-    return {f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}" for e in es.endpoints}
+    def __init__(self, bus: Bus, *, lease: str, buckets: tuple[str, ...], take_changes: TakeChanges,
+                 can_write: Callable[[], bool], **writer_options):
+        self.election = LeaderElection(bus, lease)
+        self.writer = KVWriter(bus, buckets, take_changes, is_leader=self.election.is_leader,
+                               can_write=can_write, **writer_options)
+        self.election.on_elected = self.writer.forget_written
+        self.election.on_lost = self.writer.forget_written
+        bus.on_connection_change(lambda up: up and self.writer.forget_written())
+        self.synced = asyncio.Event()
 
+    def ready(self) -> bool:
+        """The writer: once KV holds the state. A standby: once it has the state compiled
+        and has seen that another replica holds the lease."""
+        if not self.synced.is_set():
+            return False
+        return self.writer.caught_up.is_set() if self.election.is_leader() else self.election.held_elsewhere
 
-def endpoints_changed_event(key: Key, old: Optional[bytes], new: Optional[bytes]) -> Optional[dict]:
-    """The data of a `destination.endpoints-changed` event for a write, or None when the
-    key is not a service's endpoint set (profiles, cluster-IP aliases of the same set)."""
-    bucket, name = key
-    if bucket != schemas.ENDPOINTS_BUCKET or name.startswith("_ip."):
-        return None
-    namespace, service, port = name.rsplit(".", 2)
-    before, after = _addresses(old), _addresses(new)
-    return {"namespace": namespace, "service": service, "port": int(port), "key": name,
-            "added": sorted(after - before), "removed": sorted(before - after),
-            "endpoints": len(after), "deleted": new is None}
+    def is_standby(self) -> bool:
+        return self.election.held_elsewhere and not self.election.is_leader()
+
+    async def run(self, source: Source, apply: Callable[[ResourceEvent], bool],
+                  on_synced: Callable[[], None] = lambda: None) -> None:
+        async def consume() -> None:
+            async for ev in source.events():
+                if apply(ev):
+                    self.writer.notify()
+                if ev.type == "synced" and not self.synced.is_set():
+                    self.synced.set()
+                    on_synced()
+
+        async def compete() -> None:
+            await self.synced.wait()
+            await self.election.run()
+
+        tasks = [asyncio.ensure_future(t) for t in (consume(), self.writer.run(), compete())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.election.release()
+            if hasattr(source, "aclose"):
+                await source.aclose()  # the Kubernetes source's watch threads
