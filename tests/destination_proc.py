@@ -4,86 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, wait_until
+from tests.service_process import ServiceProcess
 from tulle import schemas
 from tulle.bus import Bus, Change, Snapshot
-from tulle.metrics import sample
-from tulle.natsserver import free_port
 
 
-class DestinationProcess:
+class DestinationProcess(ServiceProcess):
     def __init__(self, nats_url: str, args: list[str], log: Path, env: dict[str, str] | None = None):
-        self.admin_port = free_port()
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        self.log = log
-        self.cmd = [sys.executable, "-m", "services.destination", "--nats", nats_url,
-                    "--admin", f"127.0.0.1:{self.admin_port}", "--log-format", "json", *args]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "DestinationProcess":
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env)
-        out.close()
-        return self
-
-    def _get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
-
-    def ready(self) -> bool:
-        return self._get("/ready")[0] == 200
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        wait_until(lambda: self.alive() and self.ready() or self._dead(), timeout, what=f"destination ready ({self.log})")
-
-    async def ready_soon(self, timeout: float = 20) -> None:
-        """`wait_ready` for async tests: the test's own event loop keeps running meanwhile."""
-        await asyncio.to_thread(self.wait_ready, timeout)
-
-    def _dead(self) -> bool:
-        if not self.alive():
-            raise AssertionError(f"destination exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        return False
-
-    def metric(self, name: str, **labels: str) -> float:
-        status, text = self._get("/metrics")
-        assert status == 200, f"metrics: HTTP {status}"
-        return sample(text, name, **labels)
-
-    def is_leader(self) -> bool:
-        return self.metric("tulle_leader", lease="destination") == 1
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__("destination", nats_url, args, log, env)
 
 
 def write_manifest(path: Path, *docs: dict) -> None:

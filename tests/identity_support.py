@@ -8,10 +8,6 @@ import contextlib
 import datetime as dt
 import os
 import ssl
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,11 +18,11 @@ from services.identity.ca import CertificateAuthority
 from services.identity.server import IdentityServer
 from services.identity.sources import DirIssuerSource
 from services.identity.tokens import LocalTokenVerifier
-from tests.conftest import REPO, eventually, wait_until
+from tests.conftest import eventually
+from tests.service_process import ServiceProcess
 from tulle import pki, schemas
 from tulle.bus import Bus
-from tulle.metrics import Registry, sample
-from tulle.natsserver import free_port
+from tulle.metrics import Registry
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -102,58 +98,18 @@ def certified(server: IdentityServer, result: str = "ok") -> float:
     return server.m_certify[result].value
 
 
-class IdentityProcess:
+class IdentityProcess(ServiceProcess):
     """`python -m services.identity` as a real process, with its admin port."""
 
     def __init__(self, nats_url: str, issuer_dir: Optional[Path], secret_file: Optional[Path], log_file: Path, *extra: str,
                  env: Optional[dict] = None):
-        self.admin_port = free_port()
-        self.log_file = log_file
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        self.cmd = [sys.executable, "-m", "services.identity", "--nats", nats_url,
-                    "--admin", f"127.0.0.1:{self.admin_port}", "--log-format", "json", *extra]
+        args = list(extra)
         if issuer_dir is not None:
-            self.cmd += ["--issuer-dir", str(issuer_dir), "--watch-interval", "0.1s"]
+            args += ["--issuer-dir", str(issuer_dir), "--watch-interval", "0.1s"]
         if secret_file is not None:
-            self.cmd += ["--token-secret-file", str(secret_file)]
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self) -> "IdentityProcess":
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env)
-        return self
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"identity exited with {self.proc.returncode}: {self.log_file.read_text()[-2000:]}")
-            return self.get("/ready")[0] == 200
-
-        wait_until(ready, timeout=timeout, what="identity process ready")
-
-    def metric(self, name: str, **labels: str) -> float:
-        status, text = self.get("/metrics")
-        assert status == 200, status
-        return sample(text, name, **labels)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            args += ["--token-secret-file", str(secret_file)]
+        super().__init__("identity", nats_url, args, log_file, env)
+        self.log_file = log_file
 
 
 async def certify(bus: Bus, identity: str, token: str, csr: Optional[str] = None, *,

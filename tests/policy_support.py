@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from tests.conftest import REPO, wait_until
-from tulle.metrics import sample
-from tulle.natsserver import free_port
+from tests.service_process import ServiceProcess
 
 POLICY_API = "policy.tulle.dev/v1alpha1"
 
@@ -58,65 +50,11 @@ def write_manifest(path: Path, *docs: dict) -> None:
     os.replace(tmp, path)
 
 
-class PolicyProcess:
+class PolicyProcess(ServiceProcess):
     """One real policy service process; its log goes to a file."""
 
     def __init__(self, nats_url: str, args: list[str], log: Path, env: Optional[dict] = None):
-        self.admin_port = free_port()
-        self.log = log
-        self.env = env or {}
-        self.cmd = [sys.executable, "-m", "services.policy", "--nats", nats_url,
-                    "--admin", f"127.0.0.1:{self.admin_port}", "--log-format", "json", *args]
-        self.proc: Optional[subprocess.Popen] = None
+        super().__init__("policy", nats_url, args, log, env)
 
-    def start(self) -> "PolicyProcess":
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONPATH": str(REPO), **self.env})
-        out.close()
-        return self
-
-    def _get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def _check_alive(self) -> None:
-        if not self.alive():
-            raise AssertionError(f"policy service exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-
-    def ready(self) -> bool:
-        self._check_alive()
-        return self._get("/ready")[0] == 200
-
-    async def wait_ready(self, timeout: float = 20) -> None:
-        await asyncio.to_thread(wait_until, self.ready, timeout, 0.05, f"policy service ready ({self.log})")
-
-    def metric(self, name: str, **labels: str) -> float:
-        status, text = self._get("/metrics")
-        assert status == 200, f"metrics: HTTP {status}"
-        return sample(text, name, **labels)
-
-    def is_leader(self) -> bool:
-        return self.metric("tulle_leader", lease="policy") == 1
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait(5)
+    async def wait_ready(self, timeout: float = 20) -> None:  # the policy tests are async
+        await self.ready_soon(timeout)

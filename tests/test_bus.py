@@ -8,7 +8,6 @@ import pytest
 from tests.conftest import eventually
 from tulle import schemas
 from tulle.bus import Bus, BusError, Change, Snapshot
-from tulle.codec import encode
 
 
 def trust(text):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
 from tulle.cli.events import event_kind_type, format_event, parse_since, type_matches
 from tulle.errors import UserError
 from tulle.natsserver import free_port
