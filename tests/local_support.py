@@ -111,7 +111,3 @@ def recorded_pids(record: dict) -> list[tuple[int, int | None]]:
 def read_record(state: Path) -> dict:
     return json.loads((state / "run.json").read_text())
 
-
-def proxy_available() -> bool:
-    """The proxy's entry point (`python -m proxy`) exists in this tree."""
-    return (Path(__file__).resolve().parent.parent / "proxy" / "__main__.py").is_file()

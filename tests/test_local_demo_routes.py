@@ -12,10 +12,8 @@ import urllib.request
 import pytest
 
 from tests.conftest import wait_until
-from tests.local_support import proxy_available, read_record, tulle
+from tests.local_support import read_record, tulle
 from tulle.metrics import parse_text
-
-pytestmark = pytest.mark.skipif(not proxy_available(), reason="needs the proxy (python -m proxy)")
 
 
 @pytest.fixture(scope="module")
