@@ -154,6 +154,10 @@ class Discovery:
         if w.task is not None:
             w.task.cancel()
 
+    def endpoint_watches(self) -> list[Watched]:
+        """The endpoint-set watches held now (each with its balancer)."""
+        return [w for w in self._watches.values() if w.balancer is not None]
+
     @property
     def watched_keys(self) -> list[str]:
         return sorted(f"{b}/{k}" for b, k in self._watches)

@@ -296,6 +296,9 @@ class Inbound:
     def answered(self, req: Request, status: int, now: float, ok: bool = True) -> None:
         req.ep = None  # nothing is balanced inbound
 
+    def abandoned(self, req: Request) -> None:
+        req.ep = None
+
     # --- lifecycle ------------------------------------------------------------------------
 
     def track(self, s: Splice, conn: InConn | None = None) -> bool:

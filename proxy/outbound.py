@@ -178,6 +178,11 @@ class Outbound:
         self._strip = frozenset({RETRY_ATTEMPT_HEADER.encode()})
         self.route_stats = RouteStats(metrics=RouteMetrics(self.metrics.registry))
         self._services: dict[str, ServiceRoutes] = {}
+        # Requests in flight per balanced service, read when /metrics is rendered: every
+        # attempt that raised it must lower it again, however the request ended.
+        self._pending_gauge = self.metrics.registry.gauge(
+            "outbound_balancer_pending", "HTTP requests in flight to a service's balanced endpoints",
+            ("dst_namespace", "dst_service"))
 
     # --- accepting ---------------------------------------------------------------------
 
@@ -381,6 +386,9 @@ class Outbound:
         self._send(server, req, h.pool)
 
     def _handle(self, ep: schemas.Endpoint, es: schemas.EndpointSet, protocol: int) -> EndpointHandle:
+        gauge = self._pending_gauge.labels(es.namespace, es.service)
+        if gauge.fn is None:
+            gauge.set_function(lambda: self.balancer_pending(es.namespace, es.service))
         if ep.identity:
             dest = Dest(ep.address, ep.proxy_port or ep.port, ep.identity, ep.port, protocol)
             labels = self.metrics.labels("outbound", es.namespace, es.service, "true", server_id=ep.identity)
@@ -388,6 +396,15 @@ class Outbound:
             dest = Dest(ep.address, ep.port)
             labels = self.metrics.labels("outbound", es.namespace, es.service, "no_identity")
         return EndpointHandle(dest, self.pools.get(dest), labels)
+
+    def balancer_pending(self, namespace: str, service: str) -> int:
+        """Requests in flight to the endpoints of (namespace, service), over all its ports."""
+        total = 0
+        for w in self.discovery.endpoint_watches():
+            es = w.value
+            if es is not None and es.namespace == namespace and es.service == service:
+                total += sum(st.pending for st in w.balancer.states)
+        return total
 
     @staticmethod
     def _count_request(req: Request, labels: Labels) -> None:
@@ -538,6 +555,19 @@ class Outbound:
         if not ok or status >= 500:
             rtt = max(rtt, st.ewma * 2)
         st.observe(rtt, now)
+
+    def abandoned(self, req: Request) -> None:
+        """The request ended without an answer that says anything of its endpoint (the
+        caller went away, or sent what the proxy refuses mid-way): the attempt no longer
+        counts as in flight, and its route deadline is off. Nothing is learnt of latency."""
+        st = req.ep
+        if st is not None:
+            req.ep = None
+            st.pending -= 1
+        ex = req.route
+        if ex is not None and ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
 
     def _wait(self, server: Http1Server, req: Request, t: Target, w: Watched) -> None:
         """Discovery has not answered for this target yet: wait for it, up to FAILFAST_S."""

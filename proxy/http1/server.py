@@ -55,6 +55,8 @@ class Room(Protocol):
 
     def answered(self, req: "Request", status: int, now: float, ok: bool = True) -> None: ...
 
+    def abandoned(self, req: "Request") -> None: ...
+
     def track(self, s) -> None: ...
 
 
@@ -150,8 +152,12 @@ class Http1Server(asyncio.Protocol):
         if up is not None:
             self.upstream = None
             up.abandon()  # the exchange is incomplete: the upstream must see the abort
-        if self.active is not None:
-            self.active.done = True
+        req = self.active
+        if req is not None:
+            req.done = True
+            # The caller went away: whatever its attempt holds (the balancer's in-flight
+            # count, a route deadline) is released here, or never.
+            self.room.abandoned(req)
 
     def data_received(self, data: bytes) -> None:
         self.idle_ticks = 0
@@ -293,6 +299,7 @@ class Http1Server(asyncio.Protocol):
         """An upstream connection is ready for `req`: send it."""
         if req is not self.active or self.closed or req.done:
             client.release()
+            self.room.abandoned(req)
             return
         self.upstream = client
         req.attempts += 1
@@ -304,6 +311,8 @@ class Http1Server(asyncio.Protocol):
 
     def fail(self, req: Request, status: int, reason: str, error: str) -> None:
         """Answer `req` with a response of the proxy's own (no upstream answered it)."""
+        if req.ep is not None:  # an attempt was under way: it failed
+            self.room.answered(req, status, self.loop.time(), ok=False)
         if req is not self.active or self.closed or req.done:
             return
         self.room.http_error(error)
@@ -342,6 +351,7 @@ class Http1Server(asyncio.Protocol):
                 self.upstream = None
                 up.abandon()
             req.done = True
+            self.room.abandoned(req)
             self.active = None
             if req.resp_status == 0:
                 self.out.append(data)
@@ -429,10 +439,11 @@ class Http1Server(asyncio.Protocol):
             return
         if req.ep is not None:
             self.room.answered(req, 502, self.loop.time(), ok=False)
-        if not started and req.resp_status == 0:
+        if req.resp_status == 0:
             # Nothing reached the client yet. A connection that was reused may simply have
-            # been closed by the server while idle: send the request again on another one.
-            if (client.reused and req.replayable and req.attempts < 3 and req.method in IDEMPOTENT
+            # been closed by the server while idle: send the request again on another one
+            # (only when the server said nothing at all: it may not have seen the request).
+            if (not started and client.reused and req.replayable and req.attempts < 3 and req.method in IDEMPOTENT
                     and req.body is not None):
                 self.room.dispatch(self, req)
                 return
