@@ -111,3 +111,14 @@ def recorded_pids(record: dict) -> list[tuple[int, int | None]]:
 def read_record(state: Path) -> dict:
     return json.loads((state / "run.json").read_text())
 
+
+
+def proxy_logs(state: Path, lines: int = 20) -> str:
+    """The last lines of every proxy's log, for a failure message that says which hop failed."""
+    out = []
+    for w in read_record(state)["workloads"]:
+        proxy = w.get("proxy") or {}
+        if proxy.get("log"):
+            tail = Path(proxy["log"]).read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- proxy of {w['name']}\n" + "\n".join(tail))
+    return "\n".join(out)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.error
 import urllib.request
 
 import pytest
 
 from tests.conftest import wait_until
-from tests.local_support import read_record, recorded_pids, status_json, tiny_folder, tulle, workload_yaml
+from tests.local_support import proxy_logs, read_record, recorded_pids, status_json, tiny_folder, tulle, workload_yaml
 from tulle.local.discover import local_nats_url
 from tulle.local.state import StateDir, lock_held, process_alive
 from tulle.resources import model as m
@@ -73,8 +74,12 @@ def test_a_meshed_app_reaches_a_service_by_name_through_its_proxy_as_http_proxy(
     # What the worker's HTTP client does with the HTTP_PROXY it was given.
     worker = next(w for w in read_record(run["state"])["workloads"] if w["name"] == "worker")
     proxy = urllib.request.ProxyHandler({"http": f"http://{worker['address']}:4140"})
-    with urllib.request.build_opener(proxy).open("http://hello.tiny.svc.cluster.local/", timeout=10) as resp:
-        assert resp.read() == b"hello\n"
+    try:
+        with urllib.request.build_opener(proxy).open("http://hello.tiny.svc.cluster.local/", timeout=10) as resp:
+            assert resp.read() == b"hello\n"
+    except urllib.error.HTTPError as e:  # the proxy's own error says which hop failed
+        pytest.fail(f"{e.code} tulle-proxy-error={e.headers.get('tulle-proxy-error')!r} {e.read()[:300]!r}\n"
+                    + proxy_logs(run["state"]))
 
 
 def test_status_table_shows_every_part_by_name(run):
