@@ -36,7 +36,7 @@ from proxy.context import Shared
 from proxy.http1.client import Pools
 from proxy.http1.headers import CHUNKED, CLIENT_ID, serialize
 from proxy.http1.server import Http1Server, Limits, Request
-from proxy.listener import EOF, TIMEOUT, Listener, Peeker, adopt, original_dst
+from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.policy import Decision, InboundPolicy
 from proxy.policy_metrics import DenialReporter, PolicyMetrics
@@ -77,7 +77,7 @@ class InConn:
         self.generation = -1  # the policy generation an opaque connection was last allowed under
 
 
-class Inbound:
+class Inbound(Side):
     direction = "inbound"
 
     def __init__(self, shared: Shared, pools: Pools, policy: InboundPolicy | None = None,
@@ -93,15 +93,9 @@ class Inbound:
         self.opaque_conns: dict[Splice, InConn] = {}  # open opaque pairs, judged again on a policy change
         self.loop = asyncio.get_event_loop()
         self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
-        self.listener = Listener(cfg.inbound_addr, self._on_socket, name="inbound")
-        self.conns: set = set()  # HTTP/1 server connections (for timers and draining)
-        self.splices: set = set()  # opaque pairs (tunnels, upgrades, TCP)
-        self.tunnels = 0  # opaque connections being set up
+        Side.__init__(self, cfg.inbound_addr, self._on_socket, "inbound")
         self.default_labels = self.metrics.labels("inbound", cfg.namespace)
         self._errors = self.metrics.http_errors["inbound"]
-
-    def start(self) -> None:
-        self.listener.start()
 
     # --- accepting ---------------------------------------------------------------------
 
@@ -319,17 +313,6 @@ class Inbound:
         self.splices.discard(s)
         self.opaque_conns.pop(s, None)
 
-    @property
-    def busy(self) -> int:
-        """Connections still open or being set up (graceful shutdown waits for them)."""
-        return len(self.conns) + len(self.splices) + self.tunnels
-
-    def stop_accepting(self) -> None:
-        self.listener.close()
-
-    def drain(self) -> None:
-        for s in list(self.conns):
-            s.drain()
 
 
 class _TlsPreamble(asyncio.Protocol):

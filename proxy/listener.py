@@ -113,6 +113,33 @@ class Listener:
             self.sock = None
 
 
+class Side:
+    """What the inbound and outbound sides share: a listener and the connections it
+    accepted, so that a graceful shutdown stops accepting, drains the HTTP connections
+    and waits for the rest."""
+
+    def __init__(self, addr: tuple[str, int], on_socket: Callable[[socket.socket, tuple], None], name: str):
+        self.listener = Listener(addr, on_socket, name=name)
+        self.conns: set = set()  # HTTP/1 server connections (for timers and draining)
+        self.splices: set = set()  # opaque pairs (tunnels, upgrades, TCP)
+        self.tunnels = 0  # opaque connections being set up
+
+    def start(self) -> None:
+        self.listener.start()
+
+    @property
+    def busy(self) -> int:
+        """Connections still open or being set up (graceful shutdown waits for them)."""
+        return len(self.conns) + len(self.splices) + self.tunnels
+
+    def stop_accepting(self) -> None:
+        self.listener.close()
+
+    def drain(self) -> None:
+        for s in list(self.conns):
+            s.drain()
+
+
 class Peeker:
     """Peek at a socket until `judge(data)` returns a verdict (not None), EOF, or timeout.
 

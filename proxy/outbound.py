@@ -35,7 +35,7 @@ from proxy.context import Shared
 from proxy.discovery import Watched
 from proxy.http1.headers import CHUNKED, HeadError, serialize
 from proxy.http1.server import IDEMPOTENT, Http1Server, Limits, Request
-from proxy.listener import EOF, TIMEOUT, Listener, Peeker, adopt, original_dst
+from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.profiles import (
     RETRY_ATTEMPT_HEADER, CompiledRoute, RetryBudget, RouteMetrics, RouteRecorder, RouteStats, RouteTable,
@@ -156,7 +156,7 @@ class Exchange:
         return self.route.is_failure(status, grpc_status)
 
 
-class Outbound:
+class Outbound(Side):
     direction = "outbound"
 
     def __init__(self, shared: Shared, pools: Pools):
@@ -167,10 +167,7 @@ class Outbound:
         self.pools = pools
         self.loop = asyncio.get_event_loop()
         self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
-        self.listener = Listener(cfg.outbound_addr, self._on_socket, name="outbound")
-        self.conns: set = set()  # HTTP/1 server connections (for timers and draining)
-        self.splices: set = set()  # opaque pairs (tunnels, upgrades, TCP)
-        self.tunnels = 0  # opaque connections being set up
+        Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound")
         self.default_labels = self.metrics.labels("outbound")
         self._targets: dict[tuple, Target] = {}
         self._errors = self.metrics.http_errors["outbound"]
@@ -185,9 +182,6 @@ class Outbound:
             ("dst_namespace", "dst_service"))
 
     # --- accepting ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.listener.start()
 
     def _on_socket(self, sock: socket.socket, peer: tuple) -> None:
         orig = None
@@ -664,17 +658,6 @@ class Outbound:
         self.splices.add(s)
         s.on_close = self.splices.discard
 
-    @property
-    def busy(self) -> int:
-        """Connections still open or being set up (graceful shutdown waits for them)."""
-        return len(self.conns) + len(self.splices) + self.tunnels
-
-    def stop_accepting(self) -> None:
-        self.listener.close()
-
-    def drain(self) -> None:
-        for s in list(self.conns):
-            s.drain()
 
 
 class _NoRoute(Exception):

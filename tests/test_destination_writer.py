@@ -138,8 +138,9 @@ async def test_a_burst_of_changes_is_coalesced_into_few_batches_and_ends_in_the_
     batches = h.batches() - before_batches
     # At most one batch per interval (plus the leading one and the trailing one)...
     assert batches <= elapsed / 0.05 + 2
-    # ...and each batch writes the service's two keys (name and cluster IP) once.
-    assert h.writes() - before_writes == 2 * batches
+    # ...and a batch writes each of the service's two keys (name and cluster IP) at most
+    # once: how the 40 changes fall into batches depends on the machine's pace.
+    assert 2 <= h.writes() - before_writes <= 2 * batches
     assert batches < 40
 
 

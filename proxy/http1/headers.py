@@ -86,17 +86,21 @@ def request_head(headers: list[tuple[bytes, bytes]], version: str, strip: frozen
         if version == "1.0":
             raise HeadError(400, "transfer-encoding in an HTTP/1.0 request")
         framing = CHUNKED
-    close = False
-    if conn_tokens:
-        close = b"close" in conn_tokens
-        named = frozenset(conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
-        if named:
-            fwd = [h for h in fwd if h[0].lower() not in named]
-        if b"upgrade" not in conn_tokens:
-            upgrade = None
-    else:
+    fwd, close = _drop_connection_named(fwd, conn_tokens)
+    if not conn_tokens or b"upgrade" not in conn_tokens:
         upgrade = None  # Upgrade without `Connection: upgrade` is not an upgrade
     return fwd, host, framing, length, upgrade, close
+
+
+def _drop_connection_named(fwd: list[tuple[bytes, bytes]], conn_tokens: list[bytes] | None):
+    """(`fwd` without the headers the Connection header names as hop-by-hop, whether it
+    says `close`) — RFC 9110 7.6.1."""
+    if not conn_tokens:
+        return fwd, False
+    named = frozenset(conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
+    if named:
+        fwd = [h for h in fwd if h[0].lower() not in named]
+    return fwd, b"close" in conn_tokens
 
 
 def response_head(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int, int, bytes | None, bool]:
@@ -129,12 +133,7 @@ def response_head(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes,
         fwd.append(item)
     if framing == CHUNKED:
         fwd = [h for h in fwd if h[0].lower() != b"content-length"]
-    close = False
-    if conn_tokens:
-        close = b"close" in conn_tokens
-        named = frozenset(conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
-        if named:
-            fwd = [h for h in fwd if h[0].lower() not in named]
+    fwd, close = _drop_connection_named(fwd, conn_tokens)
     return fwd, framing, length, upgrade, close
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from pathlib import Path
 
 from services.destination.compile import DestinationState, Settings
 from services.destination.events import endpoints_changed_event
@@ -23,6 +22,8 @@ from tulle.errors import UserError
 from tulle.kvwriter import ElectedPublisher
 from tulle.metrics import REGISTRY
 from tulle.service import Service, run_service
+from tulle.sources.options import add_source_arguments, check_source_arguments
+from tulle.sources.options import make_source as make_source_from
 
 LEASE = "destination"
 FOLDER_KINDS = ("Service", "Pod", "ServiceProfile")  # Workloads are the runner's business
@@ -30,9 +31,7 @@ KUBE_KINDS = ("Service", "Pod", "EndpointSlice", "ServiceProfile")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifests", action="append", default=[], metavar="DIR",
-                   help="folder of manifests to watch (repeatable); local mode")
-    p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API (in-cluster or KUBECONFIG)")
+    add_source_arguments(p)
     p.add_argument("--cluster-domain", default="cluster.local")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--h2-upgrade", action="store_true",
@@ -42,23 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if bool(args.manifests) == bool(args.kubernetes):
-        raise UserError("give either --manifests DIR (one or more) or --kubernetes")
-    for d in args.manifests:
-        if Path(d).exists() and not Path(d).is_dir():
-            raise UserError(f"--manifests {d}: not a folder")
+    check_source_arguments(args)
     if not 0 <= args.batch_interval_ms <= 10_000:
         raise UserError(f"--batch-interval-ms {args.batch_interval_ms}: expected 0 to 10000")
 
 
 def make_source(args: argparse.Namespace):
-    if args.kubernetes:
-        from tulle.sources.kube import KubeSource, load_configuration
-
-        return KubeSource(load_configuration(), kinds=list(KUBE_KINDS))
-    from tulle.sources.folder import FolderSource
-
-    return FolderSource(args.manifests, kinds=set(FOLDER_KINDS))
+    return make_source_from(args, FOLDER_KINDS, KUBE_KINDS)
 
 
 async def main(svc: Service) -> None:

@@ -21,17 +21,17 @@ import asyncio
 import ipaddress
 import os
 import time
-from pathlib import Path
 from typing import Optional
 
 from services.policy.compile import DEFAULT_PROBE_NETWORKS, Rejection, Settings, compile_policies
 from tulle.codec import encode
-from tulle.errors import UserError
 from tulle.kvwriter import ElectedPublisher
 from tulle.metrics import REGISTRY
 from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, POLICY_BUCKET, WorkloadPolicy
 from tulle.service import Service
 from tulle.sources.base import ResourceEvent, Store
+from tulle.sources.options import add_source_arguments, check_source_arguments
+from tulle.sources.options import make_source as make_source_from
 
 KINDS = ("Namespace", "Pod", "Server", "ServerAuthorization")
 LEASE = "policy"
@@ -54,9 +54,7 @@ def cidr_list(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifests", action="append", default=[], metavar="DIR",
-                   help="a folder of manifests to watch (repeatable; local mode)")
-    p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API (in-cluster or KUBECONFIG)")
+    add_source_arguments(p)
     p.add_argument("--default-policy", choices=DEFAULT_POLICIES,
                    default=os.environ.get("TULLE_DEFAULT_INBOUND_POLICY", "all-unauthenticated"),
                    help="the mesh's default inbound policy; a namespace or pod annotation "
@@ -69,11 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if bool(args.manifests) == bool(args.kubernetes):
-        raise UserError("give either --manifests DIR (one or more) or --kubernetes")
-    for d in args.manifests:
-        if Path(d).exists() and not Path(d).is_dir():
-            raise UserError(f"--manifests {d}: not a folder")
+    check_source_arguments(args)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -81,13 +75,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def make_source(args: argparse.Namespace):
-    if args.kubernetes:
-        from tulle.sources.kube import KubeSource, load_configuration
-
-        return KubeSource(load_configuration(), kinds=list(KINDS))
-    from tulle.sources.folder import FolderSource
-
-    return FolderSource(args.manifests, kinds=set(KINDS))
+    return make_source_from(args, KINDS, KINDS)
 
 
 # --- the state (pure) --------------------------------------------------------------------------
