@@ -48,6 +48,34 @@ async def test_watch_of_an_empty_prefix_starts_with_an_empty_snapshot(bus):
     await watch.aclose()
 
 
+async def test_a_key_watch_sees_a_value_that_nats_py_delivers_after_its_end_marker(bus, monkeypatch):
+    # nats-py can put its "end of initial values" marker ahead of a value the server had
+    # already sent (it reads the consumer's pending count while the message still waits in
+    # the subscription's queue). Forced here on a real watcher: the marker first, then the
+    # value. The snapshot must still hold the key, and the value must not come twice.
+    key = f"t{uuid.uuid4().hex[:8]}.one"
+    await bus.put(schemas.IDENTITY_BUCKET, key, trust("A"))
+    kv = await bus.kv(schemas.IDENTITY_BUCKET)
+    real_watch = type(kv).watch
+
+    async def marker_first(self, *args, **kwargs):
+        watcher = await real_watch(self, *args, **kwargs)
+        queued = []
+        while not queued or queued[-1] is not None:  # the value and nats-py's own marker
+            queued.append(await asyncio.wait_for(watcher._updates.get(), 5))
+        for item in [None, *queued[:-1]]:
+            watcher._updates.put_nowait(item)
+        return watcher
+
+    monkeypatch.setattr(type(kv), "watch", marker_first)
+    watch = bus.watch(schemas.IDENTITY_BUCKET, key, schemas.TrustBundle)
+    assert await next_item(watch) == Snapshot({key: trust("A")})
+    await bus.put(schemas.IDENTITY_BUCKET, key, trust("B"))
+    change = await next_item(watch)  # the next change, not the first value again
+    assert (change.key, change.value) == (key, trust("B"))
+    await watch.aclose()
+
+
 async def test_a_value_that_does_not_decode_is_counted_and_skipped(bus):
     key = f"bad{uuid.uuid4().hex[:8]}"
     before = bus.m_decode_errors.labels(schemas.IDENTITY_BUCKET, "malformed").value

@@ -84,7 +84,8 @@ def test_concurrent_load_spreads_over_the_replicas(lt, nats_server):
         answers = []
 
         def slow():
-            answers.append(http_request(s.client.outbound, path="/slow/0.3", host=f"web.{s.ns}:{s.port}")[2])
+            status, headers, body = http_request(s.client.outbound, path="/slow/0.3", host=f"web.{s.ns}:{s.port}")
+            answers.append(body if status == 200 else (status, headers.get("tulle-proxy-error")))
 
         threads = [threading.Thread(target=slow) for _ in range(6)]
         for t in threads:

@@ -297,21 +297,36 @@ class Bus:
                 if self._generation != generation or self._closed:
                     raise _Resync()
                 values: dict[str, T] = {}
+                listed: set[str] = set()  # keys among the initial entries (decodable or not)
                 while True:
                     entry = await self._next_entry(watcher, generation)
                     if entry is None:
                         break
+                    listed.add(entry.key)
                     if entry.operation in ("DEL", "PURGE") or entry.value is None:
                         values.pop(entry.key, None)
                     else:
                         value = self._decode(cls, entry.value, f"$KV.{bucket}.{entry.key}")
                         if value is not None:
                             values[entry.key] = value
+                seen = 0
+                if pattern not in listed and not _is_wildcard(pattern):
+                    # nats-py may mark the end of the initial values before a value that the
+                    # server had already delivered (it asks the consumer's pending count
+                    # while that message still waits in the subscription's queue). A watcher
+                    # would then take a key that exists for absent — a proxy answering 503
+                    # "no endpoints" for a service that has some. One direct read settles it.
+                    found = await self._get_entry(kv, pattern)
+                    if found is not None:
+                        value = self._decode(cls, found.value, f"$KV.{bucket}.{pattern}")
+                        if value is not None:
+                            values[pattern] = value
+                        seen = found.revision
                 yield Snapshot(values)
                 while True:
                     entry = await self._next_entry(watcher, generation)
-                    if entry is None:
-                        continue
+                    if entry is None or entry.revision <= seen:
+                        continue  # (the value the direct read already gave)
                     if entry.operation in ("DEL", "PURGE"):
                         yield Change(entry.key, None, entry.revision)
                         continue
@@ -332,6 +347,14 @@ class Bus:
                         await watcher.stop()
                     except Exception:
                         pass
+
+    @staticmethod
+    async def _get_entry(kv, key: str):
+        """The key's current entry, or None when it is absent or deleted."""
+        try:
+            return await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
 
     async def _next_entry(self, watcher, generation: int):
         """The watcher's next entry (None marks the end of the initial values).
@@ -507,3 +530,7 @@ def _put_dropping_oldest(queue: asyncio.Queue, item: Any) -> None:
                 queue.get_nowait()
             except asyncio.QueueEmpty:
                 pass
+
+
+def _is_wildcard(pattern: str) -> bool:
+    return "*" in pattern or ">" in pattern
