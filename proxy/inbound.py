@@ -210,16 +210,23 @@ class Inbound(Side):
             return
         asyncio.ensure_future(self._tcp_from_socket(sock, conn))
 
+    async def _dial_app(self, conn: InConn):
+        """(transport, Buffering protocol) to the app's port for an opaque connection, or
+        None when the app cannot be reached (counted)."""
+        try:
+            return await dial(Dest(self.cfg.app_host, conn.port), Buffering, lambda: None, self.cfg.connect_timeout_s)
+        except DialError as e:
+            self.metrics.tcp_error("inbound", e.error)
+            return None
+
     async def _tcp_from_socket(self, sock: socket.socket, conn: InConn) -> None:
         self.tunnels += 1
         try:
-            try:
-                up, proto = await dial(Dest(self.cfg.app_host, conn.port), Buffering, lambda: None,
-                                       self.cfg.connect_timeout_s)
-            except DialError as e:
-                self.metrics.tcp_error("inbound", e.error)
+            dialled = await self._dial_app(conn)
+            if dialled is None:
                 sock.close()
                 return
+            up, proto = dialled
             try:
                 client, cproto = await self.loop.connect_accepted_socket(Buffering, sock)
             except OSError:
@@ -235,13 +242,11 @@ class Inbound(Side):
         """Opaque forwarding of an already terminated (mTLS) connection."""
         self.tunnels += 1
         try:
-            try:
-                up, proto = await dial(Dest(self.cfg.app_host, conn.port), Buffering, lambda: None,
-                                       self.cfg.connect_timeout_s)
-            except DialError as e:
-                self.metrics.tcp_error("inbound", e.error)
+            dialled = await self._dial_app(conn)
+            if dialled is None:
                 transport.close()
                 return
+            up, proto = dialled
             if transport.is_closing():
                 up.close()
                 return

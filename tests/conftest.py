@@ -98,3 +98,13 @@ requires_netns = pytest.mark.skipif(
 
 def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+@pytest.fixture(scope="module")
+def lt():
+    """One event loop in a thread per test module, for in-process proxies (tests.proxy_support)."""
+    from tests.proxy_support import LoopThread
+
+    loop = LoopThread()
+    yield loop
+    loop.stop()

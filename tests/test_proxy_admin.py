@@ -12,24 +12,16 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
 
 from proxy.admin import make_admin
 from tests.conftest import REPO, wait_until
 from tests.proxy_support import (
-    AppServer, KV, LoopThread, Mesh, NotYetIdentity, Proxy, http_request, proxy_config, unique_ns, workload_policy,
+    AppServer, KV, Mesh, NotYetIdentity, Proxy, http_request, proxy_config, unique_ns, workload_policy,
 )
 from tulle import schemas
 from tulle.admin import AdminRequest
 from tulle.metrics import Registry, sample
 from tulle.natsserver import free_port
-
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
 
 
 def publish_policy(lt, nats_url: str, ns: str, workload: str) -> None:

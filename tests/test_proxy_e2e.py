@@ -50,7 +50,7 @@ async def publish_policies(nats_url, ns):
     await bus.close()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (make test installs it via apt-get as root)")
 def test_two_proxy_processes_certified_by_the_identity_service_carry_curl_over_mtls(nats_server, tmp_path):
     ns = unique_ns()
     issuer = make_issuer_dir(tmp_path / "issuer")

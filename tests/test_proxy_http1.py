@@ -13,17 +13,10 @@ import time
 import pytest
 
 from tests.proxy_support import (
-    KV, AppServer, LoopThread, Mesh, Proxy, RawServer, endpoint_set, http_request, meshed_endpoint, proxy_config,
+    KV, AppServer, Mesh, Proxy, RawServer, endpoint_set, http_request, meshed_endpoint, proxy_config,
     raw_exchange, read_response, unique_ns,
 )
 from tulle import schemas
-
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +217,7 @@ def test_http11_absolute_uri_routes_by_its_authority(pair):
     assert seen.path == "/abs?q=1" and seen.header("host") == pair.host
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (make test installs it via apt-get as root)")
 def test_curl_uses_the_outbound_port_as_its_http_proxy(pair):
     out = subprocess.run(["curl", "-sS", "-i", "-x", f"http://127.0.0.1:{pair.client.outbound}", f"http://{pair.host}/"],
                          capture_output=True, timeout=20)

@@ -12,15 +12,8 @@ import time
 import pytest
 
 from tests.proxy_support import (
-    KV, AppServer, LoopThread, Mesh, Proxy, RawServer, proxy_config, read_response, unique_ns,
+    KV, AppServer, Mesh, Proxy, RawServer, proxy_config, read_response, unique_ns,
 )
-
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
 
 
 @pytest.fixture(scope="module")

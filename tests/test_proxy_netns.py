@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import requires_netns
 from tests.proxy_support import (
-    KV, AppServer, LoopThread, Mesh, Proxy, RawServer, endpoint_set, meshed_endpoint, proxy_config, unique_ns,
+    KV, AppServer, Mesh, Proxy, RawServer, endpoint_set, meshed_endpoint, proxy_config, unique_ns,
 )
 from tulle import schemas
 
@@ -76,13 +76,6 @@ class Netns:
             sh("iptables", "-t", "nat", "-D", *rule, check=False)
         sh("ip", "link", "del", self.host_if, check=False)
         sh("ip", "netns", "del", self.name, check=False)
-
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
 
 
 @pytest.fixture

@@ -28,13 +28,6 @@ from tulle.metrics import parse_text
 PORT = 8080  # the service port callers address
 
 
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
-
-
 class Client:
     """One outbound proxy (the caller's) and the KV its endpoint sets come from."""
 

@@ -244,13 +244,6 @@ class Mesh3:
 
 
 @pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture(scope="module")
 def m3(lt, nats_server):
     setting = Mesh3(lt, nats_server.url)
     yield setting

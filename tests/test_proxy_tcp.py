@@ -15,15 +15,8 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import wait_until
-from tests.proxy_support import LoopThread, Mesh, Proxy, RawServer, proxy_config, unique_ns
+from tests.proxy_support import Mesh, Proxy, RawServer, proxy_config, unique_ns
 from tulle import pki
-
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.stop()
 
 
 @pytest.fixture(scope="module")
