@@ -253,11 +253,17 @@ class Bus:
 
     async def keys(self, bucket: str, prefix: str = "") -> list[str]:
         kv = await self.kv(bucket)
+        watcher = await kv.watch(">", meta_only=True)
         try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        return sorted(k for k in keys if k.startswith(prefix))
+            entries = await self._initial_entries(watcher, self._generation)
+        except _Resync:
+            raise BusError(f"connection to NATS lost while listing {bucket}") from None
+        finally:
+            await watcher.stop()
+        live = {}
+        for e in entries:  # in stream order: the last operation on a key wins
+            live[e.key] = e.operation not in ("DEL", "PURGE")
+        return sorted(k for k, alive in live.items() if alive and k.startswith(prefix))
 
     async def items(self, bucket: str, cls: type[T], prefix: str = "") -> dict[str, T]:
         """Every decodable value in a bucket (under a key prefix), read once."""
@@ -297,36 +303,18 @@ class Bus:
                 if self._generation != generation or self._closed:
                     raise _Resync()
                 values: dict[str, T] = {}
-                listed: set[str] = set()  # keys among the initial entries (decodable or not)
-                while True:
-                    entry = await self._next_entry(watcher, generation)
-                    if entry is None:
-                        break
-                    listed.add(entry.key)
+                for entry in await self._initial_entries(watcher, generation):
                     if entry.operation in ("DEL", "PURGE") or entry.value is None:
                         values.pop(entry.key, None)
                     else:
                         value = self._decode(cls, entry.value, f"$KV.{bucket}.{entry.key}")
                         if value is not None:
                             values[entry.key] = value
-                seen = 0
-                if pattern not in listed and not _is_wildcard(pattern):
-                    # nats-py may mark the end of the initial values before a value that the
-                    # server had already delivered (it asks the consumer's pending count
-                    # while that message still waits in the subscription's queue). A watcher
-                    # would then take a key that exists for absent — a proxy answering 503
-                    # "no endpoints" for a service that has some. One direct read settles it.
-                    found = await self._get_entry(kv, pattern)
-                    if found is not None:
-                        value = self._decode(cls, found.value, f"$KV.{bucket}.{pattern}")
-                        if value is not None:
-                            values[pattern] = value
-                        seen = found.revision
                 yield Snapshot(values)
                 while True:
                     entry = await self._next_entry(watcher, generation)
-                    if entry is None or entry.revision <= seen:
-                        continue  # (the value the direct read already gave)
+                    if entry is None:
+                        continue
                     if entry.operation in ("DEL", "PURGE"):
                         yield Change(entry.key, None, entry.revision)
                         continue
@@ -348,13 +336,25 @@ class Bus:
                     except Exception:
                         pass
 
-    @staticmethod
-    async def _get_entry(kv, key: str):
-        """The key's current entry, or None when it is absent or deleted."""
-        try:
-            return await kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return None
+    async def _initial_entries(self, watcher, generation: int) -> list:
+        """Every entry of a new KV watcher's initial values, none missing.
+
+        nats-py may queue its end-of-initial-values marker ahead of values the server had
+        already delivered (it reads the consumer's pending count while those still wait in
+        the subscription's queue): a key that exists would look absent — a proxy answering
+        503 "no endpoints", a CLI missing a proxy. So after the marker, the consumer says how
+        many messages it delivered and has left, and the rest are read from the queue.
+        """
+        entries = []
+        while (entry := await self._next_entry(watcher, generation)) is not None:
+            entries.append(entry)
+        info = await watcher._sub.consumer_info()
+        want = info.delivered.consumer_seq + info.num_pending
+        while len(entries) < want:
+            entry = await self._next_entry(watcher, generation)
+            if entry is not None:
+                entries.append(entry)
+        return entries
 
     async def _next_entry(self, watcher, generation: int):
         """The watcher's next entry (None marks the end of the initial values).
@@ -530,7 +530,3 @@ def _put_dropping_oldest(queue: asyncio.Queue, item: Any) -> None:
                 queue.get_nowait()
             except asyncio.QueueEmpty:
                 pass
-
-
-def _is_wildcard(pattern: str) -> bool:
-    return "*" in pattern or ">" in pattern
