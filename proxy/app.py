@@ -34,8 +34,8 @@ from proxy.route_stats import stats_reply
 from proxy.policy import InboundPolicy
 from proxy.policy_metrics import DenialReporter
 from proxy.policy_watch import PolicyWatcher
-from tulle import __version__, schemas
-from tulle.bus import Bus
+from tulle import __version__, pki, schemas
+from tulle.bus import Bus, BusCredentials
 from tulle.errors import UserError
 from tulle.log import get_logger, setup_logging
 from tulle.metrics import REGISTRY, Registry
@@ -47,7 +47,8 @@ def production_identity(bus: Bus, cfg: ProxyConfig, registry: Registry):
     """The one place the real identity client is made (tests pass their own object)."""
     from proxy.identity import IdentityClient
 
-    return IdentityClient(bus, identity=cfg.identity, token_file=cfg.token_file, registry=registry)
+    return IdentityClient(bus, identity=cfg.identity, token_file=cfg.token_file,
+                          trust_anchors_pem=cfg.trust_anchors_pem, registry=registry)
 
 
 class ProxyApp:
@@ -90,8 +91,12 @@ class ProxyApp:
 
     async def start(self) -> None:
         cfg = self.cfg
+        # The bus knows this proxy by its workload's token (auth callout to identity), which
+        # grants this workload's permissions only.
         self.bus = Bus(cfg.nats_url, component="proxy", instance=f"{cfg.namespace}.{cfg.workload}",
-                       registry=self.registry)
+                       registry=self.registry,
+                       credentials=BusCredentials.for_workload(cfg.token_file, cfg.namespace, cfg.workload,
+                                                               ca_file=cfg.nats_ca_file))
         self.bus.on_connection_change(self._on_bus)
         self.identity = self._identity if self._identity is not None else production_identity(self.bus, cfg, self.registry)
         metrics = ProxyMetrics(self.registry)
@@ -106,11 +111,12 @@ class ProxyApp:
         self.policy = self._policy if self._policy is not None else InboundPolicy(cfg.default_inbound_policy,
                                                                                    cfg.cluster_networks)
         denials = DenialReporter(self.bus, namespace=cfg.namespace, workload=cfg.workload, registry=self.registry)
-        self.inbound = Inbound(self.shared, in_pools, self.policy, denials)
         if self._policy is None:
             self.policy_watcher = PolicyWatcher(self.bus, cfg.namespace, cfg.workload, self.policy,
                                                 on_update=lambda _: self.inbound.policy_changed())
             self.ready_checks["policy"] = self.policy_watcher.first.is_set
+        self.inbound = Inbound(self.shared, in_pools, self.policy, denials,
+                               policy_received=self.policy_watcher.first if self.policy_watcher else None)
         host, port = cfg.admin_addr
         self.admin = make_admin(host, port, ready=self.is_ready, registry=self.registry,
                                 shutdown_enabled=cfg.shutdown_endpoint, on_shutdown=self.stopping.set)
@@ -118,9 +124,12 @@ class ProxyApp:
         self.outbound.start()
         self.inbound.start()
         await self.admin.start()
+        self.shared.listening(self.outbound.listener.address, self.inbound.listener.address,
+                              (cfg.admin_addr[0], self.admin.port), cfg.outbound_addr, cfg.inbound_addr, cfg.admin_addr)
         self.heartbeat = ProxyHeartbeat(
             self.bus, cfg.namespace, cfg.workload, lambda: (cfg.identity, float(getattr(self.identity, "expiry", 0) or 0)),
-            self.is_ready, self.admin.address)
+            self.is_ready, self.admin.address,
+            trust_root_sha256=pki.trust_root_sha256(cfg.trust_anchors_pem) if cfg.trust_anchors_pem else "")
         await self.bus.start(wait=False)
         run = getattr(self.identity, "run", None)
         if self._identity is None and run is not None:

@@ -28,7 +28,12 @@ class ProxyConfig:
     # Suffix of fully qualified service names (`svc.ns.svc.<cluster_domain>`).
     cluster_domain: str = "cluster.local"
     nats_url: str = "nats://127.0.0.1:4222"
+    # CA of NATS's TLS certificate (TULLE_NATS_CA); TLS to the bus when set.
+    nats_ca_file: str = ""
     token_file: str = ""
+    # The installation's trust anchors (PEM): the only roots this proxy trusts, for its
+    # own certificate and its peers'. Never taken from the bus.
+    trust_anchors_pem: bytes = b""
     inbound_addr: tuple[str, int] = ("0.0.0.0", 4143)
     outbound_addr: tuple[str, int] = ("127.0.0.1", 4140)
     admin_addr: tuple[str, int] = ("0.0.0.0", 4191)
@@ -42,6 +47,9 @@ class ProxyConfig:
     transparent: bool = True
     opaque_ports: frozenset[int] = frozenset(DEFAULT_OPAQUE_PORTS)
     default_inbound_policy: str = "all-unauthenticated"
+    # An inbound connection arriving before the workload's first policy waits this long
+    # for it, then is judged by the default policy above.
+    policy_wait_s: float = 1.0
     cluster_networks: tuple[str, ...] = DEFAULT_CLUSTER_NETWORKS
     detect_timeout_s: float = 10.0
     connect_timeout_s: float = 1.0
@@ -97,6 +105,30 @@ def _seconds(value: str, name: str) -> float:
         raise UserError(f"{name}: expected seconds or a duration such as '10s', got {value!r}") from None
 
 
+def _trust_anchors(env: Mapping[str, str]) -> bytes:
+    """TULLE_PROXY_IDENTITY_TRUST_ANCHORS (PEM text, as the injector sets it) or
+    TULLE_PROXY_IDENTITY_TRUST_ANCHORS_FILE. Required: a proxy without anchors could trust nothing."""
+    from tulle import pki
+
+    pem = env.get("TULLE_PROXY_IDENTITY_TRUST_ANCHORS", "").strip()
+    name = "TULLE_PROXY_IDENTITY_TRUST_ANCHORS"
+    path = env.get("TULLE_PROXY_IDENTITY_TRUST_ANCHORS_FILE", "")
+    if not pem and path:
+        name = f"TULLE_PROXY_IDENTITY_TRUST_ANCHORS_FILE {path}"
+        try:
+            pem = open(path).read().strip()
+        except OSError as e:
+            raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
+    if not pem:
+        raise UserError("TULLE_PROXY_IDENTITY_TRUST_ANCHORS (or ..._FILE) must hold the installation's trust anchors (PEM)")
+    try:
+        if not pki.load_certs(pem):
+            raise ValueError("no certificate")
+    except ValueError as e:
+        raise UserError(f"{name}: not PEM certificates: {e}") from None
+    return pem.encode() + b"\n"
+
+
 def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
     env = os.environ if env is None else env
 
@@ -123,6 +155,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         trust_domain=get("TRUST_DOMAIN", "cluster.local"),
         cluster_domain=get("CLUSTER_DOMAIN", "cluster.local").strip("."),
         nats_url=env.get("TULLE_NATS_URL", "nats://127.0.0.1:4222"),
+        nats_ca_file=env.get("TULLE_NATS_CA", ""),
         token_file=get("TOKEN_FILE"),
         inbound_addr=_addr(get("INBOUND_ADDR", "0.0.0.0:4143"), "TULLE_PROXY_INBOUND_ADDR"),
         outbound_addr=_addr(get("OUTBOUND_ADDR", "127.0.0.1:4140"), "TULLE_PROXY_OUTBOUND_ADDR"),
@@ -132,6 +165,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         transparent=get("TRANSPARENT", "true").lower() in ("1", "true", "yes"),
         opaque_ports=_ports(opaque, "TULLE_PROXY_OPAQUE_PORTS") if opaque is not None else frozenset(DEFAULT_OPAQUE_PORTS),
         default_inbound_policy=policy,
+        policy_wait_s=_seconds(get("POLICY_WAIT", "1s"), "TULLE_PROXY_POLICY_WAIT"),
         cluster_networks=networks,
         detect_timeout_s=_seconds(get("DETECT_TIMEOUT", "10"), "TULLE_PROXY_DETECT_TIMEOUT"),
         connect_timeout_s=_seconds(get("CONNECT_TIMEOUT", "1"), "TULLE_PROXY_CONNECT_TIMEOUT"),
@@ -145,4 +179,5 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         shutdown_grace_s=_seconds(get("SHUTDOWN_GRACE_PERIOD", "120"), "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD"),
         shutdown_endpoint=get("SHUTDOWN_ENDPOINT", "false").lower() in ("1", "true", "yes"),
         log_level=get("LOG_LEVEL", env.get("TULLE_LOG_LEVEL", "info")),
+        trust_anchors_pem=_trust_anchors(env),  # last: a plain config error is named first
     )

@@ -3,6 +3,7 @@ upstream pools — one object, built by proxy/app.py."""
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -38,5 +39,29 @@ class Shared:
     # Hook of the profiles issue: called with (key, Profile | None) on every profile change.
     on_profile: Callable[[str, Any], None] | None = None
 
+    # The ports this proxy listens on (outbound, inbound, admin, filled in at start) and the
+    # addresses it binds: neither room may forward a connection to them.
+    own_ports: set[int] = field(default_factory=set)
+    own_hosts: set[str] = field(default_factory=set)
+
     def client_context(self) -> ssl.SSLContext | None:
         return self.identity.client_context
+
+    def listening(self, *addresses: tuple[str, int]) -> None:
+        for host, port in addresses:
+            if port:
+                self.own_ports.add(port)
+            self.own_hosts.add(host)
+
+    def is_own_address(self, host: str, port: int) -> bool:
+        """Would a connection to host:port reach one of this proxy's listeners (or, on a
+        shared loopback, another proxy's)? Loopback, unspecified and the bound addresses."""
+        if port not in self.own_ports:
+            return False
+        if host in self.own_hosts or host in ("localhost", "0.0.0.0", "::", "::1"):
+            return True
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return ip.is_loopback or ip.is_unspecified

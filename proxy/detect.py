@@ -48,7 +48,15 @@ def classify(data: bytes) -> Kind:
 
 
 def _http1(data: bytes) -> Kind:
-    """HTTP/1.x iff the first line is `METHOD SP target SP HTTP/1.x`."""
+    """HTTP/1.x iff the first line is `METHOD SP target SP HTTP/1.x`.
+
+    Empty lines before it are skipped, as RFC 9112 §2.2 lets servers do (and many do): a
+    request behind them is still HTTP, or its headers would reach the app unparsed.
+    """
+    if data[:1] in (b"\r", b"\n"):
+        data = data.lstrip(b"\r\n")
+        if not data:
+            return Kind.NEED_MORE
     end = data.find(b"\n", 0, MAX_REQUEST_LINE)
     if end < 0:
         # Incomplete line: keep waiting while it can still be a request line.

@@ -19,7 +19,7 @@ log = get_logger(part="heartbeat")
 
 class ProxyHeartbeat:
     def __init__(self, bus: Bus, namespace: str, workload: str, identity: Callable[[], tuple[str, float]],
-                 ready: Callable[[], bool], admin: str, interval: float = INTERVAL_S):
+                 ready: Callable[[], bool], admin: str, interval: float = INTERVAL_S, trust_root_sha256: str = ""):
         self.bus = bus
         self.namespace = namespace
         self.workload = workload
@@ -27,6 +27,7 @@ class ProxyHeartbeat:
         self.ready = ready
         self.admin = admin
         self.interval = interval
+        self.trust_root_sha256 = trust_root_sha256
         self.key = schemas.proxy_key(namespace, workload)
         self.beats = 0
 
@@ -34,13 +35,15 @@ class ProxyHeartbeat:
         ident, expiry = self.identity()
         return schemas.ProxyHeartbeat(
             namespace=self.namespace, workload=self.workload, version=__version__, identity=ident,
-            ready=self.ready(), cert_expiry=expiry, admin=self.admin, pid=os.getpid(), time=time.time())
+            ready=self.ready(), cert_expiry=expiry, admin=self.admin, pid=os.getpid(), time=time.time(),
+            trust_root_sha256=self.trust_root_sha256)
 
     async def beat(self) -> bool:
         if not self.bus.connected:
             return False
         try:
-            await self.bus.put(schemas.PROXIES_BUCKET, self.key, self.message())
+            # Never created here: a proxy may write its own key, not make buckets.
+            await self.bus.put(schemas.PROXIES_BUCKET, self.key, self.message(), create=False)
         except Exception as e:  # the bus may be going away; the next beat tries again
             log.debug("heartbeat not written", error=str(e) or type(e).__name__)
             return False
@@ -57,6 +60,6 @@ class ProxyHeartbeat:
         if not self.bus.connected:
             return
         try:
-            await asyncio.wait_for(self.bus.delete(schemas.PROXIES_BUCKET, self.key), 1.0)
+            await asyncio.wait_for(self.bus.delete(schemas.PROXIES_BUCKET, self.key, create=False), 1.0)
         except Exception:
             pass

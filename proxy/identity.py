@@ -9,12 +9,15 @@ identity service, renewed before it expires, and the TLS contexts built from bot
   failures are retried with exponential backoff up to the minimum refresh; after it, the
   next try is at 70% of the time left, clamped to [min_refresh, max_refresh], so retries
   speed up as expiry nears and the current certificate keeps serving meanwhile.
-- The trust anchors come from the `tulle-identity` KV bucket (`trust-bundle`), watched.
-- Every new certificate or bundle builds *new* SSLContext objects: connections already
+- The trust anchors are the ones the proxy was started with (TULLE_PROXY_IDENTITY_TRUST_ANCHORS,
+  set by the injector or local mode from the installation's anchors), never a bus value:
+  whoever can write to the bus must not be able to make the mesh trust a rogue CA. Every
+  certificate identity hands back must chain to them, or it is refused.
+- Every new certificate builds *new* SSLContext objects: connections already
   open keep the context they were made with; new ones use the new ones. A listener made
   with `listener_context()` picks the current server context at each handshake.
 
-The proxy is ready once it has a certificate and a trust bundle.
+The proxy is ready once it has a certificate.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Callable, Mapping, Optional
 from cryptography import x509
 
 from tulle import pki, schemas
-from tulle.bus import Bus, BusError, Change, Snapshot
+from tulle.bus import Bus, BusError
 from tulle.errors import UserError
 from tulle.log import get_logger
 from tulle.metrics import REGISTRY, Registry
@@ -78,7 +81,8 @@ class CertifyFailed(Exception):
 
 
 class IdentityClient:
-    def __init__(self, bus: Bus, *, identity: str, token_file: str, min_refresh_s: float | None = None,
+    def __init__(self, bus: Bus, *, identity: str, token_file: str, trust_anchors_pem: bytes,
+                 min_refresh_s: float | None = None,
                  max_refresh_s: float = DEFAULT_MAX_REFRESH_S, request_timeout_s: float = 5.0,
                  registry: Registry = REGISTRY):
         """min_refresh_s: None reads TULLE_PROXY_IDENTITY_MIN_REFRESH (default 10 s)."""
@@ -98,13 +102,17 @@ class IdentityClient:
         self.client_context: ssl.SSLContext | None = None
         self.expiry: float = 0.0
         self.serial: str = ""
-        self.trust_anchors_pem: bytes = b""
+        if not pki.load_certs(trust_anchors_pem):
+            raise UserError("the proxy's trust anchors hold no certificate")
+        self.trust_anchors_pem: bytes = trust_anchors_pem
         self.attempts = 0  # certify requests made so far
         self._ready = asyncio.Event()
         self._callbacks: list[Callable[[], None]] = []
         self.m_expiry = registry.gauge("identity_cert_expiration_timestamp_seconds",
                                        "When the proxy's current certificate expires (unix seconds)")
         self.m_refresh = registry.counter("identity_cert_refresh_total", "Certificates obtained by the proxy")
+        self.m_rejected = registry.counter("identity_cert_rejected_total",
+                                           "Certificates from the identity service refused: not chaining to the trust anchors")
 
     # --- state --------------------------------------------------------------------------
 
@@ -122,19 +130,15 @@ class IdentityClient:
     # --- loops --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow the trust bundle; certify, then renew forever. Returns only when cancelled."""
-        bundle_task = asyncio.ensure_future(self._follow_trust_bundle())
-        try:
-            await self._certify_forever()
-        finally:
-            bundle_task.cancel()
-            await asyncio.gather(bundle_task, return_exceptions=True)
+        """Certify, then renew forever. Returns only when cancelled."""
+        await self._certify_forever()
 
     async def _certify_forever(self) -> None:
         failures = 0
         while True:
             try:
                 resp, leaf = await self._certify_once()
+                self._install(resp, leaf)
             except CertifyFailed as e:
                 failures += 1
                 now = time.time()
@@ -150,7 +154,6 @@ class IdentityClient:
                 self.log.exception("certify failed unexpectedly", retry_in=round(delay, 2), error=repr(e))
             else:
                 failures = 0
-                self._install(resp, leaf)
                 delay = refresh_delay(self.expiry, time.time(), min_refresh_s=self.min_refresh_s,
                                       max_refresh_s=self.max_refresh_s)
                 self.log.info("certificate obtained", serial=resp.serial, expiry=round(self.expiry, 3),
@@ -173,63 +176,31 @@ class IdentityClient:
             raise CertifyFailed(f"{resp.error.code}: {resp.error.message}")
         try:
             leaf = pki.load_certs(resp.leaf)[0]
-            for pem in resp.chain:
-                pki.load_certs(pem)
+            chain = [c for pem in resp.chain for c in pki.load_certs(pem)]
         except (ValueError, IndexError):
             raise CertifyFailed("the reply's certificate does not parse") from None
         if pki.cert_identity(leaf) != self.identity:
             raise CertifyFailed(f"the reply certifies {pki.cert_identity(leaf)!r}, not {self.identity!r}")
         if leaf.public_key().public_numbers() != self._public_numbers:
             raise CertifyFailed("the reply's certificate is not for this proxy's key")
+        try:
+            pki.verify_leaf(leaf, chain, self.trust_anchors_pem, self.identity)
+        except pki.ChainError as e:
+            self.m_rejected.inc()
+            raise CertifyFailed(f"the reply's certificate does not chain to this proxy's trust anchors: {e}") from None
         return resp, leaf
 
     def _install(self, resp: schemas.CertifyResponse, leaf: x509.Certificate) -> None:
         chain = b"".join(p.encode() if p.endswith("\n") else p.encode() + b"\n" for p in [resp.leaf, *resp.chain])
-        contexts = None
-        if self.trust_anchors_pem:
-            contexts = self._contexts(chain, self.trust_anchors_pem)
-            if contexts is None:
-                raise CertifyFailed("the certificate does not load into a TLS context")
+        contexts = self._contexts(chain, self.trust_anchors_pem)
+        if contexts is None:
+            raise CertifyFailed("the certificate does not load into a TLS context")
         self._chain_pem = chain
         self.expiry = leaf.not_valid_after_utc.timestamp()
         self.serial = pki.serial_hex(leaf)
         self.m_expiry.set(self.expiry)
         self.m_refresh.inc()
-        if contexts is not None:
-            self._use(*contexts)
-
-    async def _follow_trust_bundle(self) -> None:
-        async for item in self.bus.watch(schemas.IDENTITY_BUCKET, schemas.TRUST_BUNDLE_KEY, schemas.TrustBundle):
-            if isinstance(item, Snapshot):
-                bundle = item.values.get(schemas.TRUST_BUNDLE_KEY)
-            elif isinstance(item, Change):
-                bundle = item.value
-            else:
-                continue
-            if bundle is None:
-                if self.trust_anchors_pem:
-                    self.log.warning("the trust bundle was deleted from KV; keeping the last one")
-                continue
-            self._set_anchors(bundle.anchors_pem.encode())
-
-    def _set_anchors(self, anchors_pem: bytes) -> None:
-        if anchors_pem == self.trust_anchors_pem:
-            return
-        try:
-            if not pki.load_certs(anchors_pem):
-                raise ValueError("empty")
-        except ValueError:
-            self.log.error("ignored a trust bundle without a valid PEM certificate")
-            return
-        contexts = None
-        if self._chain_pem:
-            contexts = self._contexts(self._chain_pem, anchors_pem)
-            if contexts is None:
-                return  # keep the anchors that work
-        self.trust_anchors_pem = anchors_pem
-        self.log.info("trust bundle updated", anchors=anchors_pem.count(b"BEGIN CERTIFICATE"))
-        if contexts is not None:
-            self._use(*contexts)
+        self._use(*contexts)
 
     def _contexts(self, chain_pem: bytes, anchors_pem: bytes) -> Optional[tuple[ssl.SSLContext, ssl.SSLContext]]:
         """New server and client contexts, or None (logged) when OpenSSL refuses the material."""

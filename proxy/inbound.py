@@ -22,7 +22,7 @@ Authorization (proxy/policy.py's `InboundPolicy`, kept current by proxy/policy_w
 - a port whose Server says `proxyProtocol: opaque` (or `TLS`) is not parsed, like a port
   in TULLE_PROXY_OPAQUE_PORTS.
 Every decision is counted (proxy/policy_metrics.py); denials become rate-limited
-`policy.denied` CloudEvents.
+`proxy.denied` CloudEvents.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ OPAQUE_TLS_WAIT_S = 1.0
 STRIP = frozenset({CLIENT_ID})
 # Server proxyProtocols whose bytes the proxy must not parse.
 UNPARSED_PROTOCOLS = frozenset({"opaque", "TLS"})
+# Server proxyProtocols that admit HTTP only (anything else on such a port is refused).
+H2_PROTOCOLS = frozenset({"HTTP/2", "gRPC"})
+HTTP_PROTOCOLS = frozenset({"HTTP/1"}) | H2_PROTOCOLS
 
 log = get_logger(part="inbound")
 
@@ -81,7 +84,7 @@ class Inbound(Side):
     direction = "inbound"
 
     def __init__(self, shared: Shared, pools: Pools, policy: InboundPolicy | None = None,
-                 denials: DenialReporter | None = None):
+                 denials: DenialReporter | None = None, policy_received: asyncio.Event | None = None):
         self.shared = shared
         self.cfg = cfg = shared.cfg
         self.metrics = shared.metrics
@@ -90,6 +93,8 @@ class Inbound(Side):
         self.policy = policy if policy is not None else InboundPolicy(cfg.default_inbound_policy, cfg.cluster_networks)
         self.authz = PolicyMetrics(self.metrics.registry)
         self.denials = denials
+        # Set once the workload's own policy arrived; None: the policy given is final (tests).
+        self.policy_received = policy_received
         self.opaque_conns: dict[Splice, InConn] = {}  # open opaque pairs, judged again on a policy change
         self.loop = asyncio.get_event_loop()
         self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
@@ -100,21 +105,59 @@ class Inbound(Side):
     # --- accepting ---------------------------------------------------------------------
 
     def _on_socket(self, sock: socket.socket, peer: tuple) -> None:
+        waiting = self.policy_received
+        if waiting is not None and not waiting.is_set():
+            # Before the workload's first policy: hold the connection briefly, then judge it
+            # by the configured default (a `deny` workload answers no one meanwhile).
+            asyncio.ensure_future(self._after_policy(sock, peer, waiting))
+            return
+        self._accepted(sock, peer)
+
+    async def _after_policy(self, sock: socket.socket, peer: tuple, waiting: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(waiting.wait(), self.cfg.policy_wait_s)
+        except asyncio.TimeoutError:
+            self.metrics.tcp_error("inbound", "policy_not_received")
+        try:
+            self._accepted(sock, peer)
+        except Exception:
+            log.exception("inbound connection failed")
+            sock.close()
+
+    def _accepted(self, sock: socket.socket, peer: tuple) -> None:
         port = self.cfg.app_default_port
         if self.cfg.transparent:
             orig = original_dst(sock)
             if orig is not None and orig != sock.getsockname()[:2]:
                 port = orig[1]
         conn = InConn(peer[0], port)
+        if self._refuse_self_target(conn.port, conn.client_ip):
+            sock.close()
+            return
         opaque = port in self.cfg.opaque_ports or self.policy.protocol(port) in UNPARSED_PROTOCOLS
         judge = _judge_tls_only if opaque else _judge
         timeout = min(OPAQUE_TLS_WAIT_S, self.cfg.detect_timeout_s) if opaque else self.cfg.detect_timeout_s
-        Peeker(sock, judge, lambda verdict, data: self._detected(sock, conn, verdict, opaque), timeout)
+        Peeker(sock, judge, lambda verdict, data: self._detected(sock, conn, verdict, opaque, data), timeout)
 
-    def _detected(self, sock: socket.socket, conn: InConn, verdict, opaque: bool) -> None:
+    def _refuse_self_target(self, port: int, client_ip: str) -> bool:
+        """The proxy forwards only to its app: never to one of its own ports (outbound,
+        inbound, admin, ...), which would relay a stranger's connection as this workload or
+        into its admin server. Counted and logged."""
+        if port not in self.shared.own_ports:
+            return False
+        self.metrics.tcp_error("inbound", "self_target")
+        log.warning("refused a connection aimed at one of the proxy's own ports", port=port, client_ip=client_ip)
+        return True
+
+    def _detected(self, sock: socket.socket, conn: InConn, verdict, opaque: bool, data: bytes = b"") -> None:
         if verdict is EOF:
             sock.close()
             return
+        declared = self.policy.protocol(conn.port)
+        if verdict is TIMEOUT and not opaque and data and detect.classify(data) == detect.Kind.NEED_MORE:
+            # A request line still arriving when detection gave up is HTTP all the same: its
+            # headers must not reach the app unparsed (the HTTP server's own timeout applies).
+            verdict = detect.Kind.HTTP1
         if isinstance(verdict, detect.ClientHello):
             if verdict.valid and verdict.sni == self.cfg.identity:
                 ctx = self.shared.identity.server_context
@@ -127,22 +170,82 @@ class Inbound(Side):
                 adopt(sock, lambda: _TlsPreamble(self, conn), ssl=ctx, handshake_timeout=self.cfg.detect_timeout_s,
                       on_error=self._handshake_failed)
                 return
+            if not opaque and declared in HTTP_PROTOCOLS:
+                self._refuse("protocol_mismatch", conn)  # a Server said this port speaks HTTP
+                sock.close()
+                return
             self._count("tls")  # the app's own TLS
             conn.labels = self.metrics.labels("inbound", self.cfg.namespace, tls="opaque")
             self._opaque(sock, conn)
             return
-        if verdict is detect.Kind.HTTP1 and not opaque:
+        if verdict is detect.Kind.HTTP1 and not opaque and declared not in H2_PROTOCOLS:
             self._count("http/1")
             conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
             self._prepare_http(conn)
             adopt(sock, lambda: Http1Server(self, self.limits, STRIP, conn))
             return
+        if not opaque and (verdict is detect.Kind.H2 or declared in HTTP_PROTOCOLS):
+            # HTTP/2 from outside the mesh is not proxied yet, and passing it opaque would
+            # hand the app whatever tulle-client-id it carries; a port a Server declares
+            # HTTP takes nothing else.
+            self._refuse("h2_unsupported" if verdict is detect.Kind.H2 else "protocol_mismatch", conn)
+            sock.close()
+            return
         self._count("timeout" if verdict is TIMEOUT and not opaque else "opaque")
         conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
-        self._opaque(sock, conn)
+        self._opaque(sock, conn, guarded=not opaque)
 
     def _count(self, protocol: str) -> None:
         self.metrics.detect_total.labels("inbound", protocol).inc()
+
+    def _refuse(self, error: str, conn: InConn) -> None:
+        self.metrics.tcp_error("inbound", error)
+        log.info("refused an inbound connection", error=error, port=conn.port, client_ip=conn.client_ip,
+                 client_id=conn.client_id or "")
+
+    def _first_bytes_guard(self, conn: InConn, *, peer_h2_ok: bool):
+        """For a connection passed opaque on a port that is not declared opaque: judge the
+        client's first bytes before any reaches the app. HTTP/1 (sent too slowly to be
+        detected, or declared opaque by a peer) is taken back and served as HTTP, so the app
+        gets a tulle-client-id it can trust; HTTP/2 is refused unless a peer proxy sent it."""
+        declared = self.policy.protocol(conn.port)
+
+        def guard(s: Splice, data: bytes):
+            kind = detect.classify(data)
+            if s.server.read and kind != detect.Kind.H2 and not detect.H2_PREFACE.startswith(data[:24]):
+                # The app spoke first: a server-first protocol, not HTTP (HTTP/2 servers speak
+                # first too — their SETTINGS — which is why the preface is still looked for).
+                return declared not in HTTP_PROTOCOLS or self._refuse_later(s, "protocol_mismatch", conn)
+            if kind == detect.Kind.NEED_MORE and len(data) < detect.MAX_REQUEST_LINE:
+                # Held until the line ends: letting an unfinished request line through unparsed
+                # is exactly how a slow client would smuggle headers past the proxy.
+                return None
+            if kind in (detect.Kind.HTTP1, detect.Kind.NEED_MORE) and declared not in H2_PROTOCOLS:
+                self.loop.call_soon(self._take_back_as_http, s, data, conn)
+                return False
+            if kind == detect.Kind.H2 and peer_h2_ok and declared in ("unknown", *H2_PROTOCOLS):
+                return True
+            if kind == detect.Kind.H2 or declared in HTTP_PROTOCOLS:
+                return self._refuse_later(s, "h2_unsupported" if kind == detect.Kind.H2 else "protocol_mismatch", conn)
+            return True
+
+        return guard
+
+    def _refuse_later(self, s: Splice, error: str, conn: InConn) -> bool:
+        self._refuse(error, conn)
+        self.loop.call_soon(s.abort)
+        return False
+
+    def _take_back_as_http(self, s: Splice, data: bytes, conn: InConn) -> None:
+        transport = s.release_client()
+        if transport is None or transport.is_closing():
+            return
+        self._count("http/1")
+        self._prepare_http(conn)
+        server = Http1Server(self, self.limits, STRIP, conn)
+        transport.set_protocol(server)
+        server.connection_made(transport)
+        server.data_received(data)
 
     def _handshake_failed(self, exc: BaseException) -> None:
         self.metrics.tcp_error("inbound", "tls_handshake")
@@ -200,7 +303,7 @@ class Inbound(Side):
         if conn.client_id:
             conn.head_extra = CLIENT_ID + b": " + conn.client_id.encode() + b"\r\n"
 
-    def _opaque(self, sock: socket.socket, conn: InConn) -> None:
+    def _opaque(self, sock: socket.socket, conn: InConn, guarded: bool = False) -> None:
         if conn.port == 0:
             self.metrics.tcp_error("inbound", "no_target_port")
             sock.close()
@@ -208,7 +311,7 @@ class Inbound(Side):
         if not self._allow_connection(conn):
             sock.close()
             return
-        asyncio.ensure_future(self._tcp_from_socket(sock, conn))
+        asyncio.ensure_future(self._tcp_from_socket(sock, conn, guarded))
 
     async def _dial_app(self, conn: InConn):
         """(transport, Buffering protocol) to the app's port for an opaque connection, or
@@ -219,7 +322,7 @@ class Inbound(Side):
             self.metrics.tcp_error("inbound", e.error)
             return None
 
-    async def _tcp_from_socket(self, sock: socket.socket, conn: InConn) -> None:
+    async def _tcp_from_socket(self, sock: socket.socket, conn: InConn, guarded: bool = False) -> None:
         self.tunnels += 1
         try:
             dialled = await self._dial_app(conn)
@@ -232,13 +335,19 @@ class Inbound(Side):
             except OSError:
                 up.close()
                 return
-            s = splice(client, up, conn.labels, client_pending=bytes(cproto.data), server_pending=bytes(proto.data))
-            if self.track(s, conn) and cproto.eof:
+            guard = self._first_bytes_guard(conn, peer_h2_ok=False) if guarded else None
+            s = splice(client, up, conn.labels, server_pending=bytes(proto.data), guard=guard)
+            if not self.track(s, conn):
+                return
+            if cproto.data:
+                s.client.data_received(bytes(cproto.data))  # after tracking: the guard may hand it on
+            if not s.client.closed and cproto.eof:
                 s.client.eof_received()
         finally:
             self.tunnels -= 1
 
-    async def _tcp_from_transport(self, transport: asyncio.Transport, pending: bytes, conn: InConn) -> None:
+    async def _tcp_from_transport(self, transport: asyncio.Transport, pending: bytes, conn: InConn,
+                                  guarded: bool = False) -> None:
         """Opaque forwarding of an already terminated (mTLS) connection."""
         self.tunnels += 1
         try:
@@ -250,7 +359,10 @@ class Inbound(Side):
             if transport.is_closing():
                 up.close()
                 return
-            self.track(splice(transport, up, conn.labels, client_pending=pending, server_pending=bytes(proto.data)), conn)
+            guard = self._first_bytes_guard(conn, peer_h2_ok=conn.client_id is not None) if guarded else None
+            s = splice(transport, up, conn.labels, server_pending=bytes(proto.data), guard=guard)
+            if self.track(s, conn) and pending:
+                s.client.data_received(pending)
         finally:
             self.tunnels -= 1
 
@@ -340,7 +452,13 @@ class _TlsPreamble(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         conn.tls = True
         conn.client_id = peer_identity(ssl_object)
+        # The transport header names a target port: only a peer proxy that proved who it
+        # is (a verified client certificate) may choose one.
         self.tulle = ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_PROXY
+        if self.tulle and conn.client_id is None:
+            room._refuse("transport_header_unauthenticated", conn)
+            transport.abort()
+            return
         tls_label = "true" if conn.client_id else "no_identity"
         conn.labels = room.metrics.labels("inbound", room.cfg.namespace, tls=tls_label, client_id=conn.client_id or "")
 
@@ -357,6 +475,9 @@ class _TlsPreamble(asyncio.Protocol):
                 log.info("bad transport header from a peer", error=str(e), client_id=conn.client_id)
                 self.transport.abort()
                 return
+            if room._refuse_self_target(port, conn.client_ip):
+                self.transport.abort()
+                return
             conn.port = port
             rest = self.buf[tph.SIZE:]
             http = protocol == tph.HTTP1
@@ -366,7 +487,16 @@ class _TlsPreamble(asyncio.Protocol):
                 return
             rest = self.buf
             http = kind == detect.Kind.HTTP1
+            if kind == detect.Kind.H2:
+                room._refuse("h2_unsupported", conn)
+                self.transport.abort()
+                return
         self.buf = b""
+        opaque = conn.port in room.cfg.opaque_ports or room.policy.protocol(conn.port) in UNPARSED_PROTOCOLS
+        if http and room.policy.protocol(conn.port) in H2_PROTOCOLS:
+            room._refuse("protocol_mismatch", conn)
+            self.transport.abort()
+            return
         if http:
             room._prepare_http(conn)
             server = Http1Server(room, room.limits, STRIP, conn)
@@ -383,7 +513,7 @@ class _TlsPreamble(asyncio.Protocol):
             self.transport.close()
             return
         self.transport.pause_reading()
-        asyncio.ensure_future(room._tcp_from_transport(self.transport, rest, conn))
+        asyncio.ensure_future(room._tcp_from_transport(self.transport, rest, conn, guarded=not opaque))
 
     def eof_received(self):
         return False

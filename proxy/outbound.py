@@ -256,6 +256,11 @@ class Outbound(Side):
             fallback = Dest(host, port)
             if self._is_self(host, port):
                 raise HeadError(508, "request loops back to this proxy")
+            if self.shared.is_own_address(host, port):
+                # An app (or whoever reaches it) must not reach a proxy's admin or inbound
+                # port *through* the proxy: that would be a relayed, not a local, request.
+                self.metrics.tcp_error("outbound", "self_target")
+                raise HeadError(403, "the target is one of the proxy's own ports")
         elif not watches:
             raise HeadError(400, "no authority to route by")
         t = Target(authority or b"", name, port, watches, fallback, d.generation)
@@ -311,7 +316,8 @@ class Outbound(Side):
             except HeadError as e:
                 req.labels = self.default_labels
                 self.default_labels.requests.value += 1
-                server.fail(req, e.status, e.reason, "bad_request" if e.status == 400 else "loop")
+                server.fail(req, e.status, e.reason,
+                            {400: "bad_request", 403: "forbidden"}.get(e.status, "loop"))
                 return
             req.target_info = t
             if req.method == b"CONNECT":

@@ -5,7 +5,7 @@
   (allows only) and the client identity as labels. Every label stays bounded: server and
   authorization names come from the policy, ports and identities are capped (after
   `max_values` distinct ones, further ones count as "other").
-- `DenialReporter` turns denials into `policy.denied` CloudEvents for external tools,
+- `DenialReporter` turns denials into `proxy.denied` CloudEvents for external tools,
   at most one per (server, client) per interval — the client being its identity, or its
   /24 (IPv4) or /64 (IPv6) network when it has none — and at most `max_per_interval`
   overall, counting what it held back.
@@ -152,7 +152,7 @@ class DenialLimiter:
 
 
 class DenialReporter:
-    """Publishes rate-limited `policy.denied` CloudEvents through the proxy's Bus."""
+    """Publishes rate-limited `proxy.denied` CloudEvents through the proxy's Bus."""
 
     def __init__(self, bus, *, namespace: str, workload: str, limiter: Optional[DenialLimiter] = None,
                  registry: Registry = REGISTRY):
@@ -176,7 +176,7 @@ class DenialReporter:
             "server": decision.server, "client_identity": client_identity or "", "client_ip": client_ip,
             "reason": decision.reason, "suppressed_before": held,
         }
-        task = asyncio.ensure_future(self.bus.publish_event("denied", data, kind="policy",
+        task = asyncio.ensure_future(self.bus.publish_event("denied", data, kind="proxy",
                                                             subject=f"{self.namespace}/{self.workload}"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -9,7 +9,7 @@ Byte counts land in the metrics when the pair closes, as Linkerd does.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Optional
 
 from proxy.metrics import Labels
 
@@ -32,6 +32,10 @@ class _End(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.read += len(data)
+        if self.pair.guard is not None and self is self.pair.client:
+            data = self.pair._guarded(data)
+            if not data:
+                return
         peer = self.peer
         if not peer.closed:
             peer.transport.write(data)
@@ -75,9 +79,10 @@ class _End(asyncio.Protocol):
 class Splice:
     """A pair of joined transports; `client` is the side that connected to the proxy."""
 
-    __slots__ = ("client", "server", "labels", "on_close", "_open")
+    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held")
 
-    def __init__(self, labels: Labels | None, on_close: Callable[["Splice"], None] | None = None):
+    def __init__(self, labels: Labels | None, on_close: Callable[["Splice"], None] | None = None,
+                 guard: Callable[["Splice", bytes], Optional[bool]] | None = None):
         self.client = _End(self)
         self.server = _End(self)
         self.client.peer = self.server
@@ -85,6 +90,32 @@ class Splice:
         self.labels = labels
         self.on_close = on_close
         self._open = 2
+        # Judges the client's first bytes before any reaches the server: None = need more,
+        # True = pass them (and everything after) on, False = the guard took the connection
+        # over (refused it, or handed it elsewhere with `release_client`).
+        self.guard = guard
+        self._held = b""
+
+    def _guarded(self, data: bytes) -> bytes:
+        held = self._held + data
+        verdict = self.guard(self, held)
+        if verdict is None:
+            self._held = held
+            return b""
+        self.guard = None
+        self._held = b""
+        return held if verdict else b""
+
+    def release_client(self) -> asyncio.Transport:
+        """Stop splicing and give the client's transport back (the server side is aborted
+        before anything reached it)."""
+        transport = self.client.transport
+        self.client.closed = True  # so the server side's closing leaves it alone
+        self.guard = None
+        self._end_closed()
+        if not self.server.closed and self.server.transport is not None:
+            self.server.transport.abort()
+        return transport
 
     def attach(self, client_transport: asyncio.Transport, server_transport: asyncio.Transport,
                client_pending: bytes = b"", server_pending: bytes = b"") -> None:
@@ -128,7 +159,8 @@ class Splice:
 
 def splice(client: asyncio.Transport, server: asyncio.Transport, labels: Labels | None = None, *,
            client_pending: bytes = b"", server_pending: bytes = b"",
-           on_close: Callable[[Splice], None] | None = None) -> Splice:
-    s = Splice(labels, on_close)
+           on_close: Callable[[Splice], None] | None = None,
+           guard: Callable[[Splice, bytes], Optional[bool]] | None = None) -> Splice:
+    s = Splice(labels, on_close, guard)
     s.attach(client, server, client_pending, server_pending)
     return s

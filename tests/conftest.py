@@ -11,25 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from tulle.natsserver import NatsServer
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory):
-    """One nats-server with JetStream for the whole session (tests use their own keys)."""
-    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    """One nats-server with JetStream and the mesh's authorization for the whole session
+    (tests use their own keys): see tests/bus_support.py."""
+    from tests.bus_support import MeshNats
+
+    server = MeshNats(tmp_path_factory.mktemp("nats")).start()
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture
 def own_nats(tmp_path):
     """A nats-server of this test's own, for tests that stop or kill it."""
-    server = NatsServer(tmp_path / "nats").start()
+    from tests.bus_support import MeshNats
+
+    server = MeshNats(tmp_path / "nats").start()
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture
@@ -44,8 +48,10 @@ def bus_factory(nats_url):
 
     made = []
 
-    async def make(component="test", url=None):
-        bus = Bus(url or nats_url, component=component)
+    async def make(component="test", url=None, role=None):
+        from tests.bus_support import bus_for
+
+        bus = bus_for(url or nats_url, role or component, component=component)
         await bus.start()
         made.append(bus)
         return bus

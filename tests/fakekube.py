@@ -205,7 +205,7 @@ class FakeKube:
         self._watchers: list[_Watcher] = []
         self._refuse_watches = False
         self._cluster_ips = itertools.count(10)
-        # token -> "system:serviceaccount:<ns>:<sa>", or (username, [audiences]).
+        # token -> (username, [audiences] or None for any, bound pod name or None).
         self.token_reviews: dict[str, Any] = {}
         self.request_log: list[tuple[str, str]] = []
         self._server: Optional[_Server] = None
@@ -346,9 +346,12 @@ class FakeKube:
         with self._cond:
             return sum(1 for w in self._watchers if plural is None or w.info.plural == plural)
 
-    def add_token(self, token: str, username: str, audiences: Optional[list[str]] = None) -> None:
-        """Make TokenReview accept `token` as `username` (for `audiences` only, when given)."""
-        self.token_reviews[token] = (username, list(audiences)) if audiences is not None else username
+    def add_token(self, token: str, username: str, audiences: Optional[list[str]] = None, *,
+                  pod: Optional[str] = None) -> None:
+        """Make TokenReview accept `token` as `username` (for `audiences` only, when given);
+        with `pod`, as a projected token bound to that pod (the API server then names it in
+        `user.extra`)."""
+        self.token_reviews[token] = (username, list(audiences) if audiences is not None else None, pod)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -385,17 +388,18 @@ class FakeKube:
         entry = self.token_reviews.get(token)
         status: dict[str, Any] = {"user": {}}
         if entry is not None:
-            username, registered = (entry, None) if isinstance(entry, str) else entry
+            username, registered, pod = entry
             granted = wanted if registered is None else [a for a in wanted if a in registered]
             if not wanted or granted:
                 parts = username.split(":")
                 groups = ["system:authenticated"]
                 if username.startswith("system:serviceaccount:") and len(parts) == 4:
                     groups = ["system:serviceaccounts", f"system:serviceaccounts:{parts[2]}", "system:authenticated"]
-                status = {"authenticated": True,
-                          "user": {"username": username, "uid": str(uuid.uuid5(uuid.NAMESPACE_OID, username)),
-                                   "groups": groups},
-                          "audiences": granted or (registered or [])}
+                user = {"username": username, "uid": str(uuid.uuid5(uuid.NAMESPACE_OID, username)), "groups": groups}
+                if pod is not None:
+                    user["extra"] = {"authentication.kubernetes.io/pod-name": [pod],
+                                     "authentication.kubernetes.io/pod-uid": [str(uuid.uuid5(uuid.NAMESPACE_OID, pod))]}
+                status = {"authenticated": True, "user": user, "audiences": granted or (registered or [])}
             else:
                 status["error"] = "[invalid bearer token, token audiences don't match the requested audiences]"
         else:

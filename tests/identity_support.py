@@ -18,6 +18,7 @@ from services.identity.ca import CertificateAuthority
 from services.identity.server import IdentityServer
 from services.identity.sources import DirIssuerSource
 from services.identity.tokens import LocalTokenVerifier
+from tests.bus_support import AUDIENCE, bus_for, server_for
 from tests.conftest import eventually
 from tests.service_process import ServiceProcess
 from tulle import pki, schemas
@@ -56,14 +57,23 @@ def make_issuer_dir(path: Path, anchor: Optional[pki.CA] = None, *, extra_anchor
     return IssuerDir(path, anchor, issuer)
 
 
-def token_secret(path: Path) -> bytes:
-    secret = pki.new_token_secret()
+def token_secret(path: Path, secret: Optional[bytes] = None) -> bytes:
+    """Write a token secret (a new one, or `secret`: pass the test NATS server's so that
+    the same workload token logs a proxy onto the bus and certifies it)."""
+    secret = secret or pki.new_token_secret()
     atomic_write(path, secret, 0o600)
     return secret
 
 
-def token_file(path: Path, secret: bytes, namespace: str, serviceaccount: str) -> str:
-    atomic_write(path, pki.make_local_token(secret, namespace, serviceaccount).encode(), 0o600)
+def local_token(secret: bytes, namespace: str, serviceaccount: str, workload: Optional[str] = None, *,
+                audience: str = AUDIENCE, lifetime_s: float = 3600) -> str:
+    """A local-mode workload token (the workload defaults to the service account's name)."""
+    return pki.make_local_token(secret, namespace, serviceaccount, workload or serviceaccount, audience,
+                                lifetime_s=lifetime_s)
+
+
+def token_file(path: Path, secret: bytes, namespace: str, serviceaccount: str, workload: Optional[str] = None) -> str:
+    atomic_write(path, local_token(secret, namespace, serviceaccount, workload).encode(), 0o600)
     return str(path)
 
 
@@ -71,17 +81,20 @@ def token_file(path: Path, secret: bytes, namespace: str, serviceaccount: str) -
 async def identity_in_process(nats_url: str, issuer_dir: Optional[Path] = None, secret: Optional[bytes] = None, *,
                               verifier=None, source=None, concurrency: int = 1,
                               lifetime: dt.timedelta = dt.timedelta(hours=24),
-                              clock_skew: dt.timedelta = dt.timedelta(seconds=20), watch_interval_s: float = 0.05):
+                              clock_skew: dt.timedelta = dt.timedelta(seconds=20), watch_interval_s: float = 0.05,
+                              limiter=None):
     """An IdentityServer with its own bus and registry, ready (trust bundle published).
 
     Local mode by default (issuer folder + HMAC secret); `verifier` / `source` replace either.
     """
-    bus = Bus(nats_url, component="identity")
+    bus = bus_for(nats_url, "identity")
     await bus.start()
     ca = CertificateAuthority(None, lifetime=lifetime, clock_skew=clock_skew)
-    server = IdentityServer(bus, ca, verifier or LocalTokenVerifier(secret),
+    if secret is None and verifier is None:
+        secret = server_for(nats_url).token_secret  # the proxies' bus tokens then certify too
+    server = IdentityServer(bus, ca, verifier or LocalTokenVerifier(secret, AUDIENCE),
                             source or DirIssuerSource(issuer_dir, interval_s=watch_interval_s),
-                            concurrency=concurrency, registry=Registry())
+                            concurrency=concurrency, registry=Registry(), limiter=limiter)
     task = asyncio.ensure_future(server.run())
     try:
         await eventually(lambda: server.ready or task.done(), what="identity server ready")

@@ -28,6 +28,7 @@ from proxy.config import ProxyConfig
 from tulle import pki, schemas
 from tulle.bus import Bus
 from tulle.metrics import Registry, sample
+from tests.bus_support import _SERVERS, TESTER, bus_for, server_for
 
 
 # --- identities ----------------------------------------------------------------------------
@@ -111,8 +112,13 @@ def proxy_config(nats_url: str, namespace: str = "default", workload: str = "cli
         namespace=namespace, workload=workload, service_account=sa, nats_url=nats_url,
         inbound_addr=("127.0.0.1", 0), outbound_addr=("127.0.0.1", 0), admin_addr=("127.0.0.1", 0),
         transparent=False, app_host="127.0.0.1", header_read_timeout_s=5.0, shutdown_grace_s=5.0,
+        # Most tests publish no policy for their proxies: judge by the default at once
+        # (tests of the wait before the first policy set it).
+        policy_wait_s=0.0,
     )
     base.update(overrides)
+    if "token_file" not in overrides and nats_url in _SERVERS:  # its bus login: the workload's token (auth callout)
+        base["token_file"] = server_for(nats_url).token_file(namespace, workload, sa)
     return ProxyConfig(**base)
 
 
@@ -158,7 +164,7 @@ class KV:
 
     def __init__(self, lt: LoopThread, nats_url: str):
         self.lt = lt
-        self.bus = Bus(nats_url, component="test-destination")
+        self.bus = bus_for(nats_url, TESTER, component="test-destination")
         lt.call(self.bus.start())
 
     def put(self, key: str, value: Any, bucket: str = schemas.ENDPOINTS_BUCKET) -> None:

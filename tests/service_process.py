@@ -23,7 +23,11 @@ class ServiceProcess:
         self.name = name
         self.admin_port = free_port()
         self.log = log
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        from tests.bus_support import server_for
+
+        # Each service connects with its own role's credential, as in a deployment.
+        creds = {"TULLE_NATS_CREDS": str(server_for(nats_url).seed_file(name))}
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **creds, **(env or {})}
         self.cmd = [sys.executable, "-m", f"services.{name}", "--nats", nats_url,
                     "--admin", f"127.0.0.1:{self.admin_port}", "--log-format", "json", *args]
         self.proc: Optional[subprocess.Popen] = None

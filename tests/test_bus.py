@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import eventually
 from tulle import schemas
 from tulle.bus import Bus, BusError, Change, Snapshot
@@ -16,7 +17,7 @@ def trust(text):
 
 @pytest.fixture
 async def bus(nats_url):
-    b = Bus(nats_url, component="test")
+    b = bus_for(nats_url, TESTER, component="test")
     await b.start()
     yield b
     await b.close()
@@ -93,7 +94,7 @@ async def test_a_value_that_does_not_decode_is_counted_and_skipped(bus):
 
 async def test_request_reply_and_queue_groups(bus, nats_url):
     subject = f"test.echo.{uuid.uuid4().hex[:8]}"
-    other = Bus(nats_url, component="test2")
+    other = bus_for(nats_url, TESTER, component="test2")
     await other.start()
     seen = []
 
@@ -132,7 +133,7 @@ async def test_events_are_kept_in_the_stream(bus):
     await bus.ensure_events_stream()
     ev = await bus.publish_event("tested", {"n": 1}, kind="test")
     js = bus.nc.jetstream()
-    await bus.nc.flush()
+    await bus.sync()
     msg = await js.get_last_msg(schemas.EVENTS_STREAM, "tulle.events.test.tested")
     got = schemas.decode_event(msg.data)
     assert got.id == ev.id and got.type == "dev.tulle.test.tested" and got.data == {"n": 1}
@@ -141,9 +142,9 @@ async def test_events_are_kept_in_the_stream(bus):
 
 async def test_process_survives_nats_outage_and_resyncs(own_nats):
     """Kill NATS under a watcher: it stays alive, and after NATS returns it gets a new snapshot."""
-    bus = Bus(own_nats.url, component="test")
+    bus = bus_for(own_nats.url, TESTER, component="test")
     await bus.start()
-    writer = Bus(own_nats.url, component="writer")
+    writer = bus_for(own_nats.url, TESTER, component="writer")
     await writer.start()
     await writer.put(schemas.IDENTITY_BUCKET, "k.one", trust("1"))
     watch = bus.watch(schemas.IDENTITY_BUCKET, "k.>", schemas.TrustBundle)
@@ -168,10 +169,10 @@ async def test_process_survives_nats_outage_and_resyncs(own_nats):
 
 
 async def test_start_keeps_trying_until_nats_appears(tmp_path):
-    from tulle.natsserver import NatsServer
+    from tests.bus_support import MeshNats
 
-    server = NatsServer(tmp_path / "late")
-    bus = Bus(server.url, component="test")
+    server = MeshNats(tmp_path / "late")
+    bus = bus_for(server.url, TESTER, component="test")
     await bus.start(wait=False)
     await asyncio.sleep(0.3)
     assert not bus.connected
@@ -181,11 +182,11 @@ async def test_start_keeps_trying_until_nats_appears(tmp_path):
         assert bus.connected
     finally:
         await bus.close()
-        server.stop()
+        server.close()
 
 
 async def test_close_after_nats_died_does_not_raise(own_nats):
-    bus = Bus(own_nats.url, component="test")
+    bus = bus_for(own_nats.url, TESTER, component="test")
     await bus.start()
     own_nats.kill()
     await eventually(lambda: not bus.connected, what="bus to notice the outage")

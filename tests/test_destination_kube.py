@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import eventually
 from tests.destination_objects import ID, pod_doc, profile_doc, service_doc, slice_doc, slice_endpoint
 from tests.destination_proc import DestinationProcess, KVRecorder, addresses
@@ -34,7 +35,7 @@ def kube(tmp_path):
 
 @pytest.fixture
 async def bus(own_nats):
-    b = Bus(own_nats.url, component="test")
+    b = bus_for(own_nats.url, TESTER, component="test")
     await b.start()
     yield b
     await b.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus_support import TESTER, bus_for, cli_bus_args
 from tests.conftest import REPO, eventually
 from tests.destination_objects import ID, pod_doc, profile_doc, service_doc
 from tests.destination_proc import DestinationProcess, KVRecorder, addresses, write_manifest
@@ -50,7 +51,7 @@ def start_destination(own_nats, folders, tmp_path):
 
 @pytest.fixture
 async def bus(own_nats):
-    b = Bus(own_nats.url, component="test")
+    b = bus_for(own_nats.url, TESTER, component="test")
     await b.start()
     yield b
     await b.close()
@@ -63,7 +64,7 @@ def web_pod(i: int, **kw) -> dict:
 
 def cli_endpoints(nats_url: str, *args: str) -> subprocess.CompletedProcess:
     tulle = str(Path(sys.executable).with_name("tulle"))  # the installed command, as a person runs it
-    return subprocess.run([tulle, "endpoints", *args, "--nats", nats_url],
+    return subprocess.run([tulle, "endpoints", *args, *cli_bus_args(nats_url)],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
 
 
@@ -171,7 +172,7 @@ async def test_each_change_of_an_endpoint_set_is_announced_as_a_cloudevent(start
         await events.put(schemas.decode_event(msg.data))
 
     await bus.subscribe_raw("tulle.events.destination.endpoints-changed", on_event)
-    await bus.nc.flush()
+    await bus.sync()
     await start_destination().ready_soon()
     first = await asyncio.wait_for(events.get(), 10)
     assert first.type == "dev.tulle.destination.endpoints-changed"

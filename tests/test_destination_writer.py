@@ -11,6 +11,7 @@ import pytest
 from services.destination.compile import DestinationState
 from services.destination.events import endpoints_changed_event
 from tulle.kvwriter import KVWriter
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import eventually
 from tests.destination_objects import obj, pod_doc, service_doc
 from tulle import schemas
@@ -26,7 +27,7 @@ WEB = {"app": "web"}
 
 @pytest.fixture
 async def bus(own_nats):
-    b = Bus(own_nats.url, component="test")
+    b = bus_for(own_nats.url, TESTER, component="test")
     await b.start()
     yield b
     await b.close()
@@ -219,3 +220,24 @@ def test_an_endpoints_changed_event_names_added_and_removed_addresses():
     assert endpoints_changed_event((EP, "demo.web.80"), es("10.1.0.1"), None)["deleted"] is True
     assert endpoints_changed_event((EP, "_ip.10-96-0-1.80"), None, es("10.1.0.1")) is None
     assert endpoints_changed_event((schemas.PROFILES_BUCKET, "demo.web"), None, b"{}") is None
+
+
+async def test_a_stray_key_in_the_bucket_is_cleaned_up_without_stopping_the_writer(harnesses, bus):
+    """Whatever lies in the bucket — a key no service name makes — the leader deletes it and goes
+    on, even when what it tells about each write fails on that key."""
+    from services.destination.events import endpoints_changed_event
+
+    await bus.put_raw(EP, "probe-without-a-port", b'{"v":1}')
+    assert endpoints_changed_event((EP, "probe-without-a-port"), b"{}", None) is None
+    h = harnesses()
+
+    def fragile(key, old, new):
+        if "." not in key[1]:
+            raise ValueError("not enough values to unpack")
+    h.writer.on_written = fragile
+    h.apply("added", service_doc("web", selector=WEB, cluster_ip="10.96.0.10"))
+    h.apply("added", pod_doc("web-1", labels=WEB, ip="10.1.0.1"))
+    h.sync()
+    await eventually(lambda: _present(bus), what="the leader's write")
+    await eventually(lambda: _absent(bus, "probe-without-a-port"), what="the stray key deleted")
+    assert not h.task.done()

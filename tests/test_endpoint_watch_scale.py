@@ -11,13 +11,14 @@ import asyncio
 
 from tulle import schemas
 from tulle.bus import Bus, Snapshot
+from tests.bus_support import TESTER, bus_for
 
 WATCHES = 1100
 CONNECTIONS = 4
 
 
 async def test_more_than_a_thousand_watches_of_one_endpoint_set_all_get_its_value(own_nats):
-    buses = [Bus(own_nats.url, component="test") for _ in range(CONNECTIONS)]
+    buses = [bus_for(own_nats.url, TESTER, component="test") for _ in range(CONNECTIONS)]
     for b in buses:
         await b.start()
     key = schemas.endpoints_key("demo", "web", 80)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus_support import cli_bus_args, server_for
 from tulle.cli.events import event_kind_type, format_event, parse_since, type_matches
 from tulle.errors import UserError
 from tulle.natsserver import free_port
@@ -53,13 +54,14 @@ def test_json_output_is_the_event_exactly_as_published_and_text_is_one_line():
 
 def _start_service(nats_url: str, log: Path) -> subprocess.Popen:
     admin = f"127.0.0.1:{free_port()}"
-    return subprocess.Popen([sys.executable, "-m", "services.injector", "--nats", nats_url, "--admin", admin],
+    return subprocess.Popen([sys.executable, "-m", "services.injector", "--nats", nats_url, "--admin", admin,
+                             "--nats-creds", str(server_for(nats_url).seed_file("injector"))],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
 def test_events_prints_a_cloudevent_when_a_service_becomes_ready(nats_server, tmp_path):
     follower = subprocess.Popen([TULLE, "events", "-o", "json", "--count", "1", "--type", "injector.ready",
-                                 "--nats", nats_server.url, "--timeout", "60"],
+                                 *cli_bus_args(nats_server.url), "--timeout", "60"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # It says on stderr when it listens; only then may the service start (new events only).
@@ -83,14 +85,14 @@ def test_events_prints_a_cloudevent_when_a_service_becomes_ready(nats_server, tm
 
     # The stream kept it: --since replays it to a reader that came later.
     replay = subprocess.run([TULLE, "events", "-o", "json", "--count", "1", "--type", "injector.ready",
-                             "--since", "5m", "--nats", nats_server.url, "--timeout", "30"],
+                             "--since", "5m", *cli_bus_args(nats_server.url), "--timeout", "30"],
                             capture_output=True, timeout=60)
     assert replay.returncode == 0, replay.stderr
     assert json.loads(replay.stdout.decode().splitlines()[0])["type"] == "dev.tulle.injector.ready"
 
 
 def test_events_gives_up_with_exit_1_when_nothing_matches_in_time(nats_server):
-    proc = subprocess.run([TULLE, "events", "--type", "nothing.ever", "--nats", nats_server.url, "--timeout", "0.5"],
+    proc = subprocess.run([TULLE, "events", "--type", "nothing.ever", *cli_bus_args(nats_server.url), "--timeout", "0.5"],
                           capture_output=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout == b""
     assert proc.stderr.decode().strip().splitlines()[-1] == "tulle: no matching events within 0.5 s"

@@ -294,14 +294,26 @@ def test_only_service_account_usernames_with_dns_labels_are_identities(username,
     assert serviceaccount_of(username) == expected
 
 
-def test_local_tokens_prove_their_account_only_with_the_right_secret():
+AUD = "identity.tulle.cluster.local"
+
+
+def test_local_tokens_prove_their_workload_only_with_the_right_secret():
     secret = pki.new_token_secret()
-    token = pki.make_local_token(secret, "demo", "web")
-    assert pki.verify_local_token(secret, token) == ("demo", "web")
-    assert pki.verify_local_token(pki.new_token_secret(), token) is None
+    token = pki.make_local_token(secret, "demo", "web", "web-1", AUD)
+    claims = pki.verify_local_token(secret, token, audience=AUD)
+    assert (claims.namespace, claims.serviceaccount, claims.workload) == ("demo", "web", "web-1")
+    assert pki.verify_local_token(pki.new_token_secret(), token, audience=AUD) is None
     prefix, body, mac = token.split(".")
-    forged = pki.make_local_token(pki.new_token_secret(), "demo", "api").split(".")[1]
-    assert pki.verify_local_token(secret, f"{prefix}.{forged}.{mac}") is None
+    forged = pki.make_local_token(pki.new_token_secret(), "demo", "api", "api-1", AUD).split(".")[1]
+    assert pki.verify_local_token(secret, f"{prefix}.{forged}.{mac}", audience=AUD) is None
+
+
+def test_local_tokens_expire_and_are_meant_for_one_audience():
+    secret = pki.new_token_secret()
+    token = pki.make_local_token(secret, "demo", "web", "web-1", AUD, lifetime_s=3600, now=1_000_000)
+    assert pki.verify_local_token(secret, token, audience=AUD, now=1_000_000 + 3599) is not None
+    assert pki.verify_local_token(secret, token, audience=AUD, now=1_000_000 + 3600) is None  # expired
+    assert pki.verify_local_token(secret, token, audience="identity.tulle.example.org", now=1_000_000) is None
 
 
 def test_durations_read_like_go_durations():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from services.identity.ca import load_issuer
+from tests.bus_support import TESTER, bus_for, cli_bus_args, server_for
 from tests.conftest import REPO
 from tests.identity_support import identity_in_process, make_issuer_dir, token_secret
 from tulle import pki, schemas
@@ -26,6 +27,7 @@ def tulle(*args: str, nats: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_COLOR": "1"}
     if nats:
         env["TULLE_NATS_URL"] = nats
+        env["TULLE_NATS_CREDS"] = str(server_for(nats).seed_file("observer"))
     return subprocess.run([TULLE, *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -97,7 +99,7 @@ async def test_show_prints_the_anchors_the_issuer_expiry_and_a_workloads_certifi
         assert doc["issuer_expiry"] == issuer_dir.issuer.cert.not_valid_after_utc.timestamp()
         assert [a["sha256"] for a in doc["anchors"]][0] == pki.fingerprint(issuer_dir.anchor.cert_pem)
 
-        bus = Bus(own_nats.url, component="test")
+        bus = bus_for(own_nats.url, TESTER, component="test")
         await bus.start()
         cert_expiry = time.time() + 3600
         await bus.put(schemas.PROXIES_BUCKET, schemas.proxy_key("demo", "web"), schemas.ProxyHeartbeat(
@@ -122,6 +124,26 @@ def test_show_without_a_published_bundle_says_so(own_nats):
     assert out.returncode == 1 and "no trust bundle published" in out.stdout
 
 
-def test_show_without_nats_fails_with_one_line():
-    out = tulle("identity", "--nats", "nats://127.0.0.1:1", "--timeout", "1s")
-    assert out.returncode == 2 and out.stderr.strip() == "tulle: identity: cannot reach NATS at nats://127.0.0.1:1"
+def test_show_without_nats_fails_with_one_line(nats_server):
+    out = tulle("identity", *cli_bus_args(nats_server.url)[2:], "--nats", "nats://127.0.0.1:1", "--timeout", "1s")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("tulle: identity: cannot reach NATS at nats://127.0.0.1:1")
+
+
+def test_show_without_a_credential_fails_with_one_line_saying_how_to_give_one(nats_server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TULLE_NATS")}
+    env["TULLE_STATE_DIR"] = str(tmp_path)  # no `tulle up` running there to borrow a credential from
+    out = subprocess.run([TULLE, "identity", "--nats", nats_server.url, "--timeout", "2s"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "no credential for NATS" in out.stderr and "--nats-creds" in out.stderr
+
+
+def test_show_with_a_credential_the_bus_does_not_know_fails_with_one_line(nats_server, tmp_path):
+    from tulle import natsjwt
+
+    stranger = tmp_path / "stranger.nk"
+    natsjwt.ensure_seed(stranger, "user")
+    out = tulle("identity", "--nats", nats_server.url, "--nats-creds", str(stranger), "--timeout", "3s")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "refused the credential" in out.stderr and "Authorization Violation" in out.stderr

@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 
 from proxy.identity import IdentityClient, peer_identity
+from tests.bus_support import TESTER, bus_for, server_for
 from tests.conftest import eventually
 from tests.identity_support import (
     EchoServer, atomic_write, exchange, identity_in_process, make_issuer_dir, server_cert, tls_connect, token_file,
@@ -35,7 +36,7 @@ class Mesh:
         self.tmp = tmp_path
         self.stack = stack
         self.issuer_dir = make_issuer_dir(tmp_path / "issuer")
-        self.secret = token_secret(tmp_path / "token-secret")
+        self.secret = server_for(nats_url).token_secret  # tokens good for certify and the bus alike
         self.server = None
         self.tasks: list[asyncio.Task] = []
 
@@ -44,12 +45,14 @@ class Mesh:
             identity_in_process(self.nats_url, self.issuer_dir.path, self.secret, **kw))
         return self.server
 
-    async def proxy(self, ns: str, sa: str, *, min_refresh_s: float = 10.0, start: bool = True) -> IdentityClient:
-        bus = Bus(self.nats_url, component="proxy")
+    async def proxy(self, ns: str, sa: str, *, min_refresh_s: float = 10.0, start: bool = True,
+                    anchors_pem: bytes | None = None) -> IdentityClient:
+        bus = bus_for(self.nats_url, f"proxy:{ns}/{sa}")
         await bus.start()
         self.stack.push_async_callback(bus.close)
         client = IdentityClient(bus, identity=identity_name(sa, ns), min_refresh_s=min_refresh_s, registry=Registry(),
-                                token_file=token_file(self.tmp / f"token-{ns}-{sa}", self.secret, ns, sa))
+                                token_file=token_file(self.tmp / f"token-{ns}-{sa}", self.secret, ns, sa),
+                                trust_anchors_pem=anchors_pem or self.issuer_dir.anchor.cert_pem)
         task = asyncio.ensure_future(client.run())
         self.tasks.append(task)
         if start:
@@ -231,28 +234,20 @@ async def test_with_a_10s_lifetime_renewal_comes_at_70_percent_and_open_connecti
     assert web.m_refresh.labels().value >= 2 and issued_at < renewed_at
 
 
-async def test_anchors_added_to_the_bundle_are_trusted_without_a_restart(mesh, servers):
+async def test_a_proxy_started_with_both_anchors_trusts_leaves_under_either(mesh, servers):
+    """Anchor rotation, step 1: the configured bundle holds the old and the new anchor."""
     await mesh.start_identity()
-    web = await mesh.proxy("demo", "web")
-    server = await servers(web.listener_context())
     new_anchor = pki.new_trust_anchor()
     new_issuer = pki.new_issuer(new_anchor)
     bundle = mesh.issuer_dir.anchor.cert_pem + new_anchor.cert_pem
-    from_new_anchor = foreign_context(server=False, identity=API, issuer=new_issuer, anchors_pem=bundle)
-    assert await refused_by_server(server.port, from_new_anchor, WEB)
-
-    changed = asyncio.Event()
-    web.on_change(changed.set)
-    atomic_write(mesh.issuer_dir.path / "ca.crt", bundle)  # anchor rotation, step 1: trust both
-    await asyncio.wait_for(changed.wait(), 15)
+    web = await mesh.proxy("demo", "web", anchors_pem=bundle)
     assert web.trust_anchors_pem == bundle
-
-    # A leaf under the new anchor is now accepted ...
+    server = await servers(web.listener_context())
+    from_new_anchor = foreign_context(server=False, identity=API, issuer=new_issuer, anchors_pem=bundle)
     reader, writer = await tls_connect(server.port, from_new_anchor, WEB)
     assert await exchange(reader, writer) == f"{API} ping\n".encode()
     writer.close()
-    # ... and so is one under the old anchor, both ways.
-    api = await mesh.proxy("demo", "api")
+    api = await mesh.proxy("demo", "api")  # old anchor only: its leaf chains to it
     reader, writer = await tls_connect(server.port, api.client_context, WEB)
     assert await exchange(reader, writer) == f"{API} ping\n".encode()
     writer.close()
@@ -262,10 +257,28 @@ async def test_anchors_added_to_the_bundle_are_trusted_without_a_restart(mesh, s
     writer.close()
 
 
+async def test_a_rogue_anchor_written_to_the_bus_is_never_trusted(mesh, servers):
+    """Whoever can write the tulle-identity bucket cannot make a proxy trust their CA."""
+    await mesh.start_identity()
+    web = await mesh.proxy("demo", "web")
+    server = await servers(web.listener_context())
+    rogue_anchor = pki.new_trust_anchor()
+    rogue_issuer = pki.new_issuer(rogue_anchor)
+    writer_bus = bus_for(mesh.nats_url, "identity")
+    await writer_bus.start()
+    mesh.stack.push_async_callback(writer_bus.close)
+    bundle = mesh.issuer_dir.anchor.cert_pem + rogue_anchor.cert_pem
+    await writer_bus.put(schemas.IDENTITY_BUCKET, schemas.TRUST_BUNDLE_KEY, schemas.TrustBundle(bundle.decode()))
+    admin = identity_name("admin", "kube-system")
+    from_rogue = foreign_context(server=False, identity=admin, issuer=rogue_issuer, anchors_pem=bundle)
+    assert await refused_by_server(server.port, from_rogue, WEB)
+    assert web.trust_anchors_pem == mesh.issuer_dir.anchor.cert_pem
+
+
 async def test_a_reply_with_a_certificate_for_another_key_or_identity_is_never_installed(mesh):
     """Whoever answers on the certify subject, the proxy installs only a leaf for its own key and name."""
     issuer = mesh.issuer_dir.issuer
-    bus = Bus(mesh.nats_url, component="rogue")
+    bus = bus_for(mesh.nats_url, TESTER, component="rogue")
     await bus.start()
     mesh.stack.push_async_callback(bus.close)
     served = []
@@ -283,3 +296,24 @@ async def test_a_reply_with_a_certificate_for_another_key_or_identity_is_never_i
     web = await mesh.proxy("demo", "web", min_refresh_s=0.3, start=False)
     await eventually(lambda: len(served) >= 4, what="several answers from the rogue responder")
     assert not web.ready and web.serial == "" and web.server_context is None
+
+
+async def test_a_reply_that_does_not_chain_to_the_configured_anchors_is_never_installed(mesh):
+    """The right name and the proxy's own key, but signed by a CA the proxy was not started with."""
+    rogue_issuer = pki.new_issuer(pki.new_trust_anchor())
+    bus = bus_for(mesh.nats_url, TESTER, component="rogue")
+    await bus.start()
+    mesh.stack.push_async_callback(bus.close)
+    served = []
+
+    async def rogue(req: schemas.CertifyRequest) -> schemas.CertifyResponse:
+        served.append(req.identity)
+        leaf = pki.sign_leaf(rogue_issuer, x509.load_pem_x509_csr(req.csr.encode()), req.identity)
+        return schemas.CertifyResponse(leaf=pki.cert_pem(leaf).decode(), chain=[rogue_issuer.cert_pem.decode()],
+                                       expiry=leaf.not_valid_after_utc.timestamp(), serial=pki.serial_hex(leaf))
+
+    await bus.serve(schemas.CERTIFY_SUBJECT, schemas.CertifyRequest, rogue, queue=schemas.CERTIFY_QUEUE)
+    web = await mesh.proxy("demo", "web", min_refresh_s=0.3, start=False)
+    await eventually(lambda: len(served) >= 3, what="several answers from the rogue responder")
+    assert not web.ready and web.serial == "" and web.server_context is None
+    assert web.m_rejected.labels().value >= 3

@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import REPO, eventually
 from tests.identity_support import (
+    local_token,
     IdentityProcess, atomic_write, certified, certify, identity_in_process, leaf_of, make_issuer_dir, token_secret,
 )
 from tulle import pki, schemas
@@ -25,7 +27,7 @@ API = identity_name("api", "demo")
 
 @pytest.fixture
 async def client(own_nats):
-    bus = Bus(own_nats.url, component="test")
+    bus = bus_for(own_nats.url, TESTER, component="test")
     await bus.start()
     yield bus
     await bus.close()
@@ -56,7 +58,7 @@ async def test_a_proven_workload_gets_a_leaf_that_chains_to_the_published_bundle
     events = await Events().start(client)
     async with identity_in_process(own_nats.url, issuer_dir.path, secret) as server:
         key = pki.new_key()
-        resp = await certify(client, WEB, pki.make_local_token(secret, "demo", "web"), key=key)
+        resp = await certify(client, WEB, local_token(secret, "demo", "web"), key=key)
         assert resp.error is None
         leaf = leaf_of(resp)
         assert pki.cert_identity(leaf) == WEB
@@ -76,12 +78,12 @@ async def test_bad_requests_get_typed_errors_and_no_certificate(own_nats, client
     issuer_dir = make_issuer_dir(tmp_path / "issuer")
     secret = token_secret(tmp_path / "token-secret")
     events = await Events().start(client)
-    web_token = pki.make_local_token(secret, "demo", "web")
+    web_token = local_token(secret, "demo", "web")
     async with identity_in_process(own_nats.url, issuer_dir.path, secret) as server:
         cases = {
-            "wrong token": (WEB, pki.make_local_token(pki.new_token_secret(), "demo", "web"), None, "unauthenticated"),
+            "wrong token": (WEB, local_token(pki.new_token_secret(), "demo", "web"), None, "unauthenticated"),
             "missing token": (WEB, "", None, "unauthenticated"),
-            "token for another service account": (WEB, pki.make_local_token(secret, "demo", "api"), None, "name-mismatch"),
+            "token for another service account": (WEB, local_token(secret, "demo", "api"), None, "name-mismatch"),
             "csr for another identity": (WEB, web_token, pki.new_csr(API, pki.new_key()).decode(), "name-mismatch"),
             "malformed csr": (WEB, web_token, "-----BEGIN CERTIFICATE REQUEST-----\nnope\n", "invalid-csr"),
         }
@@ -107,7 +109,7 @@ async def test_a_request_that_does_not_decode_is_dropped_and_the_service_keeps_a
 
         with pytest.raises(nats.errors.TimeoutError):
             await client.nc.request(schemas.CERTIFY_SUBJECT, b'{"v": 1, "identity": 3}', timeout=0.5)
-        assert (await certify(client, WEB, pki.make_local_token(secret, "demo", "web"))).error is None
+        assert (await certify(client, WEB, local_token(secret, "demo", "web"))).error is None
 
 
 async def test_replicas_with_the_same_issuer_do_not_rewrite_the_trust_bundle(own_nats, client, tmp_path):
@@ -124,7 +126,7 @@ async def test_replicas_with_the_same_issuer_do_not_rewrite_the_trust_bundle(own
 async def test_an_issuer_replaced_by_garbage_is_refused_and_the_old_issuer_keeps_signing(own_nats, client, tmp_path):
     issuer_dir = make_issuer_dir(tmp_path / "issuer")
     secret = token_secret(tmp_path / "token-secret")
-    token = pki.make_local_token(secret, "demo", "web")
+    token = local_token(secret, "demo", "web")
     events = await Events().start(client)
     async with identity_in_process(own_nats.url, issuer_dir.path, secret) as server:
         atomic_write(issuer_dir.path / "issuer.crt", b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
@@ -172,7 +174,7 @@ async def test_replacing_the_issuer_files_of_a_running_process_makes_new_leaves_
         own_nats, client, tmp_path):
     issuer_dir = make_issuer_dir(tmp_path / "issuer")
     secret = token_secret(tmp_path / "token-secret")
-    token = pki.make_local_token(secret, "demo", "web")
+    token = local_token(secret, "demo", "web")
     events = await Events().start(client)
     proc = IdentityProcess(own_nats.url, issuer_dir.path, tmp_path / "token-secret", tmp_path / "identity.log").start()
     try:
@@ -200,12 +202,12 @@ async def test_replacing_the_issuer_files_of_a_running_process_makes_new_leaves_
 async def test_two_replicas_share_the_certify_requests(own_nats, client, tmp_path):
     issuer_dir = make_issuer_dir(tmp_path / "issuer")
     secret = token_secret(tmp_path / "token-secret")
-    procs = [IdentityProcess(own_nats.url, issuer_dir.path, tmp_path / "token-secret", tmp_path / f"identity-{i}.log").start()
-             for i in range(2)]
+    procs = [IdentityProcess(own_nats.url, issuer_dir.path, tmp_path / "token-secret", tmp_path / f"identity-{i}.log",
+                             "--certify-burst", "100").start() for i in range(2)]
     try:
         for p in procs:
             await asyncio.to_thread(p.wait_ready)
-        token = pki.make_local_token(secret, "demo", "web")
+        token = local_token(secret, "demo", "web")
         resps = await asyncio.gather(*(certify(client, WEB, token) for _ in range(40)))
         assert all(r.error is None for r in resps)
         counts = [p.metric("tulle_identity_certify_total", result="ok") for p in procs]
@@ -226,3 +228,25 @@ def test_the_process_refuses_an_unusable_issuer_folder_with_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "issuer.key: the key does not match the certificate" in lines[0], out.stderr
+
+
+async def test_issuance_is_rate_limited_per_identity_and_refusals_are_typed_and_counted(own_nats, client, tmp_path):
+    """One requester hammering certify gets its burst, then `rate-limited`; another workload
+    is not held back by it."""
+    from services.identity.ratelimit import RateLimiter
+
+    issuer_dir = make_issuer_dir(tmp_path / "issuer")
+    secret = token_secret(tmp_path / "token-secret")
+    web_token, api_token = local_token(secret, "demo", "web"), local_token(secret, "demo", "api")
+    async with identity_in_process(own_nats.url, issuer_dir.path, secret,
+                                   limiter=RateLimiter(rate=0.01, burst=5)) as server:
+        resps = [await certify(client, WEB, web_token) for _ in range(12)]
+        assert [r.error is None for r in resps] == [True] * 5 + [False] * 7
+        assert {r.error.code for r in resps[5:]} == {"rate-limited"} and all(r.leaf == "" for r in resps[5:])
+        assert "retry in" in resps[-1].error.message
+        assert (await certify(client, API, api_token)).error is None  # its own budget
+        assert certified(server, "rate-limited") == 7 and certified(server, "ok") == 6
+        # A forged token is refused as unauthenticated before it can spend anyone's budget.
+        forged = local_token(pki.new_token_secret(), "demo", "api")
+        assert (await certify(client, API, forged)).error.code == "unauthenticated"
+        assert (await certify(client, API, api_token)).error is None

@@ -439,8 +439,8 @@ def test_fakekube_answers_token_reviews_by_token_and_audience(kube):
     from kubernetes import client
 
     auth = client.AuthenticationV1Api(client.ApiClient(kube.configuration()))
-    kube.token_reviews["t-web"] = "system:serviceaccount:demo:web"
-    kube.add_token("t-aud", "system:serviceaccount:demo:api", audiences=["tulle-identity"])
+    kube.add_token("t-web", "system:serviceaccount:demo:web")
+    kube.add_token("t-aud", "system:serviceaccount:demo:api", audiences=["tulle-identity"], pod="api-7d9f")
 
     def review(token, audiences=None):
         body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=audiences))
@@ -449,7 +449,9 @@ def test_fakekube_answers_token_reviews_by_token_and_audience(kube):
     web = review("t-web", ["anything"])
     assert web.authenticated and web.user.username == "system:serviceaccount:demo:web"
     assert "system:serviceaccounts:demo" in web.user.groups
-    assert review("t-aud", ["tulle-identity"]).authenticated
+    bound = review("t-aud", ["tulle-identity"])
+    assert bound.authenticated and bound.user.extra["authentication.kubernetes.io/pod-name"] == ["api-7d9f"]
+    assert not web.user.extra  # a token bound to no pod names none
     assert not review("t-aud", ["kube-apiserver"]).authenticated
     unknown = review("nope")
     assert not unknown.authenticated and "invalid bearer token" in unknown.error

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import eventually
 from tulle import schemas
 from tulle.bus import Bus
@@ -20,10 +21,11 @@ async def make(nats_url):
     made: list[tuple[Bus, LeaderElection, asyncio.Task]] = []
 
     async def start(name: str, url: str | None = None, **kw) -> LeaderElection:
-        bus = Bus(url or nats_url, component="test")
+        bus = bus_for(url or nats_url, TESTER, component="test")
         await bus.start()
         election = LeaderElection(bus, name, **kw)
-        made.append((bus, election, asyncio.ensure_future(election.run())))
+        election.task = asyncio.ensure_future(election.run())
+        made.append((bus, election, election.task))
         return election
 
     yield start
@@ -69,9 +71,10 @@ async def test_the_lease_of_a_holder_that_died_expires_and_is_taken_over(make, n
     b = await make(name, on_elected=lambda: lost.append("b elected"))
     await eventually(lambda: b.held_elsewhere, what="b sees a")
     # a dies: no more renewals, no release.
-    dead_bus = a.bus
     a.release = _noop  # the fixture must not release it either
-    await dead_bus.nc.close()
+    a.task.cancel()
+    await asyncio.gather(a.task, return_exceptions=True)
+    await a.bus.close()
     await eventually(b.is_leader, timeout=15, what="b takes over after the TTL")
     assert lost == ["b elected"]
 

@@ -8,6 +8,7 @@ import pytest
 
 from proxy.config import from_env as proxy_config_from_env
 from tulle.errors import UserError
+from tulle import pki
 from tulle.local import plan
 from tulle.resources import model as m
 from tulle.resources.parse import parse_object
@@ -133,10 +134,14 @@ def test_the_workloads_own_env_wins():
 @pytest.mark.parametrize("isolation,address", [("netns", "10.150.1.1"), ("none", "127.140.1.1")])
 def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
     w = workload()
-    env = plan.proxy_env({"PATH": "/bin"}, w, plan.Placement(isolation, address, True),
+    anchors = pki.new_trust_anchor().cert_pem.decode()
+    env = plan.proxy_env({"PATH": "/bin", "TULLE_NATS_CREDS": "/root/other.nk"}, w, plan.Placement(isolation, address, True),
                          nats_url="nats://10.150.0.1:4222", token_file="/state/identity/tokens/demo.web.token",
+                         trust_anchors_pem=anchors, default_inbound_policy="deny",
                          networks=plan.cluster_networks(isolation, 150))
+    assert "TULLE_NATS_CREDS" not in env  # a proxy logs in with its workload's token, never a role's key
     cfg = proxy_config_from_env(env)
+    assert cfg.trust_anchors_pem.strip() == anchors.strip().encode() and cfg.default_inbound_policy == "deny"
     assert cfg.cluster_networks == (("10.150.0.0/16",) if isolation == "netns" else ("127.0.0.0/8",))
     assert (cfg.namespace, cfg.workload, cfg.service_account) == ("demo", "web", "web")
     assert cfg.identity == "web.demo.serviceaccount.identity.tulle.cluster.local"
@@ -148,6 +153,18 @@ def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
         assert not cfg.transparent and cfg.app_default_port == 8080 and cfg.app_host == address
         assert cfg.inbound_addr == (address, 4143) and cfg.outbound_addr == (address, 4140)
         assert cfg.admin_addr == (address, 4191)
+
+
+@pytest.mark.parametrize("pod,ns,expected", [
+    ({}, {}, "all-authenticated"),  # the install's (cluster) default
+    ({}, {m.DEFAULT_POLICY_ANNOTATION: "deny"}, "deny"),  # the namespace's
+    ({m.DEFAULT_POLICY_ANNOTATION: "cluster-unauthenticated"}, {m.DEFAULT_POLICY_ANNOTATION: "deny"},
+     "cluster-unauthenticated"),  # the pod's wins
+])
+def test_the_default_inbound_policy_is_the_pods_else_its_namespaces_else_the_installs(pod, ns, expected):
+    w = workload(annotations=pod)
+    namespace = m.Namespace(m.Meta(name="demo", namespace="", annotations=ns))
+    assert plan.effective_annotation(m.DEFAULT_POLICY_ANNOTATION, w, namespace, "all-authenticated") == expected
 
 
 # --- the Pod manifest ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.policy import InboundPolicy
 from services.policy.compile import compile_policies
+from tests.bus_support import cli_bus_args, server_for
 from tests.conftest import REPO
 from tests.policy_support import PolicyProcess
 from tulle.local.plan import Placement, pod_file_name, pod_manifest
@@ -74,10 +75,10 @@ def test_the_demo_back_ends_stay_ready_and_web_stays_open(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tulle.natsserver import NatsServer
+    from tests.bus_support import MeshNats
 
     tmp = tmp_path_factory.mktemp("policy-cli")
-    nats = NatsServer(tmp / "nats").start()
+    nats = MeshNats(tmp / "nats").start()
     svc = PolicyProcess(nats.url, ["--manifests", str(DEMO), "--manifests", str(runtime_pods(tmp))],
                         tmp / "policy.log").start()
     try:
@@ -87,11 +88,11 @@ def served(tmp_path_factory):
         yield nats.url
     finally:
         svc.stop()
-        nats.stop()
+        nats.close()
 
 
 def tulle(url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([TULLE, "policy", *args, "--nats", url], capture_output=True, text=True, timeout=30)
+    return subprocess.run([TULLE, "policy", *args, *cli_bus_args(url)], capture_output=True, text=True, timeout=30)
 
 
 def test_policy_shows_each_port_its_server_protocol_authorizations_and_source(served):

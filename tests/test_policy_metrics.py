@@ -1,5 +1,5 @@
 """What the proxy will record about authorization decisions: Linkerd's counters with
-bounded labels, and rate-limited `policy.denied` CloudEvents (these over real NATS)."""
+bounded labels, and rate-limited `proxy.denied` CloudEvents (these over real NATS)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tulle import schemas
 from tulle.bus import Bus
 from tulle.metrics import Registry, sample
 from tulle.schemas import identity_name
+from tests.bus_support import TESTER, bus_for
 
 WEB = identity_name("web", "demo")
 
@@ -95,9 +96,9 @@ def test_a_flood_of_distinct_clients_is_capped_per_interval_and_memory_stays_bou
 
 
 async def test_denials_become_rate_limited_cloudevents(nats_url):
-    bus = Bus(nats_url, component="proxy")
+    bus = bus_for(nats_url, "proxy:demo/books")
     await bus.start()
-    listener = Bus(nats_url, component="test")
+    listener = bus_for(nats_url, TESTER, component="test")
     await listener.start()
     got: asyncio.Queue = asyncio.Queue()
 
@@ -105,15 +106,15 @@ async def test_denials_become_rate_limited_cloudevents(nats_url):
         got.put_nowait((msg.subject, schemas.decode_event(msg.data)))
 
     try:
-        await listener.subscribe_raw("tulle.events.policy.denied", on_msg)
-        await listener.nc.flush()
+        await listener.subscribe_raw("tulle.events.proxy.denied", on_msg)
+        await listener.sync()
         reg = Registry()
         reporter = DenialReporter(bus, namespace="demo", workload="books-x1", registry=reg)
         denied = Decision(False, "books-grpc", "", "port 9090: no authorization on Server books-grpc admits ...")
         assert reporter.report("http", 9090, denied, "10.77.0.5", None)
         assert not reporter.report("http", 9090, denied, "10.77.0.9", None)  # same /24, same server
         subject, ev = await asyncio.wait_for(got.get(), 5)
-        assert subject == "tulle.events.policy.denied" and ev.type == "dev.tulle.policy.denied"
+        assert subject == "tulle.events.proxy.denied" and ev.type == "dev.tulle.proxy.denied"
         assert ev.subject == "demo/books-x1"
         assert ev.data == {"namespace": "demo", "workload": "books-x1", "protocol": "http", "port": 9090,
                            "server": "books-grpc", "client_identity": "", "client_ip": "10.77.0.5",
@@ -141,9 +142,9 @@ async def test_the_proxy_applies_its_own_policy_as_soon_as_it_is_written_and_kee
     from tests.conftest import eventually
 
     ns = f"w{uuid.uuid4().hex[:8]}"
-    bus = Bus(nats_url, component="proxy")
+    bus = bus_for(nats_url, "proxy:demo/books")
     await bus.start()
-    writer = Bus(nats_url, component="policy")
+    writer = bus_for(nats_url, "policy", component="policy")
     await writer.start()
     policy = InboundPolicy("deny")
     watcher = PolicyWatcher(bus, ns, "books", policy)

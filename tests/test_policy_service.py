@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from proxy.policy import InboundPolicy
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import REPO, eventually
 from tests.policy_support import (PolicyProcess, pod_doc, saz_doc, server_doc, service_accounts,
                                   write_manifest)
@@ -27,7 +28,7 @@ TRAFFIC = identity_name("traffic", "demo")
 
 @pytest.fixture
 async def bus(own_nats):
-    b = Bus(own_nats.url, component="test")
+    b = bus_for(own_nats.url, TESTER, component="test")
     await b.start()
     yield b
     await b.close()
@@ -83,7 +84,7 @@ async def events(bus: Bus, type_: str) -> asyncio.Queue:
         queue.put_nowait(schemas.decode_event(msg.data))
 
     await bus.subscribe_raw(f"tulle.events.policy.{type_}", on_msg)
-    await bus.nc.flush()
+    await bus.sync()
     return queue
 
 
@@ -270,7 +271,7 @@ async def test_flipping_an_authorization_turns_a_client_from_allowed_to_denied_a
 
     svc = start("--manifests", str(folder))
     await svc.wait_ready()
-    proxy_bus = Bus(bus.url, component="proxy")
+    proxy_bus = bus_for(bus.url, "proxy:demo/books")
     await proxy_bus.start()
     policy = InboundPolicy("deny")
     watcher = PolicyWatcher(proxy_bus, "demo", "books", policy)

@@ -15,6 +15,8 @@ import urllib.request
 
 from proxy.admin import make_admin
 from tests.conftest import REPO, wait_until
+from tests.bus_support import server_for
+from tulle import pki
 from tests.proxy_support import (
     AppServer, KV, Mesh, NotYetIdentity, Proxy, http_request, proxy_config, unique_ns, workload_policy,
 )
@@ -141,7 +143,9 @@ class ProxyProcess:
             "TULLE_PROXY_NAMESPACE": self.ns, "TULLE_PROXY_WORKLOAD": "w-1", "TULLE_PROXY_SERVICE_ACCOUNT": "w",
             "TULLE_PROXY_OUTBOUND_ADDR": f"127.0.0.1:{self.outbound}", "TULLE_PROXY_INBOUND_ADDR": f"127.0.0.1:{self.inbound}",
             "TULLE_PROXY_ADMIN_ADDR": f"127.0.0.1:{self.admin}", "TULLE_PROXY_TRANSPARENT": "false",
-            "TULLE_LOG_FORMAT": "json", **env,
+            "TULLE_LOG_FORMAT": "json",
+            "TULLE_PROXY_IDENTITY_TRUST_ANCHORS": pki.new_trust_anchor().cert_pem.decode(),
+            "TULLE_PROXY_TOKEN_FILE": server_for(nats_url).token_file(self.ns, "w-1", "w"), **env,
         }
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=REPO, env=self.env, stdout=log,

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import REPO
 from tests.identity_support import IdentityProcess, make_issuer_dir, token_file, token_secret
 from tests.proxy_support import AppServer, put_policy, unique_ns, workload_policy
@@ -20,8 +21,9 @@ from tulle.natsserver import free_port
 TULLE = str(REPO / ".venv" / "bin" / "tulle")
 
 
-def start_proxy(nats_url, ns, sa, token, log, **ports):
+def start_proxy(nats_url, ns, sa, token, log, anchors_pem: bytes, **ports):
     env = {
+        "TULLE_PROXY_IDENTITY_TRUST_ANCHORS": anchors_pem.decode(),
         **os.environ, "PYTHONPATH": str(REPO), "TULLE_NATS_URL": nats_url, "TULLE_PROXY_NAMESPACE": ns,
         "TULLE_PROXY_WORKLOAD": f"{sa}-0", "TULLE_PROXY_SERVICE_ACCOUNT": sa, "TULLE_PROXY_TOKEN_FILE": token,
         "TULLE_PROXY_INBOUND_ADDR": f"127.0.0.1:{ports['inbound']}", "TULLE_PROXY_OUTBOUND_ADDR": f"127.0.0.1:{ports['outbound']}",
@@ -34,7 +36,7 @@ def start_proxy(nats_url, ns, sa, token, log, **ports):
 
 
 async def publish(nats_url, ns, app_port, inbound_port, identity):
-    bus = Bus(nats_url, component="test-destination")
+    bus = bus_for(nats_url, TESTER, component="test-destination")
     await bus.start()
     await bus.put(schemas.ENDPOINTS_BUCKET, schemas.endpoints_key(ns, "web", app_port), schemas.EndpointSet(
         namespace=ns, service="web", port=app_port,
@@ -43,7 +45,7 @@ async def publish(nats_url, ns, app_port, inbound_port, identity):
 
 
 async def publish_policies(nats_url, ns):
-    bus = Bus(nats_url, component="test-policy")
+    bus = bus_for(nats_url, TESTER, component="test-policy")
     await bus.start()
     for sa in ("web", "client"):
         await put_policy(bus, workload_policy(ns, f"{sa}-0"))
@@ -54,7 +56,7 @@ async def publish_policies(nats_url, ns):
 def test_two_proxy_processes_certified_by_the_identity_service_carry_curl_over_mtls(nats_server, tmp_path):
     ns = unique_ns()
     issuer = make_issuer_dir(tmp_path / "issuer")
-    secret = token_secret(tmp_path / "secret")
+    secret = token_secret(tmp_path / "secret", nats_server.token_secret)
     identity = IdentityProcess(nats_server.url, issuer.path, tmp_path / "secret", tmp_path / "identity.log").start()
     app = AppServer("web")
     procs = []
@@ -63,10 +65,10 @@ def test_two_proxy_processes_certified_by_the_identity_service_carry_curl_over_m
         asyncio.run(publish_policies(nats_server.url, ns))  # each proxy is ready once its policy arrived
         server_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
         client_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
-        procs.append(start_proxy(nats_server.url, ns, "web", token_file(tmp_path / "web.token", secret, ns, "web"),
-                                 tmp_path / "server.log", **server_ports))
-        procs.append(start_proxy(nats_server.url, ns, "client", token_file(tmp_path / "c.token", secret, ns, "client"),
-                                 tmp_path / "client.log", **client_ports))
+        procs.append(start_proxy(nats_server.url, ns, "web", token_file(tmp_path / "web.token", secret, ns, "web", "web-0"),
+                                 tmp_path / "server.log", issuer.anchor.cert_pem, **server_ports))
+        procs.append(start_proxy(nats_server.url, ns, "client", token_file(tmp_path / "c.token", secret, ns, "client", "client-0"),
+                                 tmp_path / "client.log", issuer.anchor.cert_pem, **client_ports))
         for ports in (server_ports, client_ports):
             out = subprocess.run([TULLE, "proxy", "await", "--timeout", "60s", "--admin-addr", f"127.0.0.1:{ports['admin']}"],
                                  capture_output=True, text=True, timeout=90)

@@ -379,23 +379,23 @@ def test_denials_become_rate_limited_policy_denied_cloudevents(m3):
         events.append(orjson.loads(msg.data))
 
     async def subscribe():
-        return await m3.kv.bus.nc.subscribe("tulle.events.policy.denied", cb=collect)
+        return await m3.kv.bus.nc.subscribe("tulle.events.proxy.denied", cb=collect)
 
     sub = m3.lt.call(subscribe())
     try:
-        m3.lt.call(m3.kv.bus.nc.flush())
+        m3.lt.call(m3.kv.bus.sync())
         source = "127.0.42.9"  # a /24 no other test is denied from: the limiter has not seen it
         assert plain_http(source, m3.server.inbound)[0] == 403
         assert plain_tcp(source, m3.server.inbound) == b""
         mine = lambda: [e for e in events if e["data"]["client_ip"] == source]  # noqa: E731
-        wait_until(lambda: mine(), what="a policy.denied event")
+        wait_until(lambda: mine(), what="a proxy.denied event")
         event = mine()[0]
-        assert event["type"] == "dev.tulle.policy.denied" and event["subject"] == f"{NS}/{m3.pod}"
+        assert event["type"] == "dev.tulle.proxy.denied" and event["subject"] == f"{NS}/{m3.pod}"
         assert event["data"]["server"] == "default:deny" and event["data"]["workload"] == m3.pod
         assert event["data"]["protocol"] == "http" and event["data"]["port"] == m3.app.port
         # The second denial of the same client within the interval is held back (and counted).
         assert sample(get_metrics(m3.server.admin), "tulle_policy_denial_events_suppressed_total") >= 1
-        m3.lt.call(m3.kv.bus.nc.flush())
+        m3.lt.call(m3.kv.bus.sync())
         assert len(mine()) == 1
     finally:
         m3.lt.call(sub.unsubscribe())

@@ -25,6 +25,7 @@ from typing import Callable
 
 import pytest
 
+from tests.bus_support import cli_bus_args, server_for
 from tests.conftest import REPO, wait_until
 from tests.proxy_support import (
     KV, LoopThread, Mesh, Proxy, RawServer, endpoint_set, http_request, meshed_endpoint, proxy_config, unique_ns,
@@ -244,7 +245,7 @@ def paced(n: int, rate: float, fn: Callable[[int], None]) -> None:
 
 def routes_wide(nats_url: str, ns: str) -> dict[str, dict[str, str]]:
     """`tulle routes authors -n NS -o wide` (the real console script), as {route: {column: cell}}."""
-    out = subprocess.run([TULLE, "routes", "authors", "-n", ns, "-o", "wide", "--nats", nats_url],
+    out = subprocess.run([TULLE, "routes", "authors", "-n", ns, "-o", "wide", *cli_bus_args(nats_url)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()

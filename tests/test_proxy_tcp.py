@@ -66,9 +66,28 @@ def test_the_apps_own_tls_passes_through_the_inbound_proxy_untouched(lt, mesh, n
         raw.close()
 
 
-def test_http2_prior_knowledge_is_forwarded_opaque_until_http2_is_proxied(lt, mesh, nats_server):
+def test_http2_prior_knowledge_from_outside_the_mesh_is_refused_not_passed_opaque(lt, mesh, nats_server):
+    """Passed opaque, an h2c request would reach the app with whatever tulle-client-id it carries."""
     raw = RawServer(echo)
     p = inbound_proxy(lt, mesh, nats_server.url, raw.port)
+    try:
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        with socket.create_connection(("127.0.0.1", p.inbound), timeout=10) as s:
+            s.sendall(preface)
+            try:
+                assert s.recv(65536) == b""  # closed, nothing forwarded
+            except ConnectionResetError:
+                pass  # closed with the preface unread: a reset, as refused as can be
+        assert p.metric("inbound_tcp_errors_total", error="h2_unsupported") == 1
+        assert raw.accepted == 0
+    finally:
+        p.stop()
+        raw.close()
+
+
+def test_http2_prior_knowledge_passes_on_a_port_declared_opaque(lt, mesh, nats_server):
+    raw = RawServer(echo)
+    p = inbound_proxy(lt, mesh, nats_server.url, raw.port, opaque_ports=frozenset({raw.port}))
     try:
         preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
         with socket.create_connection(("127.0.0.1", p.inbound), timeout=10) as s:

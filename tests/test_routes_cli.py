@@ -19,6 +19,7 @@ from tulle import schemas
 from tulle.bus import Bus
 from tulle.cli.routes import Row, aggregate, parse_target, plain_table, table_rows
 from tulle.errors import UserError
+from tests.bus_support import TESTER, bus_for, cli_bus_args
 
 TULLE = str(Path(sys.executable).with_name("tulle"))
 QUERY_TIME = 2159.999  # the in-test proxies' clock when asked: 60 s after their traffic began
@@ -49,7 +50,7 @@ def proxy_stats(traffic) -> RouteStats:
 @pytest.fixture
 async def mesh(own_nats):
     """demo/web and demo/traffic answer; demo/books is ready but never answers; demo/old is not ready."""
-    bus = Bus(own_nats.url, component="test")
+    bus = bus_for(own_nats.url, TESTER, component="test")
     await bus.start()
     proxies = {
         "web": proxy_stats([("demo.authors", "GET /authors/{id}", 120, 114, 150, 114, 10),
@@ -78,7 +79,7 @@ async def mesh(own_nats):
 
 
 async def tulle(url, *args):
-    proc = await asyncio.create_subprocess_exec(TULLE, "routes", *args, "--nats", url,
+    proc = await asyncio.create_subprocess_exec(TULLE, "routes", *args, *cli_bus_args(url),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus_support import TESTER, bus_for
 from tests.conftest import wait_until
 from tests.identity_support import make_issuer_dir, token_secret
 from tests.service_process import ServiceProcess
@@ -34,7 +35,7 @@ def start(name: str, nats_url: str, tmp: Path) -> ServiceProcess:
 
 @pytest.mark.parametrize("name", SERVICES)
 async def test_a_service_announces_it_is_ready_with_a_cloudevent(name, nats_server, tmp_path):
-    bus = Bus(nats_server.url, component="test")
+    bus = bus_for(nats_server.url, TESTER, component="test")
     await bus.start()
     got: asyncio.Future = asyncio.get_running_loop().create_future()
 

@@ -21,7 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Mapping, Optional, TypeVar
 
 import nats
 import nats.errors
@@ -30,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.js import api as jsapi
 from nats.js.kv import KeyValue
 
-from tulle import schemas
+from tulle import busauth, schemas
 from tulle.codec import DecodeError, decode, encode
 from tulle.log import get_logger
 from tulle.metrics import REGISTRY, Registry
@@ -50,8 +51,83 @@ BUCKETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Stores every control-plane service makes when missing (tulle/busauth.py lets each one).
+SHARED_STORES = busauth.SHARED_BUCKETS
+
+
 def nats_url() -> str:
     return os.environ.get("TULLE_NATS_URL", DEFAULT_URL)
+
+
+@dataclass(frozen=True)
+class BusCredentials:
+    """How a process proves who it is to NATS (tulle/busauth.py says what each may do).
+
+    - seed_file: a static role's nkey seed (control-plane services, the observer);
+    - token_file: a workload proxy's token, read again at every (re)connect because
+      projected tokens rotate; NATS auth callout has identity check it;
+    - inbox_prefix: this client's own reply subjects (derived from the key or workload);
+    - ca_file: the CA to verify NATS's TLS certificate with (TLS when set, or with tls://).
+    """
+
+    seed_file: str = ""
+    token_file: str = ""
+    inbox_prefix: str = ""
+    ca_file: str = ""
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "BusCredentials":
+        """TULLE_NATS_CREDS (a seed file) and TULLE_NATS_CA."""
+        env = os.environ if env is None else env
+        return cls.for_seed(env.get("TULLE_NATS_CREDS", ""), ca_file=env.get("TULLE_NATS_CA", ""))
+
+    @classmethod
+    def for_seed(cls, seed_file: str, *, ca_file: str = "") -> "BusCredentials":
+        prefix = ""
+        if seed_file:
+            from tulle import natsjwt
+            from tulle.busauth import inbox_for_user
+
+            try:
+                prefix = inbox_for_user(natsjwt.public_key(natsjwt.read_seed(seed_file)))
+            except (OSError, ValueError) as e:
+                from tulle.errors import UserError
+
+                raise UserError(f"NATS credentials {seed_file}: {getattr(e, 'strerror', None) or e}") from None
+        return cls(seed_file=seed_file, inbox_prefix=prefix, ca_file=ca_file)
+
+    @classmethod
+    def for_workload(cls, token_file: str, namespace: str, workload: str, *, ca_file: str = "") -> "BusCredentials":
+        from tulle.busauth import inbox_for_workload
+
+        return cls(token_file=token_file, inbox_prefix=inbox_for_workload(namespace, workload), ca_file=ca_file)
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.seed_file and not self.token_file
+
+    def connect_options(self, url: str) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.seed_file:
+            opts["nkeys_seed"] = self.seed_file
+        elif self.token_file:
+            path = self.token_file
+
+            def token() -> str:
+                try:
+                    return Path(path).read_text().strip()
+                except OSError:
+                    return ""  # refused by the server; the next reconnect reads it again
+            opts["token"] = token
+        if self.inbox_prefix:
+            opts["inbox_prefix"] = self.inbox_prefix
+        if self.ca_file or url.startswith("tls://"):
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=self.ca_file or None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            opts["tls"] = ctx
+        return opts
 
 
 @dataclass(slots=True)
@@ -68,14 +144,30 @@ class Change(Generic[T]):
     revision: int = 0
 
 
+async def settle(nc) -> None:
+    """Until the server has processed everything this connection sent so far.
+
+    nats-py's own flush() writes its PING straight to the socket, ahead of commands still
+    queued for its flusher task: its PONG can come back before a SUB just made reached the
+    server, so another connection publishing "after" it may find no subscriber. Writing out
+    the queue first, then the PING, restores the order.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()
+
+
 class BusError(Exception):
     """A bus operation that could not be done (not connected, timed out, refused)."""
 
 
 class Bus:
     def __init__(self, url: str | None = None, *, component: str, instance: str | None = None,
-                 registry: Registry = REGISTRY):
+                 registry: Registry = REGISTRY, credentials: BusCredentials | None = None):
         self.url = url or nats_url()
+        # None: from the environment (TULLE_NATS_CREDS, TULLE_NATS_CA).
+        self.credentials = credentials if credentials is not None else BusCredentials.from_env()
+        self.auth_error = ""  # why the server refused us, when it did: the last refusal
+        self.permission_errors: list[str] = []  # the last permission violations the server reported
         self.component = component
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
         self.log = get_logger(bus=self.url)
@@ -88,6 +180,9 @@ class Bus:
         self._closed = False
         self._on_change: list[Callable[[bool], None]] = []
         self._subs: list[Any] = []
+        # What serve/subscribe_raw asked for, made again on a new connection (nats-py
+        # re-subscribes by itself after a reconnect, but not after it closed for good).
+        self._wanted_subs: list[tuple[str, str, Callable[[Msg], Awaitable[None]]]] = []
         self._watchers: set[Any] = set()  # live nats-py KeyWatchers, told to resync on reconnect
         self.m_decode_errors = registry.counter(
             "tulle_bus_decode_errors_total", "Bus messages dropped because they did not decode", ("subject", "reason"))
@@ -118,11 +213,13 @@ class Bus:
             try:
                 self.nc = await nats.connect(
                     self.url,
+                    **self.credentials.connect_options(self.url),
                     name=f"{self.component}/{self.instance}",
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
-                    connect_timeout=2,
+                    # CONNECT waits for the auth callout (identity) on a token login.
+                    connect_timeout=6,
                     ping_interval=5,
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnected,
@@ -132,13 +229,21 @@ class Bus:
                 )
                 break
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
-                self.log.info("nats not reachable yet", error=str(e) or type(e).__name__, retry_in=round(delay, 2))
+                if _is_auth_error(e):
+                    self.auth_error = str(e)
+                    self.log.warning("nats refused this client's credentials", error=str(e), retry_in=round(delay, 2))
+                else:
+                    self.log.info("nats not reachable yet", error=str(e) or type(e).__name__, retry_in=round(delay, 2))
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
         if self._closed:
             return
         self.js = self.nc.jetstream()
         self._kvs.clear()
+        self.auth_error = ""
+        self._subs = []
+        for subject, queue, cb in self._wanted_subs:
+            self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=cb))
         self.log.info("connected to nats")
         await self._set_connected(True)
 
@@ -174,11 +279,24 @@ class Bus:
     async def _on_error(self, e: Exception) -> None:
         if isinstance(e, (nats.errors.SlowConsumerError,)):
             self.log.warning("nats slow consumer", error=str(e))
+        elif "permissions violation" in str(e).lower():
+            self.permission_errors.append(str(e))
+            del self.permission_errors[:-20]
+            self.log.warning("nats refused an operation this client is not allowed", error=str(e))
+        elif _is_auth_error(e):
+            self.auth_error = str(e)
+            self.log.warning("nats refused this client's credentials", error=str(e))
         elif not self._closed:
             self.log.debug("nats error", error=str(e) or type(e).__name__)
 
     async def _on_closed(self) -> None:
         await self._set_connected(False)
+        if not self._closed:
+            # nats-py gives up on a connection the server ended with an error (expired
+            # credentials, an authorization refused by a restarted server): start afresh.
+            self.log.warning("nats connection closed by the server; connecting again",
+                             error=str(getattr(self.nc, "last_error", "") or ""))
+            asyncio.ensure_future(self._connect_loop())
 
     async def close(self) -> None:
         """Drain and close; never raises, whatever state the connection is in (nats-py
@@ -224,16 +342,16 @@ class Bus:
         self._kvs[bucket] = kv
         return kv
 
-    async def put(self, bucket: str, key: str, msg: Any) -> int:
-        kv = await self.kv(bucket)
+    async def put(self, bucket: str, key: str, msg: Any, *, create: bool = True) -> int:
+        kv = await self.kv(bucket, create=create)
         return await kv.put(key, encode(msg))
 
-    async def put_raw(self, bucket: str, key: str, payload: bytes) -> int:
-        kv = await self.kv(bucket)
+    async def put_raw(self, bucket: str, key: str, payload: bytes, *, create: bool = True) -> int:
+        kv = await self.kv(bucket, create=create)
         return await kv.put(key, payload)
 
-    async def delete(self, bucket: str, key: str) -> None:
-        kv = await self.kv(bucket)
+    async def delete(self, bucket: str, key: str, *, create: bool = True) -> None:
+        kv = await self.kv(bucket, create=create)
         await kv.delete(key)
 
     async def get_raw(self, bucket: str, key: str) -> bytes | None:
@@ -459,13 +577,23 @@ class Bus:
 
             on_msg = answer_concurrently
 
-        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
+        await self._subscribe(subject, queue, on_msg)
 
     async def subscribe_raw(self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = ""):
         self._require()
+        return await self._subscribe(subject, queue, cb)
+
+    async def _subscribe(self, subject: str, queue: str, cb: Callable[[Msg], Awaitable[None]]):
         sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        self._wanted_subs.append((subject, queue, cb))
         self._subs.append(sub)
+        await settle(self.nc)  # serving means subscribed: requests sent from now on reach us
         return sub
+
+    async def sync(self) -> None:
+        """Until the server has processed everything sent so far (see `settle`)."""
+        self._require()
+        await settle(self.nc)
 
     # --- events -------------------------------------------------------------------------
 
@@ -509,6 +637,11 @@ class Bus:
             self.log.debug("event not published", type=type_, error=str(e))
             return None
         return event
+
+
+def _is_auth_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "authorization violation" in text or "authentication" in text or "user authentication" in text
 
 
 class _Resync(Exception):

@@ -171,7 +171,10 @@ class KVWriter:
                 self.m_writes.labels(key[0], "delete" if value is None else "put").inc()
                 done += 1
                 if self.on_written is not None:
-                    self.on_written(key, old, value)
+                    try:
+                        self.on_written(key, old, value)
+                    except Exception:  # a listener's bug must never stop the writer
+                        self.log.exception("write listener failed", bucket=key[0], key=key[1])
             if failed is not None:
                 raise failed if isinstance(failed, Exception) else BusError(repr(failed))
         if not self.pending:

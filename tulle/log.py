@@ -10,8 +10,13 @@ import os
 import sys
 
 import structlog
+import structlog.tracebacks
 
 _configured = False
+# Tracebacks as data, *without* local variables: structlog's default shows them, and a
+# frame's locals can hold a token, a key or a credential (the identity client's do).
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 
 def setup_logging(component: str, level: str | None = None, fmt: str | None = None) -> structlog.BoundLogger:
@@ -34,7 +39,7 @@ def setup_logging(component: str, level: str | None = None, fmt: str | None = No
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
+            _DICT_TRACEBACKS if fmt == "json" else structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),

@@ -11,7 +11,9 @@ import subprocess
 import sysconfig
 import time
 from pathlib import Path
+from typing import Optional
 
+from tulle import busauth
 from tulle.errors import UserError
 
 
@@ -45,32 +47,57 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 
 
 class NatsServer:
-    """One nats-server process. `stop()` then `start()` brings it back on the same port
-    with the same store, as a restarted server would."""
+    """One nats-server process with the mesh's authorization (tulle/busauth.py): no
+    anonymous clients, a user per control-plane role, workload proxies through auth
+    callout. The role seeds live in `keys_dir` (default `<store>/keys`), made on first use.
+
+    `stop()` then `start()` brings it back on the same port with the same store and keys,
+    as a restarted server would."""
 
     def __init__(self, store_dir: str | Path, *, host: str = "127.0.0.1", port: int = 0,
-                 log_file: str | Path | None = None):
+                 log_file: str | Path | None = None, keys_dir: str | Path | None = None,
+                 tls: Optional[busauth.TLSFiles] = None, cluster: Optional[busauth.ClusterSpec] = None,
+                 server_name: str = "", extra_users: Optional[dict] = None):
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port(host if host != "0.0.0.0" else "127.0.0.1")
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.keys_dir = Path(keys_dir) if keys_dir else self.store_dir / "keys"
+        self.tls = tls
+        self.cluster = cluster
+        self.server_name = server_name or f"tulle-{self.port}"
+        self.extra_users = extra_users or {}
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
-        return f"nats://{host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{host}:{self.port}"
+
+    def keys(self) -> busauth.BusPublicKeys:
+        return busauth.ensure_keys(self.keys_dir)
+
+    def credentials(self, role: str):
+        """The BusCredentials of a static role (destination, policy, identity, injector, observer)."""
+        from tulle.bus import BusCredentials
+
+        self.keys()
+        return BusCredentials.for_seed(str(busauth.role_seed_file(self.keys_dir, role)),
+                                       ca_file=self.tls.ca_file if self.tls else "")
+
+    def seed_file(self, role: str) -> Path:
+        self.keys()
+        return busauth.role_seed_file(self.keys_dir, role)
+
+    @property
+    def callout_issuer_seed_file(self) -> Path:
+        self.keys()
+        return busauth.callout_issuer_seed_file(self.keys_dir)
 
     def config_text(self) -> str:
-        return (
-            f'listen: "{self.host}:{self.port}"\n'
-            f'server_name: "tulle-{self.port}"\n'
-            "max_payload: 1MB\n"
-            f'jetstream {{ store_dir: "{self.store_dir / "jetstream"}", max_memory_store: 256MB, max_file_store: 2GB,\n'
-            # Every KV watch is a consumer; nats-server 2.15 caps a stream at 1,000 of them
-            # by default, which 1,000 proxy watches of tulle-endpoints reach. -1: no cap, as before 2.15.
-            "  limits { default_max_consumers: -1 } }\n"
-        )
+        return busauth.server_config(self.keys(), busauth.ServerOptions(
+            listen=f"{self.host}:{self.port}", store_dir=str(self.store_dir / "jetstream"),
+            server_name=self.server_name, tls=self.tls, cluster=self.cluster, extra_users=self.extra_users))
 
     def start(self, timeout: float = 10.0) -> "NatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)

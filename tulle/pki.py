@@ -281,6 +281,30 @@ def ssl_context_from_pem(*, server: bool, cert_chain_pem: bytes, key_pem_bytes: 
     return ctx
 
 
+class ChainError(ValueError):
+    """A certificate that does not chain to the trust anchors (or not for the right name)."""
+
+
+def verify_leaf(leaf: x509.Certificate, chain: list[x509.Certificate], anchors_pem: bytes, identity: str, *,
+                now: Optional[dt.datetime] = None) -> None:
+    """Raise ChainError unless `leaf` certifies `identity`, is valid now and chains through
+    `chain` to one of `anchors_pem` (RFC 5280 path validation, by cryptography's verifier)."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    try:
+        anchors = load_certs(anchors_pem)
+    except ValueError as e:
+        raise ChainError(f"the trust anchors do not parse: {e}") from None
+    if not anchors:
+        raise ChainError("no trust anchors")
+    try:
+        verifier = (PolicyBuilder().store(Store(anchors)).time(now or _now())
+                    .build_server_verifier(x509.DNSName(identity)))
+        verifier.verify(leaf, chain)
+    except (VerificationError, ValueError) as e:
+        raise ChainError(str(e)) from None
+
+
 def peer_identity(ssl_object) -> Optional[str]:
     """The verified identity of the TLS peer (its first DNS SAN), or None without a certificate."""
     if ssl_object is None:
@@ -294,6 +318,14 @@ def peer_identity(ssl_object) -> Optional[str]:
     return None
 
 
+def trust_root_sha256(anchors_pem: bytes | str) -> str:
+    """The fingerprint of a trust-anchor bundle as annotations and heartbeats carry it:
+    sha256 of the PEM text without surrounding whitespace, plus one newline."""
+    if isinstance(anchors_pem, str):
+        anchors_pem = anchors_pem.encode()
+    return hashlib.sha256(anchors_pem.strip() + b"\n").hexdigest()
+
+
 def fingerprint(pem: bytes | str) -> str:
     if isinstance(pem, str):
         pem = pem.encode()
@@ -303,22 +335,42 @@ def fingerprint(pem: bytes | str) -> str:
 # --- local-mode tokens ------------------------------------------------------------------------
 # In Kubernetes a projected service-account token proves who a proxy is (TokenReview).
 # In local mode the runner mints an HMAC token per workload with a secret only it and the
-# identity service read.
+# identity service read. Like a projected token it names its workload (pod), is meant for
+# one audience (`identity.tulle.<trust-domain>`) and expires.
+
+LOCAL_TOKEN_LIFETIME_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class LocalTokenClaims:
+    namespace: str
+    serviceaccount: str
+    workload: str
+    audience: str
+    expires: float
 
 
 def new_token_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-def make_local_token(secret: bytes, namespace: str, serviceaccount: str) -> str:
-    body = base64.urlsafe_b64encode(orjson.dumps({"ns": namespace, "sa": serviceaccount,
-                                                  "n": secrets.token_hex(8)})).rstrip(b"=")
+def make_local_token(secret: bytes, namespace: str, serviceaccount: str, workload: str, audience: str, *,
+                     lifetime_s: float = LOCAL_TOKEN_LIFETIME_S, now: Optional[float] = None) -> str:
+    import time
+
+    issued = int(now if now is not None else time.time())
+    body = base64.urlsafe_b64encode(orjson.dumps({
+        "ns": namespace, "sa": serviceaccount, "pod": workload, "aud": audience,
+        "iat": issued, "exp": issued + int(lifetime_s), "n": secrets.token_hex(8)})).rstrip(b"=")
     mac = base64.urlsafe_b64encode(hmac.new(secret, body, hashlib.sha256).digest()).rstrip(b"=")
     return f"tulle-local.{body.decode()}.{mac.decode()}"
 
 
-def verify_local_token(secret: bytes, token: str) -> Optional[tuple[str, str]]:
-    """(namespace, serviceaccount) the token proves, or None."""
+def verify_local_token(secret: bytes, token: str, *, audience: str,
+                       now: Optional[float] = None) -> Optional[LocalTokenClaims]:
+    """What the token proves, or None: a bad MAC, another audience, or expired."""
+    import time
+
     try:
         prefix, body, mac = token.split(".")
     except ValueError:
@@ -329,7 +381,12 @@ def verify_local_token(secret: bytes, token: str) -> Optional[tuple[str, str]]:
     if not hmac.compare_digest(want, mac.encode()):
         return None
     try:
-        claims = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        return str(claims["ns"]), str(claims["sa"])
+        c = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        claims = LocalTokenClaims(str(c["ns"]), str(c["sa"]), str(c["pod"]), str(c["aud"]), float(c["exp"]))
     except (ValueError, KeyError, TypeError):
         return None
+    if claims.audience != audience:
+        return None
+    if claims.expires <= (now if now is not None else time.time()):
+        return None
+    return claims

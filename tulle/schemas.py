@@ -230,7 +230,7 @@ class WorkloadPolicy:
 
 # --- identity ---------------------------------------------------------------------------
 
-CertifyErrorCode = Literal["unauthenticated", "invalid-csr", "name-mismatch", "internal"]
+CertifyErrorCode = Literal["unauthenticated", "invalid-csr", "name-mismatch", "rate-limited", "internal"]
 
 
 @dataclass(slots=True)
@@ -283,6 +283,9 @@ class ProxyHeartbeat:
     admin: str = ""  # host:port of the admin server
     pid: int = 0
     time: float = 0.0
+    # sha256 of the trust anchors (PEM) the proxy was started with: `tulle check --proxy`
+    # compares it with the installation's.
+    trust_root_sha256: str = ""
     v: int = 1
 
 

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 from tulle import __version__
 from tulle.admin import AdminServer
-from tulle.bus import Bus, nats_url
+from tulle.bus import SHARED_STORES, Bus, BusCredentials, nats_url
 from tulle.errors import UserError
 from tulle.log import setup_logging
 from tulle.metrics import REGISTRY
@@ -30,7 +30,8 @@ class Service:
         self.component = component
         self.args = args
         self.log = setup_logging(component, args.log_level, args.log_format)
-        self.bus = Bus(args.nats, component=component)
+        self.bus = Bus(args.nats, component=component,
+                       credentials=BusCredentials.for_seed(args.nats_creds, ca_file=args.nats_ca))
         host, _, port = args.admin.rpartition(":")
         self.admin = AdminServer(host or "0.0.0.0", int(port), ready=self.is_ready)
         self._checks: dict[str, Callable[[], bool]] = {}
@@ -97,16 +98,24 @@ class Service:
         return code
 
     async def _on_connect(self) -> None:
+        """Make the stores no one service owns (the event stream, heartbeats, leases) when
+        missing, whichever service comes first: proxies may write to them but not make them."""
         try:
             await self.bus.ensure_events_stream()
-        except Exception as e:  # permissions in a locked-down cluster: events still flow to live readers
-            self.log.debug("could not ensure the events stream", error=str(e))
+            for bucket in SHARED_STORES:
+                await self.bus.kv(bucket)
+        except Exception as e:  # NATS gone again: the next connection tries again
+            self.log.debug("could not ensure the shared stores", error=str(e) or type(e).__name__)
 
 
 def parse_args(component: str, argv: list[str] | None,
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m services.{component}", description=f"Tulle {component} service")
     p.add_argument("--nats", default=nats_url(), help="NATS URL (env TULLE_NATS_URL)")
+    p.add_argument("--nats-creds", metavar="FILE", default=os.environ.get("TULLE_NATS_CREDS", ""),
+                   help="this service's NATS nkey seed file (env TULLE_NATS_CREDS)")
+    p.add_argument("--nats-ca", metavar="FILE", default=os.environ.get("TULLE_NATS_CA", ""),
+                   help="CA to verify NATS's TLS certificate; TLS to NATS when set (env TULLE_NATS_CA)")
     p.add_argument("--admin", default=os.environ.get("TULLE_ADMIN_ADDR", f"0.0.0.0:{ADMIN_PORTS[component]}"),
                    help="admin listen address host:port (env TULLE_ADMIN_ADDR)")
     p.add_argument("--log-level", default=os.environ.get("TULLE_LOG_LEVEL", "info"))

@@ -22,6 +22,13 @@ CLIENT_ID = b"tulle-client-id"
 PROXY_ERROR = b"tulle-proxy-error"
 
 
+def folded_name(name: bytes) -> bytes:
+    """A lowercase header name as app servers may fold it: WSGI, CGI and PHP read
+    `tulle_client_id` (and `tulle.client.id`) as the same variable as `tulle-client-id`, so a
+    header the proxy strips must go in every spelling."""
+    return name.replace(b"_", b"-").replace(b".", b"-")
+
+
 class HeadError(Exception):
     """A request the proxy refuses: (status, reason for tulle-proxy-error and the error metric)."""
 
@@ -77,7 +84,7 @@ def request_head(headers: list[tuple[bytes, bytes]], version: str, strip: frozen
             if host is not None:
                 raise HeadError(400, "more than one host header")
             host = item[1]
-        elif name in strip:
+        elif strip and (name in strip or folded_name(name) in strip):
             continue
         fwd.append(item)
     if te_seen:

@@ -24,7 +24,10 @@ def endpoints_changed_event(key: Key, old: Optional[bytes], new: Optional[bytes]
     bucket, name = key
     if bucket != schemas.ENDPOINTS_BUCKET or name.startswith("_ip."):
         return None
-    namespace, service, port = name.rsplit(".", 2)
+    parts = name.rsplit(".", 2)
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None  # not a key destination writes (a stray one it is cleaning up): no event
+    namespace, service, port = parts
     before, after = _addresses(old), _addresses(new)
     return {"namespace": namespace, "service": service, "port": int(port), "key": name,
             "added": sorted(after - before), "removed": sorted(before - after),

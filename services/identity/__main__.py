@@ -13,9 +13,13 @@ import os
 import re
 
 from services.identity.ca import CertificateAuthority, IssuerError, load_issuer, parse_duration
-from services.identity.server import IdentityServer
+from services.identity.callout import CalloutResponder
+from services.identity.ratelimit import RateLimiter
+from services.identity.server import DEFAULT_CERTIFY_BURST, DEFAULT_CERTIFY_RATE, IdentityServer
 from services.identity.sources import DirIssuerSource, SecretIssuerSource
-from services.identity.tokens import KubeTokenVerifier, LocalTokenVerifier
+from services.identity.tokens import KubeTokenVerifier, LocalTokenVerifier, token_audience
+from tulle import natsjwt
+from tulle.bus import Bus, BusCredentials
 from tulle.errors import UserError
 from tulle.service import Service, run_service
 
@@ -45,6 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock-skew", type=_duration("--clock-skew"), default=parse_duration("20s", "--clock-skew"),
                    help="certificates are valid from this long before issuance (default 20s)")
     p.add_argument("--trust-domain", default=os.environ.get("TULLE_TRUST_DOMAIN", "cluster.local"))
+    p.add_argument("--callout-issuer-seed", metavar="FILE", default=os.environ.get("TULLE_CALLOUT_ISSUER_SEED", ""),
+                   help="the account nkey seed nats-server trusts for auth callout: identity then lets workload "
+                        "proxies onto the bus with their token (env TULLE_CALLOUT_ISSUER_SEED)")
+    p.add_argument("--callout-creds", metavar="FILE", default=os.environ.get("TULLE_CALLOUT_CREDS", ""),
+                   help="the `callout` user's nkey seed: the connection, in the bus's AUTH account, that receives "
+                        "the logins (env TULLE_CALLOUT_CREDS)")
+    p.add_argument("--certify-burst", type=float, default=DEFAULT_CERTIFY_BURST,
+                   help=f"certificates one identity may get at once (default {DEFAULT_CERTIFY_BURST:g})")
+    p.add_argument("--certify-rate", type=float, default=DEFAULT_CERTIFY_RATE,
+                   help=f"certificates per second one identity may get beyond the burst (default {DEFAULT_CERTIFY_RATE:g})")
     p.add_argument("--watch-interval", type=_duration("--watch-interval"), default=parse_duration("1s", "--watch-interval"),
                    help="how often --issuer-dir files are checked for changes (default 1s)")
     # The local runner starts every service with its manifest folders; identity reads none.
@@ -73,11 +87,14 @@ def build(svc: Service) -> IdentityServer:
         raise UserError("--issuer-secret needs --kubernetes")
     if args.token_secret_file and args.kubernetes:
         raise UserError("give one way to check tokens: --token-secret-file (local mode) or --kubernetes (TokenReview)")
+    if args.certify_rate <= 0 or args.certify_burst < 1:
+        raise UserError("--certify-rate must be positive and --certify-burst at least 1")
     api = kube_api_client() if args.kubernetes else None
+    audience = token_audience(args.trust_domain)
     if args.token_secret_file:
-        verifier, concurrency = LocalTokenVerifier.from_file(args.token_secret_file), 1
+        verifier, concurrency = LocalTokenVerifier.from_file(args.token_secret_file, audience), 1
     elif api is not None:
-        verifier, concurrency = KubeTokenVerifier(api), 32  # TokenReviews wait on the API server
+        verifier, concurrency = KubeTokenVerifier(api, audience), 32  # TokenReviews wait on the API server
     else:
         raise UserError("give one way to check tokens: --token-secret-file F (local mode) or --kubernetes")
     if args.issuer_dir:
@@ -95,8 +112,21 @@ def build(svc: Service) -> IdentityServer:
         if not sep or not ns or not name:
             raise UserError(f"--issuer-secret: expected NAMESPACE/NAME, got {args.issuer_secret!r}")
         source = SecretIssuerSource(api, ns, name)
+    callout = None
+    if bool(args.callout_issuer_seed) != bool(args.callout_creds):
+        raise UserError("give both --callout-issuer-seed and --callout-creds, or neither")
+    if args.callout_issuer_seed:
+        try:
+            seed = natsjwt.read_seed(args.callout_issuer_seed)
+            natsjwt.public_key(seed)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--callout-issuer-seed {args.callout_issuer_seed}: {getattr(e, 'strerror', None) or e}") from None
+        bus = Bus(args.nats, component="identity", instance=f"{svc.bus.instance}-callout",
+                  credentials=BusCredentials.for_seed(args.callout_creds, ca_file=args.nats_ca))
+        callout = CalloutResponder(bus, verifier, seed)
     ca = CertificateAuthority(None, trust_domain=args.trust_domain, lifetime=args.lifetime, clock_skew=args.clock_skew)
-    return IdentityServer(svc.bus, ca, verifier, source, concurrency=concurrency)
+    return IdentityServer(svc.bus, ca, verifier, source, concurrency=concurrency, callout=callout,
+                          limiter=RateLimiter(args.certify_rate, args.certify_burst))
 
 
 def entry() -> None:

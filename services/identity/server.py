@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import AsyncIterator, Protocol
+import time
+from typing import AsyncIterator, Optional, Protocol
 
 import nats.errors
 
 from services.identity.ca import (
     CertificateAuthority, Issuer, IssuerError, issuer_warnings, load_issuer, trust_bundle,
 )
+from services.identity.callout import CalloutResponder
+from services.identity.ratelimit import RateLimiter
 from services.identity.sources import IssuerPEM
 from services.identity.tokens import TokenReviewUnavailable, TokenVerifier
 from tulle import schemas
@@ -29,7 +32,11 @@ from tulle.bus import Bus, BusError
 from tulle.log import get_logger
 from tulle.metrics import REGISTRY, Registry
 
-RESULTS = ("ok", "unauthenticated", "invalid-csr", "name-mismatch", "internal")
+# A workload asks for a certificate at start and about every 17 hours after: 20 at once
+# (a deployment's replicas starting together) and one a second beyond that is plenty.
+DEFAULT_CERTIFY_BURST = 20.0
+DEFAULT_CERTIFY_RATE = 1.0
+RESULTS = ("ok", "unauthenticated", "invalid-csr", "name-mismatch", "rate-limited", "internal")
 
 
 class IssuerSource(Protocol):
@@ -38,12 +45,15 @@ class IssuerSource(Protocol):
 
 class IdentityServer:
     def __init__(self, bus: Bus, ca: CertificateAuthority, verifier: TokenVerifier, source: IssuerSource, *,
-                 concurrency: int = 1, registry: Registry = REGISTRY):
+                 concurrency: int = 1, registry: Registry = REGISTRY, limiter: Optional[RateLimiter] = None,
+                 callout: Optional[CalloutResponder] = None):
         self.bus = bus
         self.ca = ca
         self.verifier = verifier
         self.source = source
         self.concurrency = concurrency
+        self.limiter = limiter if limiter is not None else RateLimiter(DEFAULT_CERTIFY_RATE, DEFAULT_CERTIFY_BURST)
+        self.callout = callout
         self.log = get_logger()
         self.bundle_published = False
         self._bundle_dirty = asyncio.Event()
@@ -147,7 +157,14 @@ class IdentityServer:
     async def certify(self, req: schemas.CertifyRequest) -> schemas.CertifyResponse:
         try:
             proven = await self.verifier.verify(req.token)
-            resp = self.ca.certify(req, proven)
+            if proven is not None and not self.limiter.allow(f"{proven.namespace}/{proven.serviceaccount}",
+                                                             time.monotonic()):
+                wait = self.limiter.retry_after(f"{proven.namespace}/{proven.serviceaccount}", time.monotonic())
+                resp = schemas.CertifyResponse(error=schemas.CertifyError(
+                    "rate-limited", f"too many certificates for {proven.namespace}/{proven.serviceaccount}; "
+                                    f"retry in {wait:.1f}s"))
+            else:
+                resp = self.ca.certify(req, proven.account if proven is not None else None)
         except TokenReviewUnavailable as e:
             resp = schemas.CertifyResponse(error=schemas.CertifyError("internal", str(e)))
         except Exception:
@@ -166,12 +183,24 @@ class IdentityServer:
 
     # --- run ----------------------------------------------------------------------------
 
+    async def _retry_subscribe(self, subscribe, what: str) -> None:
+        while True:
+            try:
+                await self.bus.wait_connected()
+                await subscribe()
+                return
+            except (BusError, nats.errors.Error, OSError) as e:  # the connection dropped meanwhile
+                self.log.debug(f"could not subscribe to {what} yet", error=str(e) or type(e).__name__)
+                await asyncio.sleep(0.1)
+
     async def run(self) -> None:
         """Until cancelled: follow the issuer, publish the bundle, answer certify requests."""
         self.bus.on_connection_change(self._on_connection)
         tasks = [asyncio.ensure_future(self._follow_source()), asyncio.ensure_future(self._publish_bundle_forever()),
                  asyncio.ensure_future(self._warn_expiry_forever())]
         try:
+            if self.callout is not None:  # bus logins need no issuer: answer them from the start
+                await self._retry_subscribe(self.callout.start, "bus logins")
             await self._issuer_loaded.wait()
             while True:
                 try:
@@ -188,3 +217,5 @@ class IdentityServer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.callout is not None:
+                await self.callout.close()

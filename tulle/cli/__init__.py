@@ -15,6 +15,7 @@ from tulle.errors import UserError
 SUBCOMMANDS = {
     "up": "tulle.cli.local:up",
     "down": "tulle.cli.local:down",
+    "restart": "tulle.cli.local:restart",
     "status": "tulle.cli.local:status",
     "events": "tulle.cli.events:events",
     "identity": "tulle.cli.identity:identity",

@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect, nats_option
 
 from tulle import schemas
 from tulle.bus import Bus
@@ -59,11 +59,7 @@ def parse_target(target: str) -> tuple[str, str, int | None, str | None]:
 
 async def _read(url: str, target: str) -> list[schemas.EndpointSet] | None:
     namespace, service, port, ip = parse_target(target)
-    bus = Bus(url, component="cli")
-    try:
-        await asyncio.wait_for(bus.start(), 5)
-    except asyncio.TimeoutError:
-        raise UserError(f"endpoints: cannot reach NATS at {url}") from None
+    bus = await connect(url, "endpoints")
     try:
         try:
             await bus.kv(schemas.ENDPOINTS_BUCKET, create=False)

@@ -99,24 +99,29 @@ def events(type_, since, count, output, url, timeout):
 async def _follow(url: str, pattern: Optional[str], since: Optional[timedelta], count: Optional[int], output: str,
                   timeout: Optional[float], since_text: Optional[str] = None) -> int:
     import nats.errors
+    import nats.js.errors
     from nats.js import api as jsapi
 
-    from tulle.bus import Bus
+    from tulle.cli.common import connect
     from tulle.log import setup_logging
     from tulle.schemas import EVENTS_PREFIX, EVENTS_STREAM
 
-    setup_logging("cli", level="warning")  # stdout carries the events only
-    bus = Bus(url, component="cli")
-    try:
-        await asyncio.wait_for(bus.start(), 5)
-    except asyncio.TimeoutError:
-        await bus.close()
-        raise UserError(f"cannot reach NATS at {url} (is `tulle up` running? or pass --nats URL)") from None
+    setup_logging("cli", level="error")  # stdout carries the events only
+    bus = await connect(url, "events")
     sub = None
     try:
-        # The stream may not exist yet (nothing has started): create it with the services'
-        # settings, so the first event is kept and delivered.
-        await bus.ensure_events_stream()
+        # The control plane makes the stream when it starts; a reader cannot (it writes nothing).
+        waited = False
+        while True:
+            try:
+                await bus.js.stream_info(EVENTS_STREAM)
+                break
+            except nats.js.errors.NotFoundError:
+                if not waited:
+                    print(f"waiting for the event stream {EVENTS_STREAM} (made when the control plane starts)",
+                          file=sys.stderr, flush=True)
+                    waited = True
+                await asyncio.sleep(0.5)
         if since is not None:
             config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_TIME,
                                           opt_start_time=datetime.now(timezone.utc) - since)

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from tulle.errors import UserError
+from tulle.schemas import DEFAULT_POLICIES
 
 STATE_DIR_OPTION = click.option(
     "--state-dir", envvar="TULLE_STATE_DIR", type=click.Path(file_okay=False),
@@ -36,8 +37,11 @@ def bundled_demo() -> Path:
 @click.option("--no-proxy", is_flag=True, help="run the apps without proxies (for debugging)")
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="with --detach: seconds to wait for everything to be ready")
+@click.option("--default-inbound-policy", type=click.Choice(list(DEFAULT_POLICIES)), default="all-unauthenticated",
+              show_default=True, help="the mesh's default inbound policy (a namespace or workload annotation overrides it)")
+@click.option("--nats-tls", is_flag=True, help="TLS on the bus too (it is always authenticated)")
 @STATE_DIR_OPTION
-def up(directory, detach, isolation, no_proxy, timeout, state_dir):
+def up(directory, detach, isolation, no_proxy, timeout, default_inbound_policy, nats_tls, state_dir):
     """Start NATS, the control plane and every Workload in DIRECTORY (default: the bundled demo)."""
     from tulle.local import plan
     from tulle.local.state import AlreadyRunning, StateDir, acquire_lock, read_record
@@ -67,19 +71,21 @@ def up(directory, detach, isolation, no_proxy, timeout, state_dir):
         click.echo("cleaning up after an earlier run that did not stop cleanly", err=True)
         stop_run(state, stale_only=True)
     if detach:
-        _up_detached(state, lock_fd, directory, resolved, no_proxy, timeout)
+        _up_detached(state, lock_fd, directory, resolved, no_proxy, timeout, default_inbound_policy, nats_tls)
     else:
-        _up_foreground(state, lock_fd, directory, resolved, no_proxy)
+        _up_foreground(state, lock_fd, directory, resolved, no_proxy, default_inbound_policy, nats_tls)
 
 
-def _up_detached(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool, timeout: float) -> None:
+def _up_detached(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool, timeout: float,
+                 default_policy: str, nats_tls: bool) -> None:
     from tulle.local.procs import log_tail
     from tulle.local.state import read_record
 
     log = state.log("supervisor")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "tulle.local.supervisor", str(directory), "--state-dir", str(state.root),
-           "--isolation", isolation, "--lock-fd", str(lock_fd)] + (["--no-proxy"] if no_proxy else [])
+           "--isolation", isolation, "--lock-fd", str(lock_fd), "--default-inbound-policy", default_policy] \
+        + (["--no-proxy"] if no_proxy else []) + (["--nats-tls"] if nats_tls else [])
     with open(log, "ab") as out:
         sup = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True, pass_fds=(lock_fd,))
@@ -144,7 +150,8 @@ def _failing_workload(record: dict) -> str | None:
     return None
 
 
-def _up_foreground(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool) -> None:
+def _up_foreground(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool, default_policy: str,
+                   nats_tls: bool) -> None:
     import structlog
     from rich.console import Console, Group
     from rich.live import Live
@@ -160,7 +167,8 @@ def _up_foreground(state, lock_fd: int, directory: Path, isolation: str, no_prox
     setup_logging("local", fmt="json")
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=logfile))
     console = Console()
-    runner = Runner(RunOptions(manifests=directory, state=state, isolation=isolation, meshed=not no_proxy))
+    runner = Runner(RunOptions(manifests=directory, state=state, isolation=isolation, meshed=not no_proxy,
+                               default_inbound_policy=default_policy, nats_tls=nats_tls))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -239,3 +247,45 @@ def down(state_dir):
     if report.killed:
         click.echo(f"stopped {len(report.killed)} leftover processes: {', '.join(report.killed)}", err=True)
     click.echo("tulle stopped")
+
+
+@click.command()
+@click.argument("workloads", nargs=-1)
+@click.option("-n", "--namespace", default=None, help="only workloads of this namespace")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for each proxy")
+@STATE_DIR_OPTION
+def restart(workloads, namespace, timeout, state_dir):
+    """Restart the proxies of the running mesh's workloads, one at a time (all, or WORKLOADS).
+
+    What `kubectl rollout restart` is to a cluster: a proxy reads its configuration —
+    the trust anchors among it — when it starts, so rotating the anchors ends with this.
+    """
+    import signal as signals
+
+    from tulle.local.state import StateDir, process_alive, read_record
+
+    state = StateDir.at(state_dir)
+    record = read_record(state)
+    if not record or not process_alive((record.get("supervisor") or {}).get("pid"),
+                                       (record.get("supervisor") or {}).get("start")):
+        raise UserError(f"restart: tulle is not running (state dir {state.root})")
+    chosen = [w for w in record.get("workloads") or [] if w.get("proxy")
+              and (not namespace or w["namespace"] == namespace) and (not workloads or w["name"] in workloads)]
+    unknown = set(workloads) - {w["name"] for w in chosen}
+    if unknown:
+        raise UserError(f"restart: no meshed workload named {', '.join(sorted(unknown))}")
+    for w in chosen:
+        old = w["proxy"]["pid"]
+        if old and process_alive(old, w["proxy"].get("start")):
+            os.kill(old, signals.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while True:
+            now = next((x for x in (read_record(state) or {}).get("workloads") or [] if x["key"] == w["key"]), None)
+            proxy = (now or {}).get("proxy") or {}
+            if proxy.get("pid") not in (None, old) and proxy.get("ready"):
+                break
+            if time.monotonic() > deadline:
+                raise UserError(f"restart: the proxy of {w['key']} was not ready again after {timeout:g} s; "
+                                f"see {proxy.get('log', state.logs)}")
+            time.sleep(0.1)
+        click.echo(f"restarted the proxy of {w['namespace']}/{w['name']}")

@@ -1,16 +1,25 @@
 """Find the running local mode from any `tulle` command, so `tulle events` (or any other
-command that talks to NATS) works with no flag after `tulle up`."""
+command that reads the bus) works with no flag after `tulle up`: its NATS URL and the
+observer credential it made for readers."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from tulle.local.state import StateDir, process_alive, read_record
 
 
-def local_nats_url(state_dir: Optional[str] = None) -> Optional[str]:
-    """The NATS URL of the local mode running from `state_dir` (default TULLE_STATE_DIR or
+@dataclass(frozen=True)
+class LocalBus:
+    url: str
+    observer_creds: str  # the observer role's nkey seed file
+    ca: str = ""  # NATS's CA, when the bus uses TLS
+
+
+def local_bus(state_dir: Optional[str] = None) -> Optional[LocalBus]:
+    """The bus of the local mode running from `state_dir` (default TULLE_STATE_DIR or
     ~/.local/state/tulle), or None when none runs there."""
     record = read_record(StateDir.at(state_dir))
     if not record:
@@ -18,7 +27,12 @@ def local_nats_url(state_dir: Optional[str] = None) -> Optional[str]:
     nats = record.get("nats") or {}
     if not nats.get("url") or not process_alive(nats.get("pid"), nats.get("start")):
         return None
-    return nats["url"]
+    return LocalBus(nats["url"], nats.get("observer_creds", ""), nats.get("ca", ""))
+
+
+def local_nats_url(state_dir: Optional[str] = None) -> Optional[str]:
+    found = local_bus(state_dir)
+    return found.url if found else None
 
 
 def nats_url_for_cli(explicit: Optional[str] = None) -> str:

@@ -51,14 +51,27 @@ def _expired(cert_file: Path) -> bool:
     return cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
 
 
+# Local tokens live a day, like a projected service-account token; the runner mints a new
+# one when half of that is gone, as the kubelet refreshes projected tokens before they expire.
+TOKEN_LIFETIME_S = 24 * 3600.0
+TOKEN_REFRESH_S = TOKEN_LIFETIME_S / 2
+
+
+def token_audience(trust_domain: str) -> str:
+    return f"identity.tulle.{trust_domain}"
+
+
 def write_token(directory: Path, secret: bytes, namespace: str, name: str, service_account: str,
-                owner_uid: Optional[int] = None) -> Path:
+                owner_uid: Optional[int] = None, *, trust_domain: str = "cluster.local",
+                lifetime_s: float = TOKEN_LIFETIME_S) -> Path:
     """Mint the workload's token into <directory>/tokens/<ns>.<name>.token, readable only by its proxy."""
     tokens = directory / "tokens"
     tokens.mkdir(parents=True, exist_ok=True)
     os.chmod(tokens, 0o711)
     path = tokens / f"{namespace}.{name}.token"
-    _write(path, pki.make_local_token(secret, namespace, service_account).encode(), 0o400)
+    token = pki.make_local_token(secret, namespace, service_account, name, token_audience(trust_domain),
+                                 lifetime_s=lifetime_s)
+    _write(path, token.encode(), 0o400)
     if owner_uid is not None and owner_uid != os.geteuid():
         os.chown(path, owner_uid, owner_uid)
     return path
@@ -73,3 +86,58 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def ensure_bus_tls(directory: Path, host: str) -> "busauth.TLSFiles":
+    """A CA and a server certificate for NATS at `host` (made once, kept): TLS on the bus in
+    local mode (`tulle up --nats-tls`). Its own CA, separate from the mesh's trust anchors."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from tulle import busauth
+
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)
+    ca_file, cert_file, key_file = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    if ca_file.is_file() and cert_file.is_file() and key_file.is_file() and not _expired(cert_file) \
+            and _names_host(cert_file, host):
+        return busauth.TLSFiles(str(cert_file), str(key_file), str(ca_file))
+    ca = pki.new_trust_anchor("nats.local")
+    key = pki.new_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    if host != "127.0.0.1":
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tulle-nats")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    _write(key_file, pki.key_pem(key), 0o600)
+    _write(cert_file, pki.cert_pem(cert), 0o644)
+    _write(ca_file, ca.cert_pem, 0o644)
+    return busauth.TLSFiles(str(cert_file), str(key_file), str(ca_file))
+
+
+def _names_host(cert_file: Path, host: str) -> bool:
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        cert = pki.load_certs(cert_file.read_bytes())[0]
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return ipaddress.ip_address(host) in san.get_values_for_type(x509.IPAddress)
+    except (OSError, ValueError, IndexError, x509.ExtensionNotFound):
+        return False

@@ -175,13 +175,26 @@ def app_env(base: Mapping[str, str], w: m.Workload, p: Placement) -> dict[str, s
     return env
 
 
+def effective_annotation(key: str, w: m.Workload, namespace: Optional[m.Namespace], default: str) -> str:
+    """A config annotation as the injector resolves it: the pod's, else its namespace's, else the install's."""
+    if key in w.meta.annotations:
+        return w.meta.annotations[key]
+    if namespace is not None and key in namespace.meta.annotations:
+        return namespace.meta.annotations[key]
+    return default
+
+
 def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, *, nats_url: str, token_file: str,
+              trust_anchors_pem: str, default_inbound_policy: str = "all-unauthenticated", nats_ca: str = "",
               trust_domain: str = "cluster.local", cluster_domain: str = "cluster.local",
               networks: Iterable[str] = (), shutdown_grace: str = "3s") -> dict[str, str]:
-    """The proxy's environment, by proxy/config.py's contract."""
-    env = {k: v for k, v in base.items() if k not in PROXY_ENV_VARS and not k.startswith("TULLE_PROXY_")}
+    """The proxy's environment, by proxy/config.py's contract (what the injector sets in a pod)."""
+    env = {k: v for k, v in base.items() if k not in PROXY_ENV_VARS and not k.startswith("TULLE_PROXY_")
+           and k not in ("TULLE_NATS_CREDS", "TULLE_NATS_CA")}
     env.update({
         "TULLE_NATS_URL": nats_url,
+        "TULLE_PROXY_IDENTITY_TRUST_ANCHORS": trust_anchors_pem,
+        "TULLE_PROXY_DEFAULT_INBOUND_POLICY": default_inbound_policy,
         "TULLE_PROXY_NAMESPACE": w.meta.namespace,
         "TULLE_PROXY_WORKLOAD": w.meta.name,
         "TULLE_PROXY_SERVICE_ACCOUNT": w.service_account,
@@ -191,6 +204,8 @@ def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, *, nats_url:
         "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD": shutdown_grace,
         "TULLE_LOG_FORMAT": "json",
     })
+    if nats_ca:
+        env["TULLE_NATS_CA"] = nats_ca
     if networks:
         env["TULLE_PROXY_CLUSTER_NETWORKS"] = ",".join(networks)
     if p.isolation == "netns":

@@ -46,6 +46,9 @@ class RunOptions:
     cluster_domain: str = "cluster.local"
     service_ready_timeout: float = 60.0
     poll_interval: float = 0.5  # how often the manifests folder is read
+    # The cluster-wide default inbound policy (a namespace or pod annotation overrides it).
+    default_inbound_policy: str = "all-unauthenticated"
+    nats_tls: bool = False  # TLS on the bus (always on in a cluster; optional on one machine)
 
 
 @dataclass
@@ -122,6 +125,9 @@ class Runner:
         self.components: dict[str, Component] = {}  # the services, by name
         self.workloads: dict[str, WorkloadUnit] = {}
         self.services: dict[tuple[str, str], m.Service] = {}
+        self.namespaces: dict[str, m.Namespace] = {}
+        self._pending: dict[str, m.Workload] = {}  # Workloads read before the folder was synced
+        self.nats_server: Optional[NatsServer] = None
         self.host_rules: list[list[str]] = []
         self.token_secret = b""
         self.proxy_uid: Optional[int] = plan.PROXY_UID  # None: proxies keep uid 0 (with gid 2102)
@@ -157,7 +163,10 @@ class Runner:
             "ready": self.phase == "running" and self.synced and services_ready and all(ready.values()),
             "net": self._net_record(),
             "nats": ({"pid": self.nats.child.pid, "start": self.nats.child.start, "url": self.nats_url,
-                      "log": str(self.nats.child.log), "restarts": self.nats.restarts} if self.nats else None),
+                      "log": str(self.nats.child.log), "restarts": self.nats.restarts,
+                      # What `tulle` commands read the bus with (tulle/local/discover.py).
+                      "observer_creds": str(self.nats_server.seed_file("observer")),
+                      "ca": self.nats_server.tls.ca_file if self.nats_server.tls else ""} if self.nats else None),
             "components": [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "admin": c.admin,
                             "log": str(c.child.log), "ready": c.ready, "restarts": c.restarts}
                            for c in self.components.values()],
@@ -202,7 +211,12 @@ class Runner:
     async def _start_nats(self) -> None:
         # With namespaces, NATS listens on the bridge: the host and every namespace reach it there.
         host = plan.bridge_address(self.n) if self.isolation == "netns" else "127.0.0.1"
-        server = NatsServer(self.state.nats_dir, host=host, port=free_port(host), log_file=self.state.log("nats"))
+        tls = None
+        if self.opts.nats_tls:
+            tls = await asyncio.to_thread(local_identity.ensure_bus_tls, self.state.nats_dir / "tls", host)
+        server = NatsServer(self.state.nats_dir, host=host, port=free_port(host), log_file=self.state.log("nats"),
+                            keys_dir=self.state.nats_dir / "keys", tls=tls)
+        self.nats_server = server
         conf = self.state.nats_dir / "nats-server.conf"
         conf.write_text(server.config_text())
         cmd = [nats_server_binary(), "-c", str(conf)]
@@ -212,6 +226,7 @@ class Runner:
         self.save()
         deadline = time.monotonic() + 15
         child = self.nats.child
+        self.save()
         while not await tcp_ready(host, server.port, 0.5):
             if child.exited() is not None:
                 raise StartError(f"nats-server {child.describe_exit()}; see {child.log}: {procs.log_tail(child.log, 1)}")
@@ -223,15 +238,26 @@ class Runner:
 
     def _service_args(self, name: str) -> list[str]:
         manifests = ["--manifests", str(self.opts.manifests), "--manifests", str(self.state.runtime)]
+        bus = ["--nats-creds", str(self.nats_server.seed_file(name))]
+        if self.nats_server.tls:
+            bus += ["--nats-ca", self.nats_server.tls.ca_file]
+        return bus + self._own_args(name, manifests)
+
+    def _own_args(self, name: str, manifests: list[str]) -> list[str]:
         if name == "identity":
             ident = self.state.identity
-            return ["--issuer-dir", str(ident), "--token-secret-file", str(ident / "token-secret"),
-                    "--trust-domain", self.opts.trust_domain]
+            args = ["--issuer-dir", str(ident), "--trust-domain", self.opts.trust_domain,
+                    "--callout-issuer-seed", str(self.nats_server.callout_issuer_seed_file),
+                    "--callout-creds", str(self.nats_server.seed_file("callout"))]
+            if self.opts.meshed:
+                args += ["--token-secret-file", str(ident / "token-secret")]
+            return args
         if name == "destination":
             return manifests + ["--cluster-domain", self.opts.cluster_domain, "--trust-domain", self.opts.trust_domain]
         if name == "policy":
             return manifests + ["--cluster-networks", ",".join(plan.cluster_networks(self.isolation, self.n)),
-                                "--trust-domain", self.opts.trust_domain]
+                                "--trust-domain", self.opts.trust_domain,
+                                "--default-policy", self.opts.default_inbound_policy]
         return []
 
     async def _start_services(self) -> None:
@@ -300,10 +326,20 @@ class Runner:
             return
         if ev.type == "synced":
             self.synced = True
+            # Workloads start once the whole folder is read: a proxy's default inbound
+            # policy may come from its Namespace's annotation, in a file read later.
+            for w in self._pending.values():
+                self._add_workload(w)
+            self._pending.clear()
             self.save()
             return
         obj = ev.obj
-        if isinstance(obj, m.Service):
+        if isinstance(obj, m.Namespace):
+            if ev.type == "deleted":
+                self.namespaces.pop(obj.meta.name, None)
+            else:
+                self.namespaces[obj.meta.name] = obj
+        elif isinstance(obj, m.Service):
             key = (obj.meta.namespace, obj.meta.name)
             if ev.type == "deleted":
                 self.services.pop(key, None)
@@ -317,7 +353,12 @@ class Runner:
                 self.log.info("stopping workload", workload=key, reason=ev.type)
                 await self.workloads.pop(key).stop()
                 self.save()
-            if ev.type in ("added", "modified"):
+            if not self.synced:
+                if ev.type == "deleted":
+                    self._pending.pop(key, None)
+                else:
+                    self._pending[key] = obj
+            elif ev.type in ("added", "modified"):
                 self._add_workload(obj)
 
     def _add_workload(self, w: m.Workload) -> None:
@@ -365,7 +406,7 @@ class Runner:
                         host, _, port = c.admin.rpartition(":")
                         ok = await http_ready(host, int(port), "/ready", 1.0)
                     else:
-                        host, port = self.nats_url.removeprefix("nats://").rsplit(":", 1)
+                        host, port = self.nats_url.split("://", 1)[-1].rsplit(":", 1)
                         ok = await tcp_ready(host, int(port), 1.0)
                     if ok != c.ready:
                         c.ready, changed = ok, True
@@ -420,6 +461,9 @@ class WorkloadUnit:
         self.last_exit = ""
         self.network_ready = False
         self.token_file: Optional[Path] = None
+        self._token_dir: Optional[Path] = None
+        self._token_owner: Optional[int] = None
+        self._token_minted = 0.0
         self.task: Optional[asyncio.Task] = None
         self.log = runner.log.bind(workload=self.key)
         self.pod_file = runner.state.runtime / plan.pod_file_name(w.meta.namespace, w.meta.name)
@@ -484,6 +528,8 @@ class WorkloadUnit:
                 await asyncio.sleep(0.25 if not self.ready else 1.0)
                 now = time.monotonic()
                 changed = False
+                if self.placement.meshed and now - self._token_minted > local_identity.TOKEN_REFRESH_S:
+                    self._mint_token()  # the proxy reads it again at its next certify and bus login
                 if self.placement.meshed:
                     if proxy_restart_at is None and self.proxy.exited() is not None:
                         proxy_failures += 1
@@ -539,8 +585,8 @@ class WorkloadUnit:
                 where, owner = nets.proxy_runtime_dir(runner.n), plan.PROXY_UID
             else:
                 where, owner = runner.state.identity, None
-            self.token_file = local_identity.write_token(where, runner.token_secret, self.w.meta.namespace,
-                                                         self.w.meta.name, self.w.service_account, owner)
+            self._token_dir, self._token_owner = where, owner
+            self._mint_token()
         if p.isolation == "netns":
             await asyncio.to_thread(nets.create_pod_netns, runner.n, self.index, p.netns, p.address, self.hosts_text())
             self.network_ready = True
@@ -550,6 +596,13 @@ class WorkloadUnit:
             if p.meshed:
                 await asyncio.to_thread(nets.apply_proxy_init, p.netns, plan.proxy_init_rules())
 
+    def _mint_token(self) -> None:
+        runner = self.runner
+        self.token_file = local_identity.write_token(self._token_dir, runner.token_secret, self.w.meta.namespace,
+                                                     self.w.meta.name, self.w.service_account, self._token_owner,
+                                                     trust_domain=runner.opts.trust_domain)
+        self._token_minted = time.monotonic()
+
     def _write_pod(self) -> None:
         manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready)
         tmp = self.pod_file.with_name(f".{self.pod_file.name}.tmp")
@@ -558,7 +611,15 @@ class WorkloadUnit:
 
     def _spawn_proxy(self) -> None:
         p, runner = self.placement, self.runner
+        # Read at every start: rotating the anchors is "change ca.crt, restart the proxies".
+        anchors = (runner.state.identity / "ca.crt").read_text()
+        policy = plan.effective_annotation(m.DEFAULT_POLICY_ANNOTATION, self.w,
+                                           runner.namespaces.get(self.w.meta.namespace),
+                                           runner.opts.default_inbound_policy)
+        tls = runner.nats_server.tls if runner.nats_server else None
         env = plan.proxy_env(runner._base_env, self.w, p, nats_url=runner.nats_url, token_file=str(self.token_file),
+                             trust_anchors_pem=anchors, default_inbound_policy=policy,
+                             nats_ca=tls.ca_file if tls else "",
                              trust_domain=runner.opts.trust_domain, cluster_domain=runner.opts.cluster_domain,
                              networks=plan.cluster_networks(p.isolation, runner.n))
         netns = p.isolation == "netns"

@@ -30,7 +30,7 @@ async def collect(state: StateDir, record: Optional[dict] = None) -> Optional[di
     async def nats_ready() -> bool:
         if not process_alive(nats.get("pid"), nats.get("start")):
             return False
-        host, port = split_addr(nats["url"].removeprefix("nats://"))
+        host, port = split_addr(nats["url"].split("://", 1)[-1])
         return await tcp_ready(host, port, 0.5)
 
     async def admin_ready(pid, start, admin: str) -> bool:
@@ -89,6 +89,9 @@ async def collect(state: StateDir, record: Optional[dict] = None) -> Optional[di
         "phase": record.get("phase"),
         "supervisor": {"pid": sup.get("pid"), "running": process_alive(sup.get("pid"), sup.get("start"))},
         "nats_url": nats.get("url"),
+        # What a tool reads the bus with (read-only): tulle's own commands use it by themselves.
+        "nats_observer_creds": nats.get("observer_creds"),
+        "nats_ca": nats.get("ca") or None,
         "subnet": (record.get("net") or {}).get("subnet"),
         "components": components,
         "workloads": wl_view,
