@@ -191,6 +191,7 @@ uint32_t nghttp2_session_get_remote_settings(nghttp2_session *session, int id);
 uint32_t nghttp2_session_get_local_settings(nghttp2_session *session, int id);
 int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session);
 uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *session);
+int nghttp2_session_check_request_allowed(nghttp2_session *session);
 int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size);
 int nghttp2_session_consume_connection(nghttp2_session *session, size_t size);
 int nghttp2_session_set_local_window_size(nghttp2_session *session, uint8_t flags, int32_t stream_id, int32_t window_size);

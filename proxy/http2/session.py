@@ -109,6 +109,7 @@ _memmove = ffi.memmove
 _NULL = ffi.NULL
 _DATA = _ffi.DATA
 _HEADERS = _ffi.HEADERS
+_CONTINUATION = _ffi.CONTINUATION
 _END_STREAM = _ffi.FLAG_END_STREAM
 _ERR_DEFERRED = _ffi.ERR_DEFERRED
 _EOF = _ffi.DATA_FLAG_EOF
@@ -282,15 +283,36 @@ def _on_error(session, lib_error_code, msg, length, ud):
 
 @_cb("nghttp2_on_begin_frame_callback")
 def _on_begin_frame(session, hd, ud):
-    # Only registered when the library lacks nghttp2_option_set_max_continuations.
-    s = _from_handle(ud)
-    if hd.type == _ffi.CONTINUATION:
-        s._continuations += 1
-        if s._continuations > s._config.max_continuations:
-            s._continuation_flood = True
-            return _ffi.ERR_CALLBACK_FAILURE
-    else:
+    """Before nghttp2 reads a HEADERS or CONTINUATION frame: HEADERS reusing a closed stream's
+    id, which nghttp2 silently ignores once closed streams are not retained (RFC 9113 §5.1.1
+    asks for PROTOCOL_ERROR), and CONTINUATION counting when the library has no limit of its
+    own. A violation fails the whole mem_recv call, and feed() answers with GOAWAY.
+    (DATA on a closed stream never gets here: nghttp2 drops it first, which §5.1 allows, and
+    answers DATA after END_STREAM on a half-closed stream with STREAM_CLOSED itself.)"""
+    t = hd.type
+    if t == _HEADERS:
+        s = _from_handle(ud)
         s._continuations = 0
+        sid = hd.stream_id
+        if sid in s._streams:
+            return 0  # trailers
+        if s._server:
+            if sid > s._last_peer_stream:
+                s._last_peer_stream = sid  # a new stream (an even id: nghttp2 refuses it)
+                return 0
+        elif sid >= s._next_own_stream:
+            return 0  # idle: nghttp2 answers PROTOCOL_ERROR itself
+        if sid in s._reset_ids or sid > s._goaway_last_stream:
+            return 0  # we reset or refused it: frames in flight are ignored (§5.1 "closed")
+        s._violation = ("protocol_error", PROTOCOL_ERROR)
+        return _ffi.ERR_CALLBACK_FAILURE
+    if t == _CONTINUATION:
+        s = _from_handle(ud)
+        if s._count_continuations:
+            s._continuations += 1
+            if s._continuations > s._config.max_continuations:
+                s._violation = ("continuation_flood", ENHANCE_YOUR_CALM)
+                return _ffi.ERR_CALLBACK_FAILURE
     return 0
 
 
@@ -339,22 +361,7 @@ lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(_CALLBACKS, _on
 lib.nghttp2_session_callbacks_set_on_stream_close_callback(_CALLBACKS, _on_stream_close)
 lib.nghttp2_session_callbacks_set_on_frame_send_callback(_CALLBACKS, _on_frame_send)
 lib.nghttp2_session_callbacks_set_error_callback2(_CALLBACKS, _on_error)
-# The same set plus CONTINUATION counting, for a library without the native limit.
-_CALLBACKS_COUNTING = ffi.new("nghttp2_session_callbacks **")
-lib.nghttp2_session_callbacks_new(_CALLBACKS_COUNTING)
-_CALLBACKS_COUNTING = ffi.gc(_CALLBACKS_COUNTING[0], lib.nghttp2_session_callbacks_del)
-for _setter, _fn in (
-    (lib.nghttp2_session_callbacks_set_on_begin_headers_callback, _on_begin_headers),
-    (lib.nghttp2_session_callbacks_set_on_header_callback, _on_header),
-    (lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback, _on_data_chunk),
-    (lib.nghttp2_session_callbacks_set_on_frame_recv_callback, _on_frame_recv),
-    (lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback, _on_invalid_frame_recv),
-    (lib.nghttp2_session_callbacks_set_on_stream_close_callback, _on_stream_close),
-    (lib.nghttp2_session_callbacks_set_on_frame_send_callback, _on_frame_send),
-    (lib.nghttp2_session_callbacks_set_error_callback2, _on_error),
-    (lib.nghttp2_session_callbacks_set_on_begin_frame_callback, _on_begin_frame),
-):
-    _setter(_CALLBACKS_COUNTING, _fn)
+lib.nghttp2_session_callbacks_set_on_begin_frame_callback(_CALLBACKS, _on_begin_frame)
 
 _PROVIDER = ffi.new("nghttp2_data_provider *")
 _PROVIDER.read_callback = _read_data
@@ -382,8 +389,11 @@ _CODE_REASON = {
     FRAME_SIZE_ERROR: "frame_size",
     REFUSED_STREAM: "refused_stream",
     COMPRESSION_ERROR: "hpack",
-    ENHANCE_YOUR_CALM: "rapid_reset",
-    INTERNAL_ERROR: "rapid_reset",  # nghttp2's own reset-rate backstop answers INTERNAL_ERROR
+    # nghttp2 answers ENHANCE_YOUR_CALM itself only to a SETTINGS frame over max_settings (our
+    # rapid-reset GOAWAY is reported before it is sent), and INTERNAL_ERROR only from its own
+    # reset-rate backstop.
+    ENHANCE_YOUR_CALM: "too_many_settings",
+    INTERNAL_ERROR: "rapid_reset",
 }
 
 
@@ -413,7 +423,11 @@ class H2Session:
         self._pings_unsent = 0          # PING / SETTINGS received since the last data_to_send
         self._settings_unsent = 0
         self._continuations = 0
-        self._continuation_flood = False
+        self._violation = None          # (reason, error code) found by _on_begin_frame
+        self._last_peer_stream = 0      # server: highest stream id the client opened
+        self._next_own_stream = 1       # client: the id the next request gets
+        self._reset_ids: dict[int, None] = {}  # streams this side reset, most recent last
+        self._goaway_last_stream = 2**31 - 1   # streams above it were refused by our GOAWAY
         self._out = ffi.new("const char **")
         self._handle = ffi.new_handle(self)
 
@@ -435,11 +449,10 @@ class H2Session:
         self._count_continuations = not _ffi.HAS_MAX_CONTINUATIONS
         if not self._count_continuations:
             lib.nghttp2_option_set_max_continuations(opt, config.max_continuations)
-        callbacks = _CALLBACKS_COUNTING if self._count_continuations else _CALLBACKS
 
         ptr = ffi.new("nghttp2_session **")
         new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
-        rv = new(ptr, callbacks, self._handle, opt)
+        rv = new(ptr, _CALLBACKS, self._handle, opt)
         if rv != 0:
             raise H2Error(f"nghttp2 session: {_ffi.strerror(rv)}")
         self._session = ffi.gc(ptr[0], lib.nghttp2_session_del)
@@ -515,6 +528,7 @@ class H2Session:
         st = _Stream(sid, 0.0, not end_stream)
         st.send_end = end_stream
         self._streams[sid] = st
+        self._next_own_stream = sid + 2
         return sid
 
     def send_response(self, stream_id: int, headers: Iterable[tuple[bytes, bytes]],
@@ -588,6 +602,7 @@ class H2Session:
             st.closing = True
             st.send_buf.clear()
             st.trailers = None
+        self._note_reset(stream_id)
         rv = lib.nghttp2_submit_rst_stream(self._session, 0, stream_id, error_code)
         if rv < 0:
             raise H2Error(f"reset of stream {stream_id}: {_ffi.strerror(rv)}")
@@ -633,6 +648,7 @@ class H2Session:
 
     def terminate(self, error_code: int = NO_ERROR) -> None:
         """GOAWAY and stop: nothing more is processed once it is sent."""
+        self._goaway_last_stream = min(self._goaway_last_stream, self._last_peer_stream)
         self._check(lib.nghttp2_session_terminate_session(self._session, error_code))
 
     @property
@@ -640,6 +656,12 @@ class H2Session:
         """Nothing more to read or write: close the transport (after writing data_to_send)."""
         s = self._session
         return not lib.nghttp2_session_want_read(s) and not lib.nghttp2_session_want_write(s)
+
+    @property
+    def accepts_requests(self) -> bool:
+        """Client: a new request may go out on this connection (no GOAWAY received, not
+        closing, stream ids left). One sent anyway ends with StreamReset(REFUSED_STREAM)."""
+        return bool(lib.nghttp2_session_check_request_allowed(self._session))
 
     @property
     def want_write(self) -> bool:
@@ -763,6 +785,8 @@ class H2Session:
                     self._session, _ffi.SETTINGS_MAX_CONCURRENT_STREAMS)):
             reason = "max_concurrent_streams"
         self._invalid = (sid, reason)
+        if sid:
+            self._note_reset(sid)
         # Stream errors the peer causes cost it a reset token, as hyper's
         # max_local_error_reset_streams (RUSTSEC-2024-0003): they make us send RST_STREAM.
         if sid and self._server and not self._terminated and not self._take_reset_token(self._clock()):
@@ -771,7 +795,10 @@ class H2Session:
 
     def _sent_error_frame(self, frame, t: int) -> None:
         if t == _ffi.GOAWAY:
-            code = frame.goaway.error_code
+            g = frame.goaway
+            if g.last_stream_id < self._goaway_last_stream:
+                self._goaway_last_stream = g.last_stream_id
+            code = g.error_code
             if code == NO_ERROR or self._terminated:
                 return
             if self._invalid is not None:
@@ -784,12 +811,22 @@ class H2Session:
             return
         code = frame.rst_stream.error_code
         sid = frame.hd.stream_id
+        if sid in self._reset_ids and self._invalid is None:
+            return  # reset() by the caller
+        self._note_reset(sid)
         if self._invalid is not None and self._invalid[0] == sid:
             self._events.append(PeerMisbehaved(self._invalid[1], sid, code))
             self._invalid = None
-        elif code == REFUSED_STREAM and self._server and sid not in self._streams:
-            # nghttp2 refused a stream beyond max_concurrent_streams before the peer acked it.
-            self._events.append(PeerMisbehaved("refused_stream", sid, code))
+        elif code in _CODE_REASON:
+            # A stream error nghttp2 found without an invalid-frame callback (e.g. DATA beyond
+            # the stream window).
+            self._events.append(PeerMisbehaved(_CODE_REASON[code], sid, code))
+
+    def _note_reset(self, sid: int) -> None:
+        ids = self._reset_ids
+        ids[sid] = None
+        if len(ids) > 4096:
+            del ids[next(iter(ids))]
 
     def _misbehaved(self, reason: str, sid: int, code: int) -> None:
         if sid == 0:
@@ -802,12 +839,14 @@ class H2Session:
 
     def _recv_failed(self, rv: int) -> None:
         """mem_recv refused the input as a whole: floods and CONTINUATION abuse end here."""
-        if rv == _ffi.ERR_CALLBACK_FAILURE and not self._continuation_flood:
+        if self._violation is not None:
+            reason, code = self._violation
+        elif rv == _ffi.ERR_CALLBACK_FAILURE:
             self._raise_callback_error(rv)
-        if rv == _ffi.ERR_FLOODED:
+        elif rv == _ffi.ERR_FLOODED:
             reason = "ping_flood" if self._pings_unsent >= self._settings_unsent else "settings_flood"
             code = ENHANCE_YOUR_CALM
-        elif rv == _ffi.ERR_TOO_MANY_CONTINUATIONS or self._continuation_flood:
+        elif rv == _ffi.ERR_TOO_MANY_CONTINUATIONS:
             reason, code = "continuation_flood", ENHANCE_YOUR_CALM
         elif rv == _ffi.ERR_BAD_CLIENT_MAGIC:
             reason, code = "bad_preface", PROTOCOL_ERROR
