@@ -152,3 +152,31 @@ def well_behaved_get(server_config: H2Config | None = None) -> bytes:
     from proxy.http2 import DataReceived, StreamClosed
     assert of(ce, StreamClosed, sid)
     return b"".join(e.data for e in of(ce, DataReceived, sid))
+
+
+class Bystander:
+    """A well-behaved connection with a request in flight while an attack runs on another
+    connection of the same process; `finish()` completes it and checks nothing leaked into it."""
+
+    def __init__(self):
+        from proxy.http2 import RequestReceived
+
+        self.pair = Pair()
+        self.sid = self.pair.client.send_request(request(b"POST", b"/bystander"), end_stream=False)
+        self.pair.client.send_data(self.sid, b"a" * 1000)
+        _, se = self.pair.pump()
+        assert of(se, RequestReceived, self.sid)
+
+    def finish(self) -> None:
+        from proxy.http2 import DataReceived, PeerMisbehaved, StreamClosed
+
+        pair, sid = self.pair, self.sid
+        pair.client.send_data(sid, b"b" * 1000, end_stream=True)
+        pair.pump()
+        assert b"".join(e.data for e in of(pair.server_events, DataReceived, sid)) == b"a" * 1000 + b"b" * 1000
+        pair.server.send_response(sid, OK)
+        pair.server.send_data(sid, b"r" * 4096, end_stream=True)
+        ce, _ = pair.pump()
+        assert b"".join(e.data for e in of(ce, DataReceived, sid)) == b"r" * 4096
+        assert of(ce, StreamClosed, sid)
+        assert not [e for e in pair.client_events + pair.server_events if isinstance(e, PeerMisbehaved)]

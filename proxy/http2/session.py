@@ -277,7 +277,7 @@ def _on_frame_send(session, frame, ud):
 
 @_cb("nghttp2_error_callback2")
 def _on_error(session, lib_error_code, msg, length, ud):
-    _from_handle(ud)._last_error = (lib_error_code, _unpack(msg, length))
+    _from_handle(ud)._last_error = _unpack(msg, length).decode("ascii", "replace")
     return 0
 
 
@@ -381,6 +381,17 @@ _LIB_REASON = {
     _ffi.ERR_SETTINGS_EXPECTED: "bad_preface",
     _ffi.ERR_TOO_MANY_CONTINUATIONS: "continuation_flood",
 }
+# Library error -> the RFC 9113 code nghttp2 answers it with (its get_error_code_from_lib_error_code).
+_LIB_CODE = {
+    _ffi.ERR_STREAM_CLOSED: STREAM_CLOSED,
+    _ffi.ERR_HEADER_COMP: COMPRESSION_ERROR,
+    _ffi.ERR_FRAME_SIZE_ERROR: FRAME_SIZE_ERROR,
+    _ffi.ERR_FLOW_CONTROL: FLOW_CONTROL_ERROR,
+    _ffi.ERR_REFUSED_STREAM: REFUSED_STREAM,
+    _ffi.ERR_PROTO: PROTOCOL_ERROR,
+    _ffi.ERR_HTTP_HEADER: PROTOCOL_ERROR,
+    _ffi.ERR_HTTP_MESSAGING: PROTOCOL_ERROR,
+}
 # Error code of a GOAWAY / RST_STREAM nghttp2 sent without telling us why -> reason.
 _CODE_REASON = {
     PROTOCOL_ERROR: "protocol_error",
@@ -413,8 +424,9 @@ class H2Session:
         self._chunk_sid = 0
         self._chunks: list = []
         self._credit = 0                # connection-window bytes to give back after the call
-        self._last_error = None         # (lib error, message) from nghttp2's error callback
-        self._invalid = None            # (stream id, lib error) of the last invalid frame
+        self._last_error = ""           # nghttp2's message about the last error, for logs
+        self._invalid_streams: dict[int, str] = {}  # stream -> reason of its coming RST_STREAM
+        self._last_invalid = None       # (reason, error code) of the last frame nghttp2 refused
         self._terminated = False        # a connection-level PeerMisbehaved was reported
         self._streams_opened = 0
         self._premature_resets = 0
@@ -658,6 +670,12 @@ class H2Session:
         return not lib.nghttp2_session_want_read(s) and not lib.nghttp2_session_want_write(s)
 
     @property
+    def last_error(self) -> str:
+        """nghttp2's own words about the last connection error it found (for a log line; the
+        bounded reason is in PeerMisbehaved)."""
+        return self._last_error
+
+    @property
     def accepts_requests(self) -> bool:
         """Client: a new request may go out on this connection (no GOAWAY received, not
         closing, stream ids left). One sent anyway ends with StreamReset(REFUSED_STREAM)."""
@@ -778,49 +796,57 @@ class H2Session:
         return tokens >= 0.0
 
     def _invalid_frame(self, frame, lib_error: int) -> None:
+        """nghttp2 refuses a frame: a stream error (RST_STREAM follows) or, when it then ends
+        the session, a connection error (GOAWAY follows). Which one shows when the frame goes
+        out, so the reason is kept until then (_sent_error_frame)."""
         sid = frame.hd.stream_id
         reason = _LIB_REASON.get(lib_error, "protocol_error")
         if (reason == "protocol_error" and self._server and frame.hd.type == _HEADERS
                 and len(self._streams) >= lib.nghttp2_session_get_local_settings(
                     self._session, _ffi.SETTINGS_MAX_CONCURRENT_STREAMS)):
             reason = "max_concurrent_streams"
-        self._invalid = (sid, reason)
+        self._last_invalid = (reason, _LIB_CODE.get(lib_error, INTERNAL_ERROR))
         if sid:
+            pending = self._invalid_streams
+            pending[sid] = reason
+            if len(pending) > 1024:
+                del pending[next(iter(pending))]
             self._note_reset(sid)
-        # Stream errors the peer causes cost it a reset token, as hyper's
-        # max_local_error_reset_streams (RUSTSEC-2024-0003): they make us send RST_STREAM.
-        if sid and self._server and not self._terminated and not self._take_reset_token(self._clock()):
-            self._misbehaved("rapid_reset", 0, ENHANCE_YOUR_CALM)
-            lib.nghttp2_session_terminate_session(self._session, ENHANCE_YOUR_CALM)
+            # Stream errors the peer causes cost it a reset token, as in hyper's
+            # max_local_error_reset_streams (RUSTSEC-2024-0003): they make us send RST_STREAM.
+            if self._server and not self._terminated and not self._take_reset_token(self._clock()):
+                self._misbehaved("rapid_reset", 0, ENHANCE_YOUR_CALM)
+                lib.nghttp2_session_terminate_session(self._session, ENHANCE_YOUR_CALM)
 
     def _sent_error_frame(self, frame, t: int) -> None:
+        """A GOAWAY or RST_STREAM goes out: report the refusal it carries, with its reason."""
         if t == _ffi.GOAWAY:
             g = frame.goaway
             if g.last_stream_id < self._goaway_last_stream:
                 self._goaway_last_stream = g.last_stream_id
             code = g.error_code
             if code == NO_ERROR or self._terminated:
-                return
-            if self._invalid is not None:
-                reason = self._invalid[1]
-            elif self._last_error is not None:
-                reason = _LIB_REASON.get(self._last_error[0], _CODE_REASON.get(code, "protocol_error"))
-            else:
+                return  # ours (goaway/terminate), or already reported
+            last = self._last_invalid
+            if last is not None and last[1] == code:
+                reason = last[0]
+            else:  # a connection error nghttp2 found without an invalid-frame callback
                 reason = _CODE_REASON.get(code, "protocol_error")
             self._misbehaved(reason, 0, code)
             return
         code = frame.rst_stream.error_code
         sid = frame.hd.stream_id
-        if sid in self._reset_ids and self._invalid is None:
-            return  # reset() by the caller
-        self._note_reset(sid)
-        if self._invalid is not None and self._invalid[0] == sid:
-            self._events.append(PeerMisbehaved(self._invalid[1], sid, code))
-            self._invalid = None
-        elif code in _CODE_REASON:
+        reason = self._invalid_streams.pop(sid, None)
+        if reason is None:
+            if sid in self._reset_ids or code not in _CODE_REASON:
+                return  # reset() by the caller
             # A stream error nghttp2 found without an invalid-frame callback (e.g. DATA beyond
             # the stream window).
-            self._events.append(PeerMisbehaved(_CODE_REASON[code], sid, code))
+            reason = _CODE_REASON[code]
+            self._note_reset(sid)
+        if self._last_invalid is not None and self._last_invalid[0] == reason:
+            self._last_invalid = None
+        self._events.append(PeerMisbehaved(reason, sid, code))
 
     def _note_reset(self, sid: int) -> None:
         ids = self._reset_ids
