@@ -100,11 +100,10 @@ class H2Error(Exception):
     """A call the session cannot carry out (misuse, or nghttp2 refused it)."""
 
 
-# The backend's functions, not FFI's Python-level wrappers around them: a third of the cost
-# of a per-header callback.
-_from_handle = ffi._backend.from_handle
-_unpack = ffi._backend.unpack
-_from_buffer = ffi._backend.from_buffer
+# Bound once: the out-of-line ffi's methods are C functions, the lookups are what costs.
+_from_handle = ffi.from_handle
+_unpack = ffi.unpack
+_from_buffer = ffi.from_buffer
 _memmove = ffi.memmove
 _NULL = ffi.NULL
 _DATA = _ffi.DATA
@@ -697,20 +696,25 @@ class H2Session:
         return lib.nghttp2_session_get_remote_settings(self._session, _ffi.SETTINGS_MAX_CONCURRENT_STREAMS)
 
     def send_window(self, stream_id: int = 0) -> int:
-        """Bytes the peer lets us send now on the stream (both windows) or the connection (0)."""
+        """Bytes the peer lets us send now: on the connection (0), or on the stream, which is
+        also bound by the connection window."""
+        conn = lib.nghttp2_session_get_remote_window_size(self._session)
         if stream_id == 0:
-            return lib.nghttp2_session_get_remote_window_size(self._session)
-        return max(0, lib.nghttp2_session_get_stream_remote_window_size(self._session, stream_id))
+            return conn
+        return max(0, min(conn, lib.nghttp2_session_get_stream_remote_window_size(self._session, stream_id)))
 
     def send_buffered(self, stream_id: int) -> int:
+        """Bytes queued by send_data and not yet framed."""
         st = self._streams.get(stream_id)
         return len(st.send_buf) if st is not None else 0
 
     def recv_window(self, stream_id: int = 0) -> int:
-        """Bytes the peer may still send us on the stream or the connection (0)."""
+        """Bytes the peer may still send us: on the connection (0), or on the stream, which is
+        also bound by the connection window."""
+        conn = lib.nghttp2_session_get_local_window_size(self._session)
         if stream_id == 0:
-            return lib.nghttp2_session_get_local_window_size(self._session)
-        return lib.nghttp2_session_get_stream_local_window_size(self._session, stream_id)
+            return conn
+        return max(0, min(conn, lib.nghttp2_session_get_stream_local_window_size(self._session, stream_id)))
 
     @property
     def hpack_decoder_table_size(self) -> int:
