@@ -353,3 +353,26 @@ def test_authorization_is_never_indexed_by_hpack():
     pair.client.send_request(request(extra=[(b"authorization", b"Bearer other"), (b"x-other", b"v")]))
     pair.pump()
     assert pair.client.hpack_encoder_table_size == before  # no new entry for the new credential
+
+
+def test_an_adapter_object_attached_to_a_stream_goes_away_with_the_stream():
+    pair = Pair()
+    sid = pair.client.send_request(GET)
+    _, se = pair.pump()
+    pair.server.attach(sid, {"route": "books"})
+    assert pair.server.context(sid) == {"route": "books"}
+    pair.server.send_response(sid, OK, end_stream=True)
+    pair.pump()
+    assert pair.server.context(sid) is None
+
+
+def test_lowering_the_stream_limit_applies_once_the_peer_acknowledges_it():
+    pair = Pair()
+    pair.server.update_settings({_ffi.SETTINGS_MAX_CONCURRENT_STREAMS: 2})
+    ce, se = pair.pump()
+    assert of(se, SettingsAcked)
+    assert pair.client.remote_max_concurrent_streams == 2
+    for _ in range(5):
+        pair.client.send_request(GET)
+    _, se = pair.pump()
+    assert len(of(se, RequestReceived)) == 2  # the others wait in the client for a free stream

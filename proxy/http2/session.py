@@ -153,7 +153,7 @@ class _Nva:
 class _Stream:
     __slots__ = (
         "id", "opened_at", "unconsumed", "send_buf", "send_end", "trailers", "deferred",
-        "blocked", "reset_by_peer", "response_received", "can_send", "closing",
+        "blocked", "reset_by_peer", "response_received", "can_send", "closing", "context",
     )
 
     def __init__(self, stream_id: int, opened_at: float, can_send: bool):
@@ -169,6 +169,7 @@ class _Stream:
         self.response_received = False
         self.can_send = can_send      # a data provider is attached (headers without END_STREAM)
         self.closing = False          # reset() was called; the close event is on its way
+        self.context = None           # the adapter's object for this stream (attach())
 
 
 # ---- nghttp2 callbacks: one set for all sessions, user_data is a handle to the H2Session ----
@@ -633,11 +634,31 @@ class H2Session:
         if rv < 0:
             raise H2Error(f"consume on stream {stream_id}: {_ffi.strerror(rv)}")
 
+    # ---- the adapter's per-stream state ----
+
+    def attach(self, stream_id: int, context) -> None:
+        """Keep the adapter's object for this stream (its request, its upstream call...); it is
+        dropped with the stream, so the adapter needs no map of its own to clean up."""
+        st = self._streams.get(stream_id)
+        if st is not None:
+            st.context = context
+
+    def context(self, stream_id: int):
+        """The object attach()ed to the stream, or None once the stream is gone."""
+        st = self._streams.get(stream_id)
+        return st.context if st is not None else None
+
     def unconsumed(self, stream_id: int) -> int:
         st = self._streams.get(stream_id)
         return st.unconsumed if st is not None else 0
 
     # ---- connection ----
+
+    def update_settings(self, settings: dict[int, int]) -> None:
+        """Send new SETTINGS (e.g. a lower SETTINGS_MAX_CONCURRENT_STREAMS under load); they apply
+        once the peer acknowledges them (SettingsAcked)."""
+        iv = ffi.new("nghttp2_settings_entry[]", list(settings.items()))
+        self._check(lib.nghttp2_submit_settings(self._session, 0, iv, len(settings)))
 
     def ping(self, data: bytes = b"\0" * 8) -> None:
         """Send PING (keepalive); PingAcked(data) follows when the peer answers."""
