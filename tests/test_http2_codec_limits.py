@@ -7,6 +7,8 @@ connection (and, for stream-level refusals, the other streams of the same connec
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hyperframe.frame import PingFrame, PushPromiseFrame, SettingsFrame, WindowUpdateFrame
 
 from proxy.http2 import (
@@ -523,3 +525,54 @@ def test_a_response_header_section_too_large_is_reported_to_the_client_adapter()
     events = client.feed(origin.data_to_send())
     assert of(events, HeaderListTooLarge) == [HeaderListTooLarge(sid, True, False)]
     assert not of(events, ResponseReceived)
+
+
+# ---- whatever arrives, the codec answers with events, never an exception ----
+
+_frame = st.tuples(
+    st.integers(0, 10),                      # type (10: unknown, must be ignored)
+    st.integers(0, 255),                     # flags
+    st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
+    st.binary(max_size=64),
+)
+
+
+def _wire(frames) -> bytes:
+    return b"".join(len(p).to_bytes(3, "big") + bytes([t, f]) + sid.to_bytes(4, "big") + p
+                    for t, f, sid, p in frames)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(_frame, max_size=12), cut=st.integers(1, 64))
+def test_any_frame_sequence_from_a_client_gets_events_or_a_refusal_never_an_exception(frames, cut):
+    server = H2Session(client=False)
+    raw = RawClient(server)
+    raw.conn.send_headers(1, request(b"POST"), end_stream=False)
+    raw.send_pending()
+    wire = _wire(frames)
+    events = []
+    for i in range(0, len(wire), cut):  # delivered in arbitrary pieces
+        events += server.feed(wire[i:i + cut])
+        server.data_to_send()
+        events += server.pop_events()
+    assert all(type(e).__module__ == "proxy.http2.events" for e in events)
+    assert all(e.reason in REASONS for e in of(events, PeerMisbehaved))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(_frame, max_size=12))
+def test_any_frame_sequence_from_a_server_gets_events_or_a_refusal_never_an_exception(frames):
+    import h2.config
+    import h2.connection
+
+    client = H2Session(client=True)
+    origin = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    origin.initiate_connection()
+    origin.receive_data(client.data_to_send())
+    client.feed(origin.data_to_send())
+    client.send_request(request(b"POST"), end_stream=False)
+    client.data_to_send()
+    events = client.feed(_wire(frames))
+    client.data_to_send()
+    events += client.pop_events()
+    assert all(e.reason in REASONS for e in of(events, PeerMisbehaved))

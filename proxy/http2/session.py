@@ -487,10 +487,13 @@ class H2Session:
 
     # ---- bytes in, bytes out ----
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes | bytearray | memoryview) -> list:
         """Process bytes received from the peer; return the events they (and any earlier
-        data_to_send) produced."""
+        data_to_send) produced. H2Error means a bug of ours (an exception in a callback):
+        close the connection."""
         if data:
+            if data.__class__ is not bytes:  # bytearray / memoryview from a buffered protocol
+                data = _from_buffer(_CHAR_ARRAY, data, False)
             rv = lib.nghttp2_session_mem_recv(self._session, data, len(data))
             if rv < 0:
                 self._recv_failed(rv)
