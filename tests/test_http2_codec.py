@@ -376,3 +376,18 @@ def test_lowering_the_stream_limit_applies_once_the_peer_acknowledges_it():
         pair.client.send_request(GET)
     _, se = pair.pump()
     assert len(of(se, RequestReceived)) == 2  # the others wait in the client for a free stream
+
+
+def test_a_response_complete_before_the_upload_stops_it_with_no_error_and_both_sides_close_cleanly():
+    """RFC 9113 §8.1: e.g. a 413 or a gRPC error sent while the client still streams."""
+    pair = Pair()
+    sid = pair.client.send_request(request(b"POST"), end_stream=False)
+    pair.client.send_data(sid, b"u" * 1000)
+    pair.pump()
+    pair.server.send_response(sid, [(b":status", b"413")], end_stream=True)
+    ce, se = pair.pump()
+    assert of(ce, ResponseReceived, sid)[0].headers == [(b":status", b"413")]
+    assert of(ce, StreamClosed, sid) and not of(ce, StreamReset)
+    assert of(se, StreamClosed, sid) and not of(se, StreamReset)
+    assert pair.client.send_data(sid, b"more") is False
+    assert pair.server.open_streams == pair.client.open_streams == 0

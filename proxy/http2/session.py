@@ -154,6 +154,7 @@ class _Stream:
     __slots__ = (
         "id", "opened_at", "unconsumed", "send_buf", "send_end", "trailers", "deferred",
         "blocked", "reset_by_peer", "response_received", "can_send", "closing", "context",
+        "remote_ended",
     )
 
     def __init__(self, stream_id: int, opened_at: float, can_send: bool):
@@ -170,6 +171,7 @@ class _Stream:
         self.can_send = can_send      # a data provider is attached (headers without END_STREAM)
         self.closing = False          # reset() was called; the close event is on its way
         self.context = None           # the adapter's object for this stream (attach())
+        self.remote_ended = False     # the peer sent END_STREAM: its message is complete
 
 
 # ---- nghttp2 callbacks: one set for all sessions, user_data is a handle to the H2Session ----
@@ -236,7 +238,12 @@ def _on_frame_recv(session, frame, ud):
             s._chunks = []
         else:
             data = b""
-        s._events.append(DataReceived(sid, data, bool(hd.flags & _END_STREAM)))
+        end = bool(hd.flags & _END_STREAM)
+        if end:
+            st = s._streams.get(sid)
+            if st is not None:
+                st.remote_ended = True
+        s._events.append(DataReceived(sid, data, end))
     elif t == _HEADERS:
         s._headers_frame(frame, hd.stream_id, bool(hd.flags & _END_STREAM))
     else:
@@ -259,7 +266,7 @@ def _on_stream_close(session, sid, error_code, ud):
     if st.unconsumed:
         # Data the consumer will never consume: give the connection window back.
         s._credit += st.unconsumed
-    if error_code or st.reset_by_peer:
+    if error_code or (st.reset_by_peer and not st.remote_ended):
         s._events.append(StreamReset(sid, error_code, st.reset_by_peer))
     else:
         s._events.append(StreamClosed(sid))
@@ -268,9 +275,14 @@ def _on_stream_close(session, sid, error_code, ud):
 
 @_cb("nghttp2_on_frame_send_callback")
 def _on_frame_send(session, frame, ud):
-    # Only GOAWAY and RST_STREAM matter (why we end something); other frames return at once.
-    t = frame.hd.type
-    if t == _ffi.GOAWAY or t == _ffi.RST_STREAM:
+    hd = frame.hd
+    t = hd.type
+    if t <= _HEADERS:
+        if hd.flags & _END_STREAM:
+            s = _from_handle(ud)
+            if s._server:
+                s._response_ended(hd.stream_id)
+    elif t == _ffi.GOAWAY or t == _ffi.RST_STREAM:
         _from_handle(ud)._sent_error_frame(frame, t)
     return 0
 
@@ -756,6 +768,8 @@ class H2Session:
         if self._server:
             st = self._streams.get(sid)
             trailers = frame.headers.cat != _ffi.HCAT_REQUEST
+            if end and st is not None:
+                st.remote_ended = True
             if self._hdr_size > self._max_header_list_size:
                 self._events.append(HeaderListTooLarge(sid, end, trailers))
             elif trailers:
@@ -766,6 +780,8 @@ class H2Session:
         st = self._streams.get(sid)
         if st is None:
             return
+        if end:
+            st.remote_ended = True
         if self._hdr_size > self._max_header_list_size:
             self._events.append(HeaderListTooLarge(sid, end, st.response_received))
         elif st.response_received:
@@ -775,6 +791,16 @@ class H2Session:
         else:
             st.response_received = True
             self._events.append(ResponseReceived(sid, hdrs, end))
+
+    def _response_ended(self, sid: int) -> None:
+        """The response is complete while the request is not: ask the client to stop sending
+        with RST_STREAM(NO_ERROR) (RFC 9113 §8.1), rather than hold the stream, and its share of
+        the stream limit, open until the upload ends."""
+        st = self._streams.get(sid)
+        if st is not None and not st.remote_ended and not st.closing:
+            st.closing = True
+            self._note_reset(sid)
+            lib.nghttp2_submit_rst_stream(self._session, 0, sid, NO_ERROR)
 
     def _control_frame(self, frame, t: int, hd) -> None:
         if t == _ffi.RST_STREAM:
