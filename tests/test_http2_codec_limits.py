@@ -576,3 +576,25 @@ def test_any_frame_sequence_from_a_server_gets_events_or_a_refusal_never_an_exce
     client.data_to_send()
     events += client.pop_events()
     assert all(e.reason in REASONS for e in of(events, PeerMisbehaved))
+
+
+def test_without_the_librarys_continuation_limit_the_session_counts_them_itself(monkeypatch):
+    """Before Debian's deb12u2 update libnghttp2 1.52 had no CONTINUATION limit; the session
+    then counts the frames in its on_begin_frame callback (here with a limit below nghttp2's
+    built-in 8, so that the count, not the library, must be what answers)."""
+    from proxy.http2 import _ffi
+    from hyperframe.frame import HeadersFrame
+
+    monkeypatch.setattr(_ffi, "HAS_MAX_CONTINUATIONS", False)
+    server = H2Session(client=False, config=H2Config(max_continuations=4))
+    raw = RawClient(server)
+    block = raw.conn.encoder.encode(request(extra=[(f"x-{i}".encode(), b"a" * 50) for i in range(10)]))
+    head = HeadersFrame(1)
+    head.data = block[:8]
+    head.flags.add("END_STREAM")
+    raw.send(head.serialize())
+    for i in range(1, 5):
+        raw.send(raw.continuation_frame(1, block[8 * i:8 * i + 8]))
+    assert not misbehaved(raw.events)  # 4 CONTINUATION frames: allowed
+    raw.send(raw.continuation_frame(1, block[40:48]))
+    assert_closed_with(server, raw, "continuation_flood", ENHANCE_YOUR_CALM)

@@ -75,6 +75,7 @@ class H2Config:
     initial_stream_window: int = 65_535
     connection_window: int = 1 << 20
     max_concurrent_streams: int = 100        # streams the peer may open to us
+    peer_max_concurrent_streams: int = 100   # streams we open before the peer's SETTINGS say
     max_header_list_size: int = 16 * 1024
     header_table_size: int = 4096            # HPACK table the peer's encoder may use (decoder)
     max_encoder_table_size: int = 4096       # our encoder's table, whatever the peer allows
@@ -464,6 +465,7 @@ class H2Session:
         lib.nghttp2_option_set_max_deflate_dynamic_table_size(opt, config.max_encoder_table_size)
         lib.nghttp2_option_set_max_outbound_ack(opt, config.max_outbound_ack)
         lib.nghttp2_option_set_max_settings(opt, config.max_settings)
+        lib.nghttp2_option_set_peer_max_concurrent_streams(opt, config.peer_max_concurrent_streams)
         if client:
             lib.nghttp2_option_set_max_reserved_remote_streams(opt, 0)
         if _ffi.HAS_STREAM_RESET_RATE_LIMIT:
