@@ -2,7 +2,9 @@
 
 One class per event, plain slotted dataclasses so that the adapter can `match` on them.
 Headers are lists of (name, value) bytes pairs in wire order, pseudo-headers first.
-For every stream, exactly one of StreamClosed / StreamReset is its last event.
+For every stream the adapter knows (its own requests; on a server, each RequestReceived or
+HeaderListTooLarge), exactly one of StreamClosed / StreamReset is its last event; a stream
+refused before its request was complete produces only a PeerMisbehaved.
 """
 from __future__ import annotations
 
@@ -91,7 +93,9 @@ class PeerMisbehaved:
     """The codec refused something the peer did. `reason` is one of REASONS (a bounded metric
     label). stream_id 0 means the connection is being closed with GOAWAY(error_code): send
     `data_to_send()` and close once `session.closed`. Otherwise the stream was reset with
-    RST_STREAM(error_code), and a StreamReset follows if the stream had been reported."""
+    RST_STREAM(error_code), and a StreamReset follows if the stream had been reported.
+    Reported when the refusing frame is sent, so mostly from pop_events() after
+    data_to_send(); floods and CONTINUATION abuse, which stop reading at once, from feed()."""
     reason: str
     stream_id: int
     error_code: int

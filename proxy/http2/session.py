@@ -155,10 +155,10 @@ class _Stream:
     __slots__ = (
         "id", "opened_at", "unconsumed", "send_buf", "send_end", "trailers", "deferred",
         "blocked", "reset_by_peer", "response_received", "can_send", "closing", "context",
-        "remote_ended",
+        "remote_ended", "reported",
     )
 
-    def __init__(self, stream_id: int, opened_at: float, can_send: bool):
+    def __init__(self, stream_id: int, opened_at: float, can_send: bool, server_side: bool = False):
         self.id = stream_id
         self.opened_at = opened_at
         self.unconsumed = 0           # received DATA bytes not yet consume()d
@@ -173,6 +173,7 @@ class _Stream:
         self.closing = False          # reset() was called; the close event is on its way
         self.context = None           # the adapter's object for this stream (attach())
         self.remote_ended = False     # the peer sent END_STREAM: its message is complete
+        self.reported = not server_side  # the adapter knows the stream (so gets its last event)
 
 
 # ---- nghttp2 callbacks: one set for all sessions, user_data is a handle to the H2Session ----
@@ -196,7 +197,7 @@ def _on_begin_headers(session, frame, ud):
     s._hdr_size = 0
     if s._server and frame.headers.cat == _ffi.HCAT_REQUEST:
         sid = frame.hd.stream_id
-        s._streams[sid] = _Stream(sid, s._clock(), False)
+        s._streams[sid] = _Stream(sid, s._clock(), False, True)
         s._streams_opened += 1
     return 0
 
@@ -267,6 +268,8 @@ def _on_stream_close(session, sid, error_code, ud):
     if st.unconsumed:
         # Data the consumer will never consume: give the connection window back.
         s._credit += st.unconsumed
+    if not st.reported:
+        return 0  # refused before its request was complete (e.g. malformed): nothing to end
     if error_code or (st.reset_by_peer and not st.remote_ended):
         s._events.append(StreamReset(sid, error_code, st.reset_by_peer))
     else:
@@ -772,6 +775,8 @@ class H2Session:
             trailers = frame.headers.cat != _ffi.HCAT_REQUEST
             if end and st is not None:
                 st.remote_ended = True
+            if st is not None:
+                st.reported = True
             if self._hdr_size > self._max_header_list_size:
                 self._events.append(HeaderListTooLarge(sid, end, trailers))
             elif trailers:
