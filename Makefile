@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-# As root: the tools local mode's network namespaces and the tests need, when missing.
+# As root: the tools local mode's network namespaces and the tests need, when missing,
+# and libnghttp2-14 (the proxy's HTTP/2 codec loads libnghttp2.so.14 through cffi).
 sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
 	  command -v iptables >/dev/null || missing="$$missing iptables"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  ldconfig -p | grep -q 'libnghttp2\.so\.14 ' || missing="$$missing libnghttp2-14"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -275,6 +275,7 @@ def _fmt(addr: tuple) -> str:
 def main(env=None) -> None:
     """`python -m proxy`: configuration from the environment (proxy/config.py)."""
     try:
+        import proxy.http2  # noqa: F401  loads libnghttp2: a missing library is this one line
         cfg = from_env(env)
     except UserError as e:
         print(f"tulle proxy: {e}", file=sys.stderr)
