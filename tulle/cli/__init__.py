@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "profile": "tulle.cli.profile:profile",
     "policy": "tulle.cli.policy:policy",
     "proxy": "tulle.cli.proxy:proxy",
+    "proxy-init": "tulle.cli.proxyinit:proxy_init",
     "validate": "tulle.cli.validate:validate",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
