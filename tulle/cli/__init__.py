@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "proxy": "tulle.cli.proxy:proxy",
     "proxy-init": "tulle.cli.proxyinit:proxy_init",
     "validate": "tulle.cli.validate:validate",
+    "inject": "tulle.cli.inject:inject",
+    "uninject": "tulle.cli.inject:uninject",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
 }
