@@ -623,7 +623,7 @@ def plan_pod(target: Target, ns_annotations: Mapping[str, str], values: Values, 
     copied = copied_namespace_annotations(annotations, ns_annotations)
     merged = {**annotations, **copied}
     try:
-        cfg = resolve_config(merged, {}, values)
+        cfg = resolve_config(annotations, ns_annotations, values)
     except InvalidConfig as e:
         return Plan(False, str(e), warnings=warnings)
     if previous is not None and previous == cfg.version and origin == WEBHOOK:
