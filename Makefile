@@ -13,13 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-# As root: the tools local mode's network namespaces and the tests need, when missing.
+# As root: the tools local mode's network namespaces and the tests need, when missing:
+# kubectl (Debian's kubernetes-client) makes manifests for the inject round trip, the
+# CNI reference plugins (bridge, host-local) set up pod networks for the CNI plugin's tests.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
 	  command -v iptables >/dev/null || missing="$$missing iptables"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	  command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	  [ -x /usr/lib/cni/bridge ] || missing="$$missing containernetworking-plugins"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

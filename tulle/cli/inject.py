@@ -176,8 +176,12 @@ def transform(paths: tuple[str, ...], output: str, fn: Callable[[Any, str], tupl
     sources = [parse_source(*_read_text(p)) for p in _files(paths or ("-",))]
     out: list[str] = []
     report: list[str] = []
+    # A YAML stream separates every source's documents with `---` (JSON is YAML too);
+    # only an all-JSON stream is plain concatenated JSON.
+    all_json = all(isinstance(p, str) or p.fmt == "json" for src in sources for p in src.parts)
+    stream = output or ("json" if all_json else "yaml")
     for i, src in enumerate(sources):
-        if i and out and (output or src.parts and isinstance(src.parts[0], Doc) and src.parts[0].fmt) != "json":
+        if i and out and stream == "yaml":
             if not out[-1].endswith("\n"):
                 out.append("\n")
             if not (src.parts and isinstance(src.parts[0], str)):
