@@ -571,6 +571,28 @@ def apply_ops(doc: Any, ops: list[dict]) -> Any:
 # --- the plan --------------------------------------------------------------------------------------
 
 
+def shape_problem(pod: Mapping[str, Any]) -> str:
+    """What makes a pod unreadable for injection ("" when nothing). Mutating webhooks run
+    before the API server validates an object, so any shape can arrive here."""
+    meta = pod.get("metadata")
+    if meta is not None and not isinstance(meta, Mapping):
+        return "metadata is not a mapping"
+    for key in ("annotations", "labels"):
+        if (meta or {}).get(key) is not None and not isinstance(meta[key], Mapping):
+            return f"metadata.{key} is not a mapping"
+    spec = pod.get("spec")
+    if not isinstance(spec, Mapping):
+        return "spec is not a mapping"
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        return "spec.containers is not a list of containers"
+    for key in ("containers", "initContainers", "volumes"):
+        items = spec.get(key)
+        if items is not None and (not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items)):
+            return f"spec.{key} is not a list of objects"
+    return ""
+
+
 @dataclass
 class Decision:
     inject: bool
@@ -583,6 +605,9 @@ def decide(target: Target, ns_annotations: Mapping[str, str], origin: str, value
     inject annotation (Linkerd's truth table). Bad config annotations are found later,
     when the proxy's settings are resolved."""
     pod = target.pod
+    problem = shape_problem(pod)
+    if problem:
+        return Decision(False, f"the pod template cannot be read: {problem}")
     spec = spec_of(pod)
     warnings = []
     if any(proto == "UDP" for _, proto in container_ports(pod)):
