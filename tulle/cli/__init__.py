@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "policy": "tulle.cli.policy:policy",
     "proxy": "tulle.cli.proxy:proxy",
     "proxy-init": "tulle.cli.proxyinit:proxy_init",
+    "network-validator": "tulle.cli.netvalidator:network_validator",
     "validate": "tulle.cli.validate:validate",
     "inject": "tulle.cli.inject:inject",
     "uninject": "tulle.cli.inject:uninject",
