@@ -4,7 +4,8 @@
     python -m services.injector --kubernetes --tls-secret tulle/tulle-proxy-injector-k8s-tls \\
         --values /etc/tulle/values.yaml
 
-Serves AdmissionReview v1 over HTTPS on :8443 at `/` (the Service
+Without a certificate (local mode) the webhook is off and the service only reports
+ready. Serves AdmissionReview v1 over HTTPS on :8443 at `/` (the Service
 `tulle-proxy-injector` in the control plane's namespace maps 443 to it). Ready once
 the certificate is loaded, the listener is up and the bus is reached. Each pod it
 injects or skips is an `injector.injected` / `injector.injection-skipped` event.
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifests", action="append", default=[], help=argparse.SUPPRESS)
 
 
-def load_values(args) -> Values:
+def load_values(args, *, need_anchors: bool = True) -> Values:
     values = Values()
     if args.values:
         try:
@@ -60,7 +61,7 @@ def load_values(args) -> Values:
         except OSError as e:
             raise UserError(f"--trust-anchors {args.trust_anchors}: cannot read: {e.strerror or e}") from None
         values = values.with_overrides({"identityTrustAnchorsPEM": pem}, f"--trust-anchors {args.trust_anchors}")
-    if not values.trust_anchors_pem:
+    if need_anchors and not values.trust_anchors_pem:
         raise UserError("give the trust anchors: --trust-anchors FILE or identityTrustAnchorsPEM in --values")
     return values
 
@@ -69,7 +70,10 @@ class Injector:
     def __init__(self, svc: Service):
         args = svc.args
         self.svc = svc
-        self.values = load_values(args)
+        # Without a serving certificate there is no webhook to run (local mode, where no
+        # API server calls it): the service only reports ready and waits.
+        self.enabled = bool(args.tls_cert or args.tls_key or args.tls_secret)
+        self.values = load_values(args, need_anchors=self.enabled)
         host, sep, port = args.listen.rpartition(":")
         if not sep or not port.isdigit():
             raise UserError(f"--listen: expected host:port, got {args.listen!r}")
@@ -87,13 +91,15 @@ class Injector:
             if not sep or not ns or not name:
                 raise UserError(f"--tls-secret: expected NAMESPACE/NAME, got {args.tls_secret!r}")
             self.certs = CertSecret(api, ns, name)
+        elif not self.enabled:
+            self.certs = None
         elif args.tls_cert and args.tls_key:
             for f in (args.tls_cert, args.tls_key):
                 if not os.path.isfile(f):
                     raise UserError(f"{f}: no such file (--tls-cert / --tls-key)")
             self.certs = CertFiles(args.tls_cert, args.tls_key)
         else:
-            raise UserError("give the serving certificate: --tls-cert FILE --tls-key FILE, or --tls-secret NS/NAME")
+            raise UserError("give the serving certificate as both --tls-cert FILE and --tls-key FILE")
         lookups = KubeLookups(api) if api is not None else None
         self.handler = AdmissionHandler(
             self.values,
@@ -122,6 +128,10 @@ class Injector:
         return answer
 
     async def run(self) -> None:
+        if self.certs is None:
+            self.svc.log.warning("no serving certificate (--tls-cert/--tls-key or --tls-secret): the admission "
+                                 "webhook is off")
+            await asyncio.Event().wait()
         certs = self.certs.updates()
         first = await certs.__anext__()
         if not self.cert.load(*first, self.certs.where):
@@ -142,8 +152,9 @@ def entry(argv=None) -> None:
 
     def prepare(svc: Service) -> None:
         injector = Injector(svc)
-        svc.add_ready_check("certificate loaded", lambda: injector.cert.loaded is not None)
-        svc.add_ready_check("webhook listening", lambda: injector.server.listening)
+        if injector.enabled:
+            svc.add_ready_check("certificate loaded", lambda: injector.cert.loaded is not None)
+            svc.add_ready_check("webhook listening", lambda: injector.server.listening)
         made.append(injector)
 
     async def main(svc: Service) -> None:
