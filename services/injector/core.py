@@ -716,7 +716,6 @@ def plan_pod(target: Target, ns_annotations: Mapping[str, str], values: Values, 
                 replaced_version=previous if previous is not None else "")
 
 
-
 # --- Services -------------------------------------------------------------------------------------------
 
 
