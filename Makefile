@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-# As root: the tools local mode's network namespaces and the tests need, when missing,
-# and libnghttp2-14 (the proxy's HTTP/2 codec loads libnghttp2.so.14 through cffi).
+# As root: the tools local mode's network namespaces and the tests need, when missing:
+# libnghttp2-14 (the proxy's HTTP/2 codec loads libnghttp2.so.14 through cffi), kubectl
+# (Debian's kubernetes-client) makes manifests for the inject round trip, the CNI reference
+# plugins (bridge, host-local) set up pod networks for the CNI plugin's tests.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
@@ -22,6 +24,9 @@ sysdeps:
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v curl >/dev/null || missing="$$missing curl"; \
 	  ldconfig -p | grep -q 'libnghttp2\.so\.14 ' || missing="$$missing libnghttp2-14"; \
+	  command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	  command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	  [ -x /usr/lib/cni/bridge ] || missing="$$missing containernetworking-plugins"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

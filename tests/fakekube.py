@@ -63,6 +63,8 @@ KINDS: tuple[KindInfo, ...] = (
     KindInfo("v1", "ConfigMap", "configmaps"),
     KindInfo("v1", "ServiceAccount", "serviceaccounts"),
     KindInfo("discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
+    KindInfo("apps/v1", "ReplicaSet", "replicasets"),
+    KindInfo("batch/v1", "Job", "jobs"),
     KindInfo("tulle.dev/v1alpha1", "ServiceProfile", "serviceprofiles", custom=True),
     KindInfo("policy.tulle.dev/v1alpha1", "Server", "servers", custom=True),
     KindInfo("policy.tulle.dev/v1alpha1", "ServerAuthorization", "serverauthorizations", custom=True),

@@ -24,7 +24,11 @@ SUBCOMMANDS = {
     "profile": "tulle.cli.profile:profile",
     "policy": "tulle.cli.policy:policy",
     "proxy": "tulle.cli.proxy:proxy",
+    "proxy-init": "tulle.cli.proxyinit:proxy_init",
+    "network-validator": "tulle.cli.netvalidator:network_validator",
     "validate": "tulle.cli.validate:validate",
+    "inject": "tulle.cli.inject:inject",
+    "uninject": "tulle.cli.inject:uninject",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
 }

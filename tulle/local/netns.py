@@ -179,12 +179,16 @@ def create_pod_netns(n: int, index: int, name: str, address: str, hosts: str) ->
 
 
 def apply_proxy_init(name: str, rules: str) -> None:
-    """Write proxy-init's nat rules into the namespace (idempotent: chains are flushed and reused)."""
-    ns = ["ip", "netns", "exec", name]
-    for chain in (plan.REDIRECT_CHAIN, plan.OUTPUT_CHAIN):
-        run(ns + ["iptables", "-t", "nat", "-D", "PREROUTING" if chain == plan.REDIRECT_CHAIN else "OUTPUT",
-                  "-j", chain], check=False)
-    run(ns + ["iptables-restore", "--noflush"], stdin=rules)
+    """Write proxy-init's nat rules into the namespace (idempotent: chains are flushed and
+    reused, and a jump already there is not added twice — tulle/proxyinit)."""
+    from tulle.proxyinit import apply as proxyinit
+    from tulle.proxyinit.rules import without_present_jumps
+
+    try:
+        rules = without_present_jumps(rules, proxyinit.current_nat(name))
+    except proxyinit.ApplyError as e:
+        raise NetnsError(str(e)) from None
+    run(["ip", "netns", "exec", name, "iptables-restore", "--noflush"], stdin=rules)
 
 
 def nat_rules(name: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 from tulle.errors import UserError
+from tulle.proxyinit import rules as proxyinit_rules
 from tulle.resources import model as m
 from tulle.schemas import identity_name
 
@@ -313,51 +314,27 @@ def hosts_file(pod_name: str, pod_ip: str, pod_namespace: str, services: Iterabl
 RESOLV_CONF = "# tulle local mode: service names come from /etc/hosts\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
-# --- iptables, as Linkerd's proxy-init writes them ------------------------------------------------------
+# --- iptables, as Linkerd's proxy-init writes them (tulle/proxyinit/rules.py) ---------------------------
 
-REDIRECT_CHAIN = "TULLE_PROXY_INIT_REDIRECT"
-OUTPUT_CHAIN = "TULLE_PROXY_INIT_OUTPUT"
+REDIRECT_CHAIN = proxyinit_rules.REDIRECT_CHAIN
+OUTPUT_CHAIN = proxyinit_rules.OUTPUT_CHAIN
 
 
 def proxy_init_rules(*, proxy_uid: int = PROXY_UID, proxy_gid: int = PROXY_UID, inbound_port: int = INBOUND_PORT,
                      outbound_port: int = OUTBOUND_PORT,
                      inbound_ports_to_ignore: Iterable[int] = (CONTROL_PORT, ADMIN_PORT),
                      outbound_ports_to_ignore: Iterable[int] = ()) -> str:
-    """`iptables-restore --noflush` input for the nat table of one namespace.
+    """`iptables-restore --noflush` input for the nat table of one namespace, as
+    `tulle proxy-init` writes it. Local mode adds the gid rule: a proxy that must keep
+    uid 0 (a checkout uid 2102 cannot read) still runs with gid 2102, and its traffic
+    is still not redirected."""
+    def ranges(ports: Iterable[int]) -> tuple:
+        return tuple(proxyinit_rules.PortRange(p, p) for p in sorted(set(ports)))
 
-    Inbound: every TCP connection to the pod goes to the proxy's inbound port, except
-    the proxy's own admin and control ports. Outbound: everything the app sends goes to
-    the proxy's outbound port, except the proxy's own traffic (its uid) and loopback.
-    """
-    def comment(text: str) -> str:
-        return f'-m comment --comment "proxy-init/{text}"'
-
-    lines = ["*nat", f":{REDIRECT_CHAIN} - [0:0]", f":{OUTPUT_CHAIN} - [0:0]"]
-    ignore_in = sorted(set(inbound_ports_to_ignore))
-    for chunk in _chunks(ignore_in, 15):  # multiport takes at most 15 ports per rule
-        ports = ",".join(map(str, chunk))
-        lines.append(f"-A {REDIRECT_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN {comment('ignore-port-' + ports)}")
-    lines.append(f"-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {inbound_port} "
-                 f"{comment('redirect-all-incoming-to-proxy-port')}")
-    lines.append(f"-A PREROUTING -j {REDIRECT_CHAIN} {comment('install-proxy-init-prerouting')}")
-    lines.append(f"-A {OUTPUT_CHAIN} -m owner --uid-owner {proxy_uid} -j RETURN {comment('ignore-proxy-user-id')}")
-    # proxy-init's optional gid rule: a proxy that must keep uid 0 (a checkout uid 2102
-    # cannot read) still runs with gid 2102, and its traffic is still not redirected.
-    lines.append(f"-A {OUTPUT_CHAIN} -m owner --gid-owner {proxy_gid} -j RETURN {comment('ignore-proxy-group-id')}")
-    lines.append(f"-A {OUTPUT_CHAIN} -o lo -j RETURN {comment('ignore-loopback')}")
-    ignore_out = sorted(set(outbound_ports_to_ignore))
-    for chunk in _chunks(ignore_out, 15):
-        ports = ",".join(map(str, chunk))
-        lines.append(f"-A {OUTPUT_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN {comment('ignore-port-' + ports)}")
-    lines.append(f"-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {outbound_port} "
-                 f"{comment('redirect-all-outgoing-to-proxy-port')}")
-    lines.append(f"-A OUTPUT -j {OUTPUT_CHAIN} {comment('install-proxy-init-output')}")
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return proxyinit_rules.restore_input(proxyinit_rules.Config(
+        inbound_port=inbound_port, outbound_port=outbound_port, proxy_uid=proxy_uid, proxy_gid=proxy_gid,
+        inbound_ports_to_ignore=ranges(inbound_ports_to_ignore),
+        outbound_ports_to_ignore=ranges(outbound_ports_to_ignore)))
 
 
 def bridge_forward_rule(bridge: str) -> list[str]:
