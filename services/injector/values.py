@@ -10,7 +10,6 @@ Pure: reading the file is the caller's business.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -81,7 +80,10 @@ class Values:
 
     @property
     def trust_root_sha256(self) -> str:
-        return hashlib.sha256(self.trust_anchors_pem.encode()).hexdigest()
+        # The same fingerprint a proxy's heartbeat carries, so `tulle check` can compare them.
+        from tulle.pki import trust_root_sha256
+
+        return trust_root_sha256(self.trust_anchors_pem)
 
     def with_overrides(self, pairs: Mapping[str, Any], where: str) -> "Values":
         """A copy with Linkerd-style keys (`proxy.nativeSidecar`) set; UserError naming
