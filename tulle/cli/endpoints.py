@@ -15,10 +15,9 @@ import sys
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle import schemas
-from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
@@ -59,11 +58,7 @@ def parse_target(target: str) -> tuple[str, str, int | None, str | None]:
 
 async def _read(url: str, target: str) -> list[schemas.EndpointSet] | None:
     namespace, service, port, ip = parse_target(target)
-    bus = Bus(url, component="cli")
-    try:
-        await asyncio.wait_for(bus.start(), 5)
-    except asyncio.TimeoutError:
-        raise UserError(f"endpoints: cannot reach NATS at {url}") from None
+    bus = await connect_bus(url, what="endpoints")
     try:
         try:
             await bus.kv(schemas.ENDPOINTS_BUCKET, create=False)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle.errors import UserError
 
@@ -101,17 +101,14 @@ async def _follow(url: str, pattern: Optional[str], since: Optional[timedelta], 
     import nats.errors
     from nats.js import api as jsapi
 
-    from tulle.bus import Bus
     from tulle.log import setup_logging
     from tulle.schemas import EVENTS_PREFIX, EVENTS_STREAM
 
     setup_logging("cli", level="warning")  # stdout carries the events only
-    bus = Bus(url, component="cli")
     try:
-        await asyncio.wait_for(bus.start(), 5)
-    except asyncio.TimeoutError:
-        await bus.close()
-        raise UserError(f"cannot reach NATS at {url} (is `tulle up` running? or pass --nats URL)") from None
+        bus = await connect_bus(url)
+    except UserError as e:
+        raise UserError(f"{e} (is `tulle up` running? or pass --nats URL)") from None
     sub = None
     try:
         # The stream may not exist yet (nothing has started): create it with the services'

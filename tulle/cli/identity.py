@@ -23,10 +23,9 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle import pki, schemas
-from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
@@ -206,11 +205,7 @@ def _anchor_rows(bundle: schemas.TrustBundle) -> list[dict]:
 
 async def _read(url: str, key: Optional[str], timeout_s: float) -> tuple[Optional[schemas.TrustBundle],
                                                                         Optional[schemas.ProxyHeartbeat]]:
-    bus = Bus(url, component="cli")
-    try:
-        await asyncio.wait_for(bus.start(), timeout_s)
-    except asyncio.TimeoutError:
-        raise UserError(f"identity: cannot reach NATS at {url}") from None
+    bus = await connect_bus(url, what="identity", timeout=timeout_s)
     try:
         bundle = heartbeat = None
         try:

@@ -28,22 +28,17 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect_bus, nats_option
 
 from proxy.policy import describe_authorization, explain
 from tulle import schemas
-from tulle.bus import Bus
 from tulle.codec import to_jsonable
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
 
 async def _read(url: str, workload: str, namespace: Optional[str]) -> tuple[str, Optional[schemas.WorkloadPolicy]]:
-    bus = Bus(url, component="cli")
-    try:
-        await asyncio.wait_for(bus.start(), 5)
-    except asyncio.TimeoutError:
-        raise UserError(f"policy: cannot reach NATS at {url}") from None
+    bus = await connect_bus(url, what="policy")
     try:
         try:
             await bus.kv(schemas.POLICY_BUCKET, create=False)

@@ -32,7 +32,7 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle import schemas
 from tulle.errors import UserError
@@ -314,13 +314,7 @@ async def _items(bus, bucket: str, cls, prefix: str = "") -> dict:
 
 async def gather_routes(url: str, target: Target, to: Optional[tuple[str, str]], window_s: float,
                         timeout_s: float) -> Gathered:
-    from tulle.bus import Bus
-
-    bus = Bus(url, component="cli")
-    try:
-        await asyncio.wait_for(bus.start(), 5)
-    except asyncio.TimeoutError:
-        raise UserError(f"routes: cannot reach NATS at {url}") from None
+    bus = await connect_bus(url, what="routes")
     try:
         heartbeats: dict[str, schemas.ProxyHeartbeat] = await _items(bus, schemas.PROXIES_BUCKET,
                                                                      schemas.ProxyHeartbeat)
