@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "policy": "tulle.cli.policy:policy",
     "proxy": "tulle.cli.proxy:proxy",
     "validate": "tulle.cli.validate:validate",
+    "check": "tulle.cli.check:check",
+    "logs": "tulle.cli.logs:logs",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
 }
