@@ -27,7 +27,7 @@ Behaviour copied from the API server:
   lines (chunked) until the pod is deleted or `end_logs` is called.
 
 Test controls (thread-safe): apply, delete, get, compact, drop_watches, watches_down,
-token_reviews / add_token, deny_access, append_log / end_logs, request_log.
+token_reviews / add_token, deny_access, append_log / end_logs, write_kubeconfig, request_log.
 """
 
 from __future__ import annotations
@@ -270,6 +270,18 @@ class FakeKube:
         cfg = client.Configuration()
         cfg.host = self.url
         return cfg
+
+    def write_kubeconfig(self, path, context: str = "fake") -> str:
+        """A kubeconfig file whose context `context` points at this server, for CLI commands."""
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": context,
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": context, "context": {"cluster": "fake", "user": "tester"}}],
+        }))
+        return str(path)
 
     @property
     def resource_version(self) -> int:
