@@ -24,6 +24,7 @@ import click
 
 from tulle import installation
 from tulle.check import core
+from tulle.cli.names import complete_namespace
 from tulle.cli.target import Cluster, Local, resolve, target_options
 from tulle.errors import UserError
 
@@ -79,7 +80,7 @@ def render(report: core.Report, output: str, colour: bool) -> str:
               help="retry this long while a check that may heal fails (a process restarting, a pod starting); "
                    "0s: once")
 @click.option("-n", "--namespace", default=installation.CONTROL_PLANE_NAMESPACE, show_default=True,
-              help="a cluster: the control plane's namespace")
+              help="a cluster: the control plane's namespace", shell_complete=complete_namespace)
 @target_options
 def check(output: str, pre: bool, with_proxies: bool, wait: str, namespace: str, kubeconfig: Optional[str],
           context: Optional[str], kubernetes: bool, state_dir: Optional[str]) -> None:

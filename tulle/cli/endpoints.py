@@ -16,6 +16,7 @@ import sys
 import click
 
 from tulle.cli.common import connect_bus, nats_option
+from tulle.cli.names import complete_service_address
 
 from tulle import schemas
 from tulle.errors import UserError
@@ -99,7 +100,7 @@ def _table(rows: list[dict]) -> str:
 
 
 @click.command()
-@click.argument("target", metavar="SERVICE[.NAMESPACE][:PORT]")
+@click.argument("target", metavar="SERVICE[.NAMESPACE][:PORT]", shell_complete=complete_service_address)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @nats_option()
 def endpoints(target: str, output: str, url: str) -> None:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import click
 
+from tulle.cli.names import complete_namespace, workload_completer
 from tulle.cli.common import connect_bus, nats_option
 
 from tulle import pki, schemas
@@ -225,8 +226,8 @@ async def _read(url: str, key: Optional[str], timeout_s: float) -> tuple[Optiona
 
 
 @identity.command()
-@click.argument("workload", required=False)
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.argument("workload", required=False, shell_complete=workload_completer("default"))
+@click.option("-n", "--namespace", default="default", show_default=True, shell_complete=complete_namespace)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @nats_option()
 @click.option("--timeout", default="5s", show_default=True, help="how long to try reaching NATS")

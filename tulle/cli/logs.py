@@ -22,6 +22,7 @@ from typing import Optional, TextIO
 import click
 
 from tulle import installation
+from tulle.cli.names import complete_container, complete_namespace, workload_completer
 from tulle.cli.target import Cluster, resolve, target_options
 from tulle.logs import LogStream
 from tulle.logs.select import Selection, Window
@@ -103,11 +104,12 @@ def _one_line(e: BaseException) -> str:
 
 
 @click.command()
-@click.argument("name", required=False, metavar="[POD|WORKLOAD]")
+@click.argument("name", required=False, metavar="[POD|WORKLOAD]", shell_complete=workload_completer())
 @click.option("--component", type=click.Choice(installation.LOG_COMPONENTS),
               help="a control-plane component, or `proxy`: the proxies (of -n NAMESPACE, of NAME)")
-@click.option("-c", "--container", default=None, help="only this container of the pod (e.g. tulle-proxy)")
-@click.option("-n", "--namespace", default=None,
+@click.option("-c", "--container", default=None, help="only this container of the pod (e.g. tulle-proxy)",
+              shell_complete=complete_container)
+@click.option("-n", "--namespace", default=None, shell_complete=complete_namespace,
               help="the pod's namespace (default: default; the control plane's for --component)")
 @click.option("--since", default=None, metavar="DURATION", help="only lines written this long ago or later (e.g. 10m)")
 @click.option("--tail", type=click.IntRange(min=0), default=None, help="only the last N lines of each container")
