@@ -294,6 +294,19 @@ def peer_identity(ssl_object) -> Optional[str]:
     return None
 
 
+def cert_fingerprints(pem: bytes | str) -> list[str]:
+    """sha256 (hex) of each certificate's DER in a PEM bundle: the same certificate gives the
+    same value whatever its PEM's line breaks. How a proxy reports the anchors it trusts
+    (ProxyHeartbeat.trust_anchors) and how `tulle check` compares them."""
+    if isinstance(pem, str):
+        pem = pem.encode()
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []
+    return [hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest() for c in certs]
+
+
 def fingerprint(pem: bytes | str) -> str:
     if isinstance(pem, str):
         pem = pem.encode()

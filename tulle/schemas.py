@@ -283,7 +283,7 @@ class ProxyHeartbeat:
     admin: str = ""  # host:port of the admin server
     pid: int = 0
     time: float = 0.0
-    # sha256 (hex, of the DER) of each trust anchor the proxy was started with, so
+    # tulle.pki.cert_fingerprints of the trust anchors the proxy was started with, so
     # `tulle check --proxy` can say whether it trusts the installation's; empty from a
     # proxy that does not report them.
     trust_anchors: list[str] = field(default_factory=list)

@@ -22,6 +22,7 @@ from tulle.local.status import collect
 Connect = Callable[..., Awaitable["object"]]  # connect_bus(url, timeout=...) -> Bus; raises on failure
 
 BUS_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 2.0
 
 
 async def gather(state: StateDir, *, with_proxies: bool, connect: Connect, now: Optional[float] = None) -> LocalFacts:
@@ -30,7 +31,8 @@ async def gather(state: StateDir, *, with_proxies: bool, connect: Connect, now: 
     record = read_record(state)
     if not record:
         return facts
-    view = await collect(state, record)
+    # A busy machine may take a while to answer a probe: a missed answer here would be reported as broken.
+    view = await collect(state, record, probe_timeout=PROBE_TIMEOUT_S)
     facts.running = True
     facts.meshed = bool(record.get("meshed", True))
     sup = record.get("supervisor") or {}
@@ -76,7 +78,7 @@ async def _version(svc: ProcessFacts) -> str:
     from tulle.metrics import parse_text
 
     host, port = split_addr(svc.address)
-    got = await http_get(host, port, "/metrics", 1.0)
+    got = await http_get(host, port, "/metrics", PROBE_TIMEOUT_S)
     if got is None or got[0] != 200:
         return ""
     try:

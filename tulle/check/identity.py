@@ -218,15 +218,7 @@ def identity_checks(material: Callable[[object], Optional[IdentityMaterial]]) ->
 
 
 def fingerprints(pem: bytes | str) -> set[str]:
-    """sha256 of each certificate's DER: the same anchor, whatever its PEM's line breaks."""
-    import hashlib
+    """The anchors of a bundle as ProxyHeartbeat.trust_anchors names them (tulle.pki)."""
+    from tulle.pki import cert_fingerprints
 
-    from cryptography.hazmat.primitives import serialization
-
-    if isinstance(pem, str):
-        pem = pem.encode()
-    try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        return set()
-    return {hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest() for c in certs}
+    return set(cert_fingerprints(pem))
