@@ -126,13 +126,14 @@ def test_colour_marks_are_ansi_on_a_terminal_only():
 # --- identity --------------------------------------------------------------------------------------
 
 
-NOW = dt.datetime.now(dt.timezone.utc)
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
-def _material(anchor: pki.CA, issuer: pki.CA, now: dt.datetime = NOW, **kw) -> IdentityMaterial:
+def _material(anchor: pki.CA, issuer: pki.CA, at: dt.datetime | None = None, **kw) -> IdentityMaterial:
     return IdentityMaterial(anchors_where="ca.crt", issuer_where="issuer.crt", anchors_pem=anchor.cert_pem,
                             issuer_cert_pem=issuer.cert_pem, issuer_key_pem=issuer.key_pem,
-                            fix_anchors="FIX-ANCHORS", fix_issuer="FIX-ISSUER", now=now, **kw)
+                            fix_anchors="FIX-ANCHORS", fix_issuer="FIX-ISSUER", now=at or now(), **kw)
 
 
 def _identity(m: IdentityMaterial) -> dict[str, core.CheckResult]:
@@ -162,7 +163,7 @@ def test_an_issuer_expiring_within_60_days_is_a_warning_with_its_date():
 def test_an_expired_issuer_is_an_error_and_an_expiring_anchor_a_warning():
     anchor = pki.new_trust_anchor(lifetime=dt.timedelta(days=400))
     issuer = pki.new_issuer(anchor, lifetime=dt.timedelta(days=365))
-    results = _identity(_material(anchor, issuer, now=NOW + dt.timedelta(days=370)))
+    results = _identity(_material(anchor, issuer, at=now() + dt.timedelta(days=370)))
     assert results["issuer cert is within its validity period"].result is Result.ERROR
     assert "expired on" in results["issuer cert is within its validity period"].error
     assert results["trust anchors are valid for at least 60 days"].result is Result.WARNING
@@ -198,7 +199,7 @@ def test_an_rsa_anchor_is_refused_as_an_unsupported_algorithm():
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa-root")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=365))
+            .serial_number(1).not_valid_before(now() - dt.timedelta(days=1)).not_valid_after(now() + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True).sign(key, hashes.SHA256()))
     anchor = pki.new_trust_anchor()
     m = _material(anchor, pki.new_issuer(anchor))
