@@ -129,7 +129,7 @@ class ProxyApp:
         self.heartbeat = ProxyHeartbeat(
             self.bus, cfg.namespace, cfg.workload, lambda: (cfg.identity, float(getattr(self.identity, "expiry", 0) or 0)),
             self.is_ready, self.admin.address,
-            trust_root_sha256=pki.trust_root_sha256(cfg.trust_anchors_pem) if cfg.trust_anchors_pem else "")
+            trust_anchors_pem=cfg.trust_anchors_pem)
         await self.bus.start(wait=False)
         run = getattr(self.identity, "run", None)
         if self._identity is None and run is not None:

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Callable
 
-from tulle import __version__, schemas
+from tulle import __version__, pki, schemas
 from tulle.bus import Bus
 from tulle.log import get_logger
 
@@ -19,7 +19,7 @@ log = get_logger(part="heartbeat")
 
 class ProxyHeartbeat:
     def __init__(self, bus: Bus, namespace: str, workload: str, identity: Callable[[], tuple[str, float]],
-                 ready: Callable[[], bool], admin: str, interval: float = INTERVAL_S, trust_root_sha256: str = ""):
+                 ready: Callable[[], bool], admin: str, interval: float = INTERVAL_S, trust_anchors_pem: bytes = b""):
         self.bus = bus
         self.namespace = namespace
         self.workload = workload
@@ -27,7 +27,9 @@ class ProxyHeartbeat:
         self.ready = ready
         self.admin = admin
         self.interval = interval
-        self.trust_root_sha256 = trust_root_sha256
+        # The anchors the proxy was started with, as `tulle check --proxy` compares them.
+        self.trust_root_sha256 = pki.trust_root_sha256(trust_anchors_pem) if trust_anchors_pem else ""
+        self.trust_anchors = pki.cert_fingerprints(trust_anchors_pem) if trust_anchors_pem else []
         self.key = schemas.proxy_key(namespace, workload)
         self.beats = 0
 
@@ -36,7 +38,7 @@ class ProxyHeartbeat:
         return schemas.ProxyHeartbeat(
             namespace=self.namespace, workload=self.workload, version=__version__, identity=ident,
             ready=self.ready(), cert_expiry=expiry, admin=self.admin, pid=os.getpid(), time=time.time(),
-            trust_root_sha256=self.trust_root_sha256)
+            trust_root_sha256=self.trust_root_sha256, trust_anchors=self.trust_anchors)
 
     async def beat(self) -> bool:
         if not self.bus.connected:

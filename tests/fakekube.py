@@ -20,8 +20,14 @@ Behaviour copied from the API server:
 - `timeoutSeconds` ends the stream cleanly; bookmarks are sent when asked for;
 - Services get a cluster IP when they have none; Secrets' `stringData` is folded into `data`.
 
+- `GET /version` answers `server_version`; SelfSubjectAccessReview allows everything but
+  what `deny_access` names;
+- `pods/<name>/log` serves what `append_log` wrote, with `container` (required when the pod
+  has several), `tailLines`, `sinceSeconds`, `timestamps`, and `follow=true` streaming new
+  lines (chunked) until the pod is deleted or `end_logs` is called.
+
 Test controls (thread-safe): apply, delete, get, compact, drop_watches, watches_down,
-token_reviews / add_token, request_log.
+token_reviews / add_token, deny_access, append_log / end_logs, write_kubeconfig, request_log.
 """
 
 from __future__ import annotations
@@ -65,12 +71,19 @@ KINDS: tuple[KindInfo, ...] = (
     KindInfo("discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
     KindInfo("apps/v1", "ReplicaSet", "replicasets"),
     KindInfo("batch/v1", "Job", "jobs"),
+    KindInfo("apps/v1", "Deployment", "deployments"),
+    KindInfo("apps/v1", "StatefulSet", "statefulsets"),
+    KindInfo("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations",
+             namespaced=False),
+    KindInfo("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", namespaced=False),
     KindInfo("tulle.dev/v1alpha1", "ServiceProfile", "serviceprofiles", custom=True),
     KindInfo("policy.tulle.dev/v1alpha1", "Server", "servers", custom=True),
     KindInfo("policy.tulle.dev/v1alpha1", "ServerAuthorization", "serverauthorizations", custom=True),
 )
 
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+ACCESS_REVIEW_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+VERSION_PATH = "/version"
 
 
 def _status(code: int, reason: str, message: str, details: Optional[dict] = None) -> dict:
@@ -210,6 +223,14 @@ class FakeKube:
         # token -> (username, [audiences] or None for any, bound pod name or None).
         self.token_reviews: dict[str, Any] = {}
         self.request_log: list[tuple[str, str]] = []
+        self.server_version = {"major": "1", "minor": "30", "gitVersion": "v1.30.2", "gitCommit": "0" * 40,
+                               "gitTreeState": "clean", "buildDate": "2024-06-11T20:20:00Z", "goVersion": "go1.22.4",
+                               "compiler": "gc", "platform": "linux/amd64"}
+        # (verb, group, resource, namespace or None for any) that SelfSubjectAccessReview refuses.
+        self._denied: list[tuple[str, str, str, Optional[str]]] = []
+        # (namespace, pod, container) -> [(time, line)], the containers' output for pods/log.
+        self._logs: dict[tuple[str, str, str], list[tuple[datetime.datetime, str]]] = {}
+        self._logs_ended = 0  # bumped by end_logs: following streams end
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -227,6 +248,7 @@ class FakeKube:
         if self._server is None:
             return
         self.drop_watches()
+        self.end_logs()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
@@ -250,6 +272,18 @@ class FakeKube:
         cfg = client.Configuration()
         cfg.host = self.url
         return cfg
+
+    def write_kubeconfig(self, path, context: str = "fake") -> str:
+        """A kubeconfig file whose context `context` points at this server, for CLI commands."""
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": context,
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": context, "context": {"cluster": "fake", "user": "tester"}}],
+        }))
+        return str(path)
 
     @property
     def resource_version(self) -> int:
@@ -355,6 +389,33 @@ class FakeKube:
         `user.extra`)."""
         self.token_reviews[token] = (username, list(audiences) if audiences is not None else None, pod)
 
+    def deny_access(self, verb: str, resource: str, group: str = "", namespace: Optional[str] = None) -> None:
+        """SelfSubjectAccessReview answers allowed: false for this verb on this resource
+        (in `namespace`, or anywhere when None)."""
+        with self._cond:
+            self._denied.append((verb, group, resource, namespace))
+
+    def append_log(self, namespace: str, pod: str, container: str, *lines: str,
+                   at: Optional[datetime.datetime] = None) -> None:
+        """The container printed these lines (now, or at `at`); following streams get them at once."""
+        when = at or datetime.datetime.now(datetime.timezone.utc)
+        with self._cond:
+            self._logs.setdefault((namespace, pod, container), []).extend((when, line) for line in lines)
+            self._cond.notify_all()
+
+    def end_logs(self) -> None:
+        """End every following pods/log stream (as when the containers stop)."""
+        with self._cond:
+            self._logs_ended += 1
+            self._cond.notify_all()
+
+    def log_follow_count(self) -> int:
+        """pods/log requests with follow=true still streaming."""
+        with self._cond:
+            return self._following
+
+    _following = 0
+
     # --- internals --------------------------------------------------------------------------
 
     def _info_for(self, api_version: str, kind: str) -> KindInfo:
@@ -383,6 +444,21 @@ class FakeKube:
                      and (not labels or label_selector_matches(labels, o["metadata"].get("labels") or {}))
                      and _fields_match(fields, o)]
             return self._rv, items
+
+    def _access_review(self, review: dict) -> dict:
+        attrs = (review.get("spec") or {}).get("resourceAttributes") or {}
+        verb, group, resource = attrs.get("verb", ""), attrs.get("group", ""), attrs.get("resource", "")
+        namespace = attrs.get("namespace") or None
+        with self._cond:
+            denied = any(v in (verb, "*") and g == group and r == resource and (ns is None or ns == namespace)
+                         for v, g, r, ns in self._denied)
+        status: dict[str, Any] = {"allowed": not denied}
+        if denied:
+            status.update(denied=True, reason=f'no RBAC policy matched: cannot {verb} resource "{resource}"')
+        else:
+            status["reason"] = 'RBAC: allowed by ClusterRoleBinding "cluster-admin"'
+        return {"kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+                "metadata": {"creationTimestamp": None}, "spec": review.get("spec") or {}, "status": status}
 
     def _token_review(self, review: dict) -> dict:
         spec = review.get("spec") or {}
@@ -413,6 +489,12 @@ class FakeKube:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rfc3339nano(t: datetime.datetime) -> str:
+    """As the kubelet stamps log lines with timestamps=true: 2024-06-11T20:20:00.123456789Z."""
+    t = t.astimezone(datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}000Z"
 
 
 def _truthy(v: Optional[str]) -> bool:
@@ -477,6 +559,14 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HTTPError(405, "MethodNotAllowed", f"{method} is not allowed on tokenreviews")
             self._send_json(201, kube._token_review(self._read_body()))
             return
+        if path == ACCESS_REVIEW_PATH:
+            if method != "POST":
+                raise _HTTPError(405, "MethodNotAllowed", f"{method} is not allowed on selfsubjectaccessreviews")
+            self._send_json(201, kube._access_review(self._read_body()))
+            return
+        if path.rstrip("/") == VERSION_PATH:
+            self._send_json(200, dict(kube.server_version))
+            return
         parts = [p for p in path.split("/") if p]
         if parts[:2] == ["api", "v1"]:
             api_version, rest = "v1", parts[2:]
@@ -487,13 +577,19 @@ class _Handler(BaseHTTPRequestHandler):
         namespace: Optional[str] = None
         if len(rest) >= 3 and rest[0] == "namespaces":
             namespace, rest = rest[1], rest[2:]
-        if not rest or len(rest) > 2:
+        if not rest or len(rest) > 3:
             raise _HTTPError(404, "NotFound", f"the server could not find the requested resource ({path})")
         info = kube.kinds.get((api_version, rest[0]))
         if info is None or (namespace is not None and not info.namespaced):
             raise _HTTPError(404, "NotFound", f"the server could not find the requested resource ({path})")
         if method != "GET":
             raise _HTTPError(405, "MethodNotAllowed", f"{method} is not supported by this fake API server")
+        if len(rest) == 3:
+            handler = _SUBRESOURCES.get((info.kind, rest[2]))
+            if handler is None:
+                raise _HTTPError(404, "NotFound", f"the server could not find the requested resource ({path})")
+            handler(self, info, namespace, rest[1], query)
+            return
         if len(rest) == 2:
             self._get(info, namespace, rest[1])
             return
@@ -518,6 +614,82 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(404, "NotFound", f'{info.plural} "{name}" not found',
                              {"name": name, "group": info.api_version.rpartition("/")[0], "kind": info.plural})
         self._send_json(200, obj)
+
+    # --- pods/log ----------------------------------------------------------------------------
+
+    def _pod_log(self, info: KindInfo, namespace: Optional[str], name: str, query: dict[str, str]) -> None:
+        kube = self.kube
+        pod = kube.get("v1", "Pod", namespace, name)
+        if pod is None:
+            raise _HTTPError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+        spec = pod.get("spec") or {}
+        names = [c.get("name") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])]
+        regular = [c.get("name") for c in spec.get("containers") or []]
+        container = query.get("container") or ""
+        if not container:
+            if len(regular) != 1:
+                raise _HTTPError(400, "BadRequest", f"a container name must be specified for pod {name}, "
+                                                    f"choose one of: [{' '.join(regular)}]")
+            container = regular[0]
+        if container not in names:
+            raise _HTTPError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        key = (namespace or "", name, container)
+        timestamps = _truthy(query.get("timestamps"))
+        since = None
+        if query.get("sinceSeconds"):
+            since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=int(query["sinceSeconds"]))
+        with kube._cond:
+            entries = [e for e in kube._logs.get(key, []) if since is None or e[0] >= since]
+            if query.get("tailLines"):
+                tail = int(query["tailLines"])
+                entries = entries[-tail:] if tail else []
+            sent = len(kube._logs.get(key, []))
+            ended = kube._logs_ended
+
+        def render(entries) -> bytes:
+            return b"".join(((_rfc3339nano(t) + " ") if timestamps else "").encode() + line.encode() + b"\n"
+                            for t, line in entries)
+
+        if not _truthy(query.get("follow")):
+            body = render(entries)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        with kube._cond:
+            kube._following += 1
+        try:
+            if entries:
+                self._raw_chunk(render(entries))
+            while True:
+                with kube._cond:
+                    while (len(kube._logs.get(key, [])) == sent and kube._logs_ended == ended
+                           and kube.get("v1", "Pod", namespace, name) is not None and kube._server is not None):
+                        kube._cond.wait(0.5)
+                    new = kube._logs.get(key, [])[sent:]
+                    sent += len(new)
+                    done = (kube._logs_ended != ended or kube.get("v1", "Pod", namespace, name) is None
+                            or kube._server is None)
+                if new:
+                    self._raw_chunk(render(new))
+                if done:
+                    self._end_stream()
+                    return
+        except OSError:
+            self.close_connection = True
+        finally:
+            with kube._cond:
+                kube._following -= 1
+
+    def _raw_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
     # --- watch -------------------------------------------------------------------------------
 
@@ -608,3 +780,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _end_stream(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+# (kind, subresource) -> handler(self, info, namespace, name, query): GET <object>/<subresource>.
+_SUBRESOURCES = {
+    ("Pod", "log"): _Handler._pod_log,
+}

@@ -120,6 +120,16 @@ def test_policy_of_one_port_as_json(served):
         ("backends-from-web", "ServerAuthorization", [WEB], []), ("probe", "probe", [], ["/ready"])]
 
 
+def test_policy_of_one_server_shows_only_the_ports_it_selects(served):
+    r = tulle(served, "books", "-n", "demo", "--server", "books-grpc")
+    assert r.returncode == 0, r.stderr
+    ports = [line.split()[0] for line in r.stdout.splitlines()[2:] if line and not line.startswith(" ")]
+    assert ports == ["9090"]
+    other = tulle(served, "books", "-n", "demo", "--server", "authors-http")
+    assert other.returncode == 1
+    assert other.stderr == "tulle: no port of demo/books is selected by Server authors-http (its Servers: books-grpc)\n"
+
+
 def test_explain_says_the_front_end_is_allowed_and_by_which_rule(served):
     r = tulle(served, "books", "--explain", "--from", WEB, "--port", "9090")
     assert r.returncode == 0, r.stderr

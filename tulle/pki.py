@@ -324,6 +324,17 @@ def trust_root_sha256(anchors_pem: bytes | str) -> str:
     if isinstance(anchors_pem, str):
         anchors_pem = anchors_pem.encode()
     return hashlib.sha256(anchors_pem.strip() + b"\n").hexdigest()
+def cert_fingerprints(pem: bytes | str) -> list[str]:
+    """sha256 (hex) of each certificate's DER in a PEM bundle: the same certificate gives the
+    same value whatever its PEM's line breaks. How a proxy reports the anchors it trusts
+    (ProxyHeartbeat.trust_anchors) and how `tulle check` compares them."""
+    if isinstance(pem, str):
+        pem = pem.encode()
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []
+    return [hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest() for c in certs]
 
 
 def fingerprint(pem: bytes | str) -> str:

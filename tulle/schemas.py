@@ -286,6 +286,10 @@ class ProxyHeartbeat:
     # sha256 of the trust anchors (PEM) the proxy was started with: `tulle check --proxy`
     # compares it with the installation's.
     trust_root_sha256: str = ""
+    # tulle.pki.cert_fingerprints of the trust anchors the proxy was started with, so
+    # `tulle check --proxy` can say whether it trusts the installation's; empty from a
+    # proxy that does not report them.
+    trust_anchors: list[str] = field(default_factory=list)
     v: int = 1
 
 

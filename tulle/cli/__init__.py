@@ -29,6 +29,8 @@ SUBCOMMANDS = {
     "validate": "tulle.cli.validate:validate",
     "inject": "tulle.cli.inject:inject",
     "uninject": "tulle.cli.inject:uninject",
+    "check": "tulle.cli.check:check",
+    "logs": "tulle.cli.logs:logs",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
 }

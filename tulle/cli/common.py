@@ -10,6 +10,7 @@ so a command with no credential fails with one line saying how to give one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -66,24 +67,42 @@ def nats_option(name: str = "url"):
     return decorate
 
 
-async def connect(target: BusTarget, what: str, timeout_s: float = 5.0):
-    """A started Bus for a CLI command, or a UserError saying in one line why not."""
+CONNECT_TIMEOUT_S = 5.0
+
+
+async def connect_bus(target: "BusTarget | str", *, what: str = "", timeout: float = CONNECT_TIMEOUT_S):
+    """A started Bus for a CLI command — every command reaches the bus through here — or a
+    UserError saying in one line why not (no credential, a refused one, NATS unreachable).
+    The caller closes it (or uses `cli_bus`)."""
     from tulle.bus import Bus
     from tulle.log import setup_logging
 
     # The command's own output and its one-line errors are what a person reads: the bus
     # client's retries and refusals stay out of it (TULLE_LOG_LEVEL=info shows them).
     setup_logging("cli", level=os.environ.get("TULLE_LOG_LEVEL", "error"))
+    if isinstance(target, str):
+        target = resolve_target(target, None)
+    what = f"{what}: " if what else ""
     if not target.creds_file:
-        raise UserError(f"{what}: no credential for NATS at {target.url}: pass --nats-creds FILE or set "
+        raise UserError(f"{what}no credential for NATS at {target.url}: pass --nats-creds FILE or set "
                         f"TULLE_NATS_CREDS (a running `tulle up` provides its observer credential by itself)")
     bus = Bus(target.url, component="cli", credentials=target.credentials())
     try:
-        await asyncio.wait_for(bus.start(), timeout_s)
+        await asyncio.wait_for(bus.start(), timeout)
     except asyncio.TimeoutError:
         await bus.close()
         if bus.auth_error:
-            raise UserError(f"{what}: NATS at {target.url} refused the credential {target.creds_file}: "
+            raise UserError(f"{what}NATS at {target.url} refused the credential {target.creds_file}: "
                             f"{bus.auth_error}") from None
-        raise UserError(f"{what}: cannot reach NATS at {target.url} (is `tulle up` running? or pass --nats URL)") from None
+        raise UserError(f"{what}cannot reach NATS at {target.url} (is `tulle up` running? or pass --nats URL)") from None
     return bus
+
+
+@contextlib.asynccontextmanager
+async def cli_bus(target: "BusTarget | str", *, what: str = "", timeout: float = CONNECT_TIMEOUT_S):
+    """`async with cli_bus(url, what="routes") as bus:` — connect_bus, closed on the way out."""
+    bus = await connect_bus(target, what=what, timeout=timeout)
+    try:
+        yield bus
+    finally:
+        await bus.close()

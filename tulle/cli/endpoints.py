@@ -15,10 +15,10 @@ import sys
 
 import click
 
-from tulle.cli.common import connect, nats_option
+from tulle.cli.common import connect_bus, nats_option
+from tulle.cli.names import complete_service_address
 
 from tulle import schemas
-from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
@@ -59,7 +59,7 @@ def parse_target(target: str) -> tuple[str, str, int | None, str | None]:
 
 async def _read(url: str, target: str) -> list[schemas.EndpointSet] | None:
     namespace, service, port, ip = parse_target(target)
-    bus = await connect(url, "endpoints")
+    bus = await connect_bus(url, what="endpoints")
     try:
         try:
             await bus.kv(schemas.ENDPOINTS_BUCKET, create=False)
@@ -100,7 +100,7 @@ def _table(rows: list[dict]) -> str:
 
 
 @click.command()
-@click.argument("target", metavar="SERVICE[.NAMESPACE][:PORT]")
+@click.argument("target", metavar="SERVICE[.NAMESPACE][:PORT]", shell_complete=complete_service_address)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @nats_option()
 def endpoints(target: str, output: str, url: str) -> None:

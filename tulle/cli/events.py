@@ -12,7 +12,7 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle.errors import UserError
 
@@ -102,12 +102,12 @@ async def _follow(url: str, pattern: Optional[str], since: Optional[timedelta], 
     import nats.js.errors
     from nats.js import api as jsapi
 
-    from tulle.cli.common import connect
+    from tulle.cli.common import connect_bus
     from tulle.log import setup_logging
     from tulle.schemas import EVENTS_PREFIX, EVENTS_STREAM
 
     setup_logging("cli", level="error")  # stdout carries the events only
-    bus = await connect(url, "events")
+    bus = await connect_bus(url, what="events")
     sub = None
     try:
         # The control plane makes the stream when it starts; a reader cannot (it writes nothing).

@@ -23,10 +23,10 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import connect, nats_option
+from tulle.cli.names import complete_namespace, workload_completer
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle import pki, schemas
-from tulle.bus import Bus
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
@@ -206,7 +206,7 @@ def _anchor_rows(bundle: schemas.TrustBundle) -> list[dict]:
 
 async def _read(url: str, key: Optional[str], timeout_s: float) -> tuple[Optional[schemas.TrustBundle],
                                                                         Optional[schemas.ProxyHeartbeat]]:
-    bus = await connect(url, "identity", timeout_s)
+    bus = await connect_bus(url, what="identity", timeout=timeout_s)
     try:
         bundle = heartbeat = None
         try:
@@ -226,8 +226,8 @@ async def _read(url: str, key: Optional[str], timeout_s: float) -> tuple[Optiona
 
 
 @identity.command()
-@click.argument("workload", required=False)
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.argument("workload", required=False, shell_complete=workload_completer("default"))
+@click.option("-n", "--namespace", default="default", show_default=True, shell_complete=complete_namespace)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @nats_option()
 @click.option("--timeout", default="5s", show_default=True, help="how long to try reaching NATS")

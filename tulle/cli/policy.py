@@ -28,18 +28,18 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import connect, nats_option
+from tulle.cli.names import complete_namespace, complete_server, workload_completer
+from tulle.cli.common import connect_bus, nats_option
 
 from proxy.policy import describe_authorization, explain
 from tulle import schemas
-from tulle.bus import Bus
 from tulle.codec import to_jsonable
 from tulle.errors import UserError
 from tulle.log import setup_logging
 
 
 async def _read(url: str, workload: str, namespace: Optional[str]) -> tuple[str, Optional[schemas.WorkloadPolicy]]:
-    bus = await connect(url, "policy")
+    bus = await connect_bus(url, what="policy")
     try:
         try:
             await bus.kv(schemas.POLICY_BUCKET, create=False)
@@ -77,7 +77,9 @@ def resolve_key(keys: list[str], workload: str, namespace: Optional[str]) -> Opt
 # --- output -------------------------------------------------------------------------------------
 
 
-def _port_rows(wp: schemas.WorkloadPolicy, port: Optional[int]) -> list[schemas.PortPolicy]:
+def _port_rows(wp: schemas.WorkloadPolicy, port: Optional[int], server: Optional[str] = None) -> list[schemas.PortPolicy]:
+    if server is not None:
+        return [p for p in wp.ports if p.server == server and (port is None or p.port == port)]
     if port is None:
         return list(wp.ports) + [wp.default]
     listed = [p for p in wp.ports if p.port == port]
@@ -89,10 +91,10 @@ def _as_port(default: schemas.PortPolicy, port: int) -> schemas.PortPolicy:
                               default.source)
 
 
-def table(wp: schemas.WorkloadPolicy, port: Optional[int]) -> str:
+def table(wp: schemas.WorkloadPolicy, port: Optional[int], server: Optional[str] = None) -> str:
     header = ["PORT", "SERVER", "PROTOCOL", "AUTHORIZATIONS", "SOURCE"]
     rows: list[list[str]] = [header]
-    for p in _port_rows(wp, port):
+    for p in _port_rows(wp, port, server):
         auths = [describe_authorization(a, wp.cluster_networks) for a in p.authorizations] or ["(none: denied)"]
         rows.append([str(p.port) if p.port else "other", p.server, p.protocol, auths[0], p.source or "-"])
         rows.extend(["", "", "", a, ""] for a in auths[1:])
@@ -137,9 +139,12 @@ def _explain_text(e, client: str) -> str:
 
 
 @click.command()
-@click.argument("workload")
-@click.option("-n", "--namespace", default=None, help="the workload's namespace (default: search all)")
+@click.argument("workload", shell_complete=workload_completer())
+@click.option("-n", "--namespace", default=None, help="the workload's namespace (default: search all)",
+              shell_complete=complete_namespace)
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="only this port")
+@click.option("--server", default=None, metavar="SERVER", shell_complete=complete_server,
+              help="only the ports this Server (policy.tulle.dev) selects")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--explain", "explain_", is_flag=True, help="say whether the client given by --from would be allowed, and why")
 @click.option("--from", "client", metavar="IDENTITY|IP|IDENTITY@IP", default=None, help="the client to explain")
@@ -148,7 +153,7 @@ def _explain_text(e, client: str) -> str:
 @click.option("--method", default=None, help="explain an HTTP request with this method (probe rules apply)")
 @click.option("--path", default=None, help="explain an HTTP request for this path (probe rules apply)")
 @nats_option()
-def policy(workload, namespace, port, output, explain_, client, tls, method, path, url):
+def policy(workload, namespace, port, server, output, explain_, client, tls, method, path, url):
     """Show a workload's inbound policy per port, or --explain whether a client would be allowed.
 
     With --explain the exit status is 0 when the client is allowed on every port
@@ -168,16 +173,25 @@ def policy(workload, namespace, port, output, explain_, client, tls, method, pat
         click.echo(f"tulle: no policy published for {key.replace('.', '/', 1)}: the workload does not exist, is not "
                    f"meshed, or the policy service has not seen it yet", err=True)
         sys.exit(1)
+    if server is not None and not _port_rows(wp, port, server):
+        served = sorted({p.server for p in wp.ports if p.kind == "Server"})
+        click.echo(f"tulle: no port of {wp.namespace}/{wp.workload}{f' {port}' if port else ''} is selected by "
+                   f"Server {server}" + (f" (its Servers: {', '.join(served)})" if served else " (no Server selects it)"),
+                   err=True)
+        sys.exit(1)
     if not explain_:
         if output == "json":
             data = to_jsonable(wp)
-            if port is not None:
-                data["ports"] = [to_jsonable(p) for p in _port_rows(wp, port)]
+            if port is not None or server is not None:
+                data["ports"] = [to_jsonable(p) for p in _port_rows(wp, port, server)]
             click.echo(json.dumps(data, indent=2))
         else:
-            click.echo(table(wp, port))
+            click.echo(table(wp, port, server))
         return
-    ports = [port] if port is not None else [p.port for p in wp.ports] + [0]
+    if server is not None:
+        ports = [p.port for p in _port_rows(wp, port, server)]
+    else:
+        ports = [port] if port is not None else [p.port for p in wp.ports] + [0]
     if method is None and path is not None:
         method = "GET"
     if path is None and method is not None:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import click
 import yaml
 
+from tulle.cli.names import complete_namespace, service_completer
 from tulle.errors import UserError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -33,8 +34,9 @@ _REGEX_META = set("\\.+*?()|[]{}^$")
 
 
 @click.command()
-@click.argument("service")
-@click.option("-n", "--namespace", default="default", show_default=True, help="The service's namespace.")
+@click.argument("service", shell_complete=service_completer("default"))
+@click.option("-n", "--namespace", default="default", show_default=True, help="The service's namespace.",
+              shell_complete=complete_namespace)
 @click.option("--template", is_flag=True, help="An example profile with every field, commented.")
 @click.option("--open-api", "open_api", metavar="FILE", help="Routes from an OpenAPI 3 (or Swagger 2) spec, YAML or JSON.")
 @click.option("--proto", metavar="FILE", help="Routes from a gRPC .proto file.")

@@ -32,7 +32,8 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import connect, nats_option
+from tulle.cli.names import complete_namespace, complete_route_target, service_completer
+from tulle.cli.common import connect_bus, nats_option
 
 from tulle import schemas
 from tulle.errors import UserError
@@ -314,9 +315,7 @@ async def _items(bus, bucket: str, cls, prefix: str = "") -> dict:
 
 async def gather_routes(url: str, target: Target, to: Optional[tuple[str, str]], window_s: float,
                         timeout_s: float) -> Gathered:
-    from tulle.bus import Bus
-
-    bus = await connect(url, "routes")
+    bus = await connect_bus(url, what="routes")
     try:
         heartbeats: dict[str, schemas.ProxyHeartbeat] = await _items(bus, schemas.PROXIES_BUCKET,
                                                                      schemas.ProxyHeartbeat)
@@ -403,10 +402,12 @@ async def _keys(bus, bucket: str, prefix: str) -> list[str]:
 
 
 @click.command()
-@click.argument("target", required=False, metavar="SERVICE|WORKLOAD")
+@click.argument("target", required=False, metavar="SERVICE|WORKLOAD", shell_complete=complete_route_target)
 @click.option("--all", "all_", is_flag=True, help="Every route every proxy saw.")
-@click.option("-n", "--namespace", default=None, help="Namespace of the target (default: default).")
-@click.option("--to", default=None, metavar="SERVICE", help="Only routes to this service ([svc/]NAME[.NAMESPACE]).")
+@click.option("-n", "--namespace", default=None, help="Namespace of the target (default: default).",
+              shell_complete=complete_namespace)
+@click.option("--to", default=None, metavar="SERVICE", help="Only routes to this service ([svc/]NAME[.NAMESPACE]).",
+              shell_complete=service_completer("default"))
 @click.option("-t", "--window", default="1m", show_default=True, help="How far back: 1s … 10m.")
 @click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table", show_default=True,
               help="wide: effective (as callers saw it) and actual (every attempt on the wire) figures.")

@@ -20,7 +20,9 @@ from tulle.local.probe import http_ready, split_addr, tcp_ready
 from tulle.local.state import StateDir, process_alive, read_record
 
 
-async def collect(state: StateDir, record: Optional[dict] = None) -> Optional[dict[str, Any]]:
+async def collect(state: StateDir, record: Optional[dict] = None, *,
+                  probe_timeout: float = 0.5) -> Optional[dict[str, Any]]:
+    """The run's view, every probe made now (at once, each given `probe_timeout` seconds)."""
     record = record if record is not None else read_record(state)
     if not record:
         return None
@@ -31,13 +33,13 @@ async def collect(state: StateDir, record: Optional[dict] = None) -> Optional[di
         if not process_alive(nats.get("pid"), nats.get("start")):
             return False
         host, port = split_addr(nats["url"].split("://", 1)[-1])
-        return await tcp_ready(host, port, 0.5)
+        return await tcp_ready(host, port, probe_timeout)
 
     async def admin_ready(pid, start, admin: str) -> bool:
         if not admin or not process_alive(pid, start):
             return False
         host, port = split_addr(admin)
-        return await http_ready(host, port, "/ready", 0.5)
+        return await http_ready(host, port, "/ready", probe_timeout)
 
     comps = record.get("components") or []
     workloads = record.get("workloads") or []

@@ -1,0 +1,395 @@
+"""The checks of a local run (`tulle up`): the facts gather_local collects, and the
+categories over them.
+
+    tulle-local          the run is recorded, its supervisor runs
+    tulle-control-plane  NATS and each service: running and ready
+    tulle-nats           a connection, JetStream, the KV buckets, the event stream
+    tulle-identity       the anchors and issuer in <state>/identity, published on the bus
+    tulle-version        the running services' version against the CLI's
+    tulle-data-plane     (--proxy) every meshed workload's proxy: ready, heartbeat,
+                         certificate, trust anchors, version
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tulle import schemas
+from tulle.check.core import Category, Check, Outcome, error, ok, warning
+from tulle.check.identity import IdentityMaterial, identity_checks
+
+SERVICES = ("destination", "identity", "policy", "injector")
+
+# A proxy renews at 70 % of a 24 h certificate's life: one this close to its end is not renewing.
+CERT_EXPIRY_WARNING_S = 3600.0
+
+
+@dataclass
+class ProcessFacts:
+    """NATS or a service, as the record names it and as probed now."""
+
+    name: str
+    pid: Optional[int] = None
+    alive: bool = False
+    ready: bool = False
+    address: str = ""  # NATS URL, or the admin host:port
+    restarts: int = 0
+    version: str = ""  # from its /metrics (tulle_build_info); "" when unknown
+
+
+@dataclass
+class ProxyFacts:
+    namespace: str
+    workload: str
+    expected_identity: str
+    pid: Optional[int] = None
+    alive: bool = False
+    ready: bool = False  # its admin /ready answers 200 now
+    admin: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.workload}"
+
+
+@dataclass
+class BusFacts:
+    url: str
+    connect_error: str = ""  # "" when connected
+    jetstream_error: str = ""
+    missing_buckets: list[str] = field(default_factory=list)
+    events_stream: bool = True
+    trust_bundle: Optional[schemas.TrustBundle] = None
+    heartbeats: dict[str, schemas.ProxyHeartbeat] = field(default_factory=dict)  # <ns>.<workload>
+
+    @property
+    def connected(self) -> bool:
+        return not self.connect_error
+
+    @property
+    def jetstream(self) -> bool:
+        return self.connected and not self.jetstream_error
+
+
+@dataclass
+class LocalFacts:
+    state_dir: str
+    running: bool = False  # a run is recorded
+    supervisor_alive: bool = False
+    meshed: bool = True
+    nats: Optional[ProcessFacts] = None
+    services: list[ProcessFacts] = field(default_factory=list)
+    identity: Optional[IdentityMaterial] = None
+    installation_anchors: set[str] = field(default_factory=set)  # sha256 of the anchors in <state>/identity
+    bus: Optional[BusFacts] = None
+    proxies: list[ProxyFacts] = field(default_factory=list)
+    with_proxies: bool = False
+    cli_version: str = ""
+    now: float = 0.0
+
+    @property
+    def nats_down(self) -> bool:
+        return self.nats is None or not self.nats.ready
+
+
+# --- tulle-local --------------------------------------------------------------------------------
+
+
+def run_recorded(f: LocalFacts) -> Outcome:
+    if not f.running:
+        return error(f"no local run is recorded in {f.state_dir}",
+                     "start one with `tulle up`, or point at the one running with --state-dir (TULLE_STATE_DIR)")
+    return ok()
+
+
+def supervisor_running(f: LocalFacts) -> Outcome:
+    if not f.supervisor_alive:
+        return error("the supervisor of this run is gone: nothing restarts what stops",
+                     "`tulle down` cleans up what it left, then `tulle up` starts afresh")
+    return ok()
+
+
+# --- tulle-control-plane ------------------------------------------------------------------------
+
+
+def nats_running(f: LocalFacts) -> Outcome:
+    n = f.nats
+    if n is None:
+        return error("the run record names no NATS server", "`tulle down`, then `tulle up`")
+    if not n.alive:
+        return error(f"nats-server (pid {n.pid or '?'}) is not running", _restart_hint(f, "nats"))
+    if not n.ready:
+        return error(f"nats-server (pid {n.pid}) does not accept connections at {n.address}",
+                     "`tulle logs --component nats` shows why")
+    return ok()
+
+
+def _restart_hint(f: LocalFacts, name: str) -> str:
+    why = f"`tulle logs --component {name}` shows why it stopped"
+    if f.supervisor_alive:
+        return f"the supervisor restarts it; {why}"
+    return f"nothing restarts it (the supervisor is gone): {why}, then `tulle down` and `tulle up`"
+
+
+def service_ready(name: str):
+    def run(f: LocalFacts) -> Optional[Outcome]:
+        svc = next((s for s in f.services if s.name == name), None)
+        if svc is None:
+            if name == "identity" and not f.meshed:
+                return None  # `tulle up --no-proxy` runs no identity service
+            return error(f"the run record names no {name} service", "`tulle down`, then `tulle up`")
+        if not svc.alive:
+            return error(f"{name} (pid {svc.pid or '?'}) is not running", _restart_hint(f, name))
+        if not svc.ready:
+            if f.nats_down:
+                return error(f"{name} (pid {svc.pid}) is not ready: it waits for NATS, which is down",
+                             "bring NATS back (see the NATS check above); the service follows by itself")
+            return error(f"{name} (pid {svc.pid}) is not ready: its /ready at {svc.address} does not answer 200",
+                         f"`tulle logs --component {name}` says what it waits for")
+        return ok()
+    return run
+
+
+# --- tulle-nats ---------------------------------------------------------------------------------
+
+
+def _bus(f: LocalFacts) -> Optional[BusFacts]:
+    return f.bus if f.bus is not None and f.bus.connected else None
+
+
+def nats_connect(f: LocalFacts) -> Optional[Outcome]:
+    if f.bus is None:
+        return None
+    if not f.bus.connected:
+        return error(f"cannot connect to {f.bus.url}: {f.bus.connect_error}",
+                     "see the NATS check above, or `tulle logs --component nats`")
+    return ok()
+
+
+def jetstream_enabled(f: LocalFacts) -> Optional[Outcome]:
+    bus = _bus(f)
+    if bus is None:
+        return None
+    if bus.jetstream_error:
+        return error(f"JetStream does not answer: {bus.jetstream_error}",
+                     "local mode's nats-server runs with JetStream on; `tulle logs --component nats` says why it is off")
+    return ok()
+
+
+BUCKET_OWNERS = {
+    schemas.ENDPOINTS_BUCKET: "destination", schemas.PROFILES_BUCKET: "destination",
+    schemas.POLICY_BUCKET: "policy", schemas.IDENTITY_BUCKET: "identity", schemas.LEASES_BUCKET: "destination",
+    schemas.PROXIES_BUCKET: "proxy",
+}
+
+
+def buckets_exist(f: LocalFacts) -> Optional[Outcome]:
+    bus = _bus(f)
+    if bus is None or not bus.jetstream:
+        return None
+    if bus.missing_buckets:
+        owners = sorted({BUCKET_OWNERS.get(b, "?") for b in bus.missing_buckets})
+        return error(f"missing: {', '.join(bus.missing_buckets)}",
+                     f"each is created by its writer when it starts ({', '.join(owners)}): "
+                     f"`tulle logs --component {owners[0]}`")
+    return ok()
+
+
+def events_stream_exists(f: LocalFacts) -> Optional[Outcome]:
+    bus = _bus(f)
+    if bus is None or not bus.jetstream:
+        return None
+    if not bus.events_stream:
+        return error(f"the stream {schemas.EVENTS_STREAM} does not exist: events are not kept",
+                     "every service creates it when it starts; `tulle logs --component destination`")
+    return ok()
+
+
+# --- tulle-identity -----------------------------------------------------------------------------
+
+
+def bundle_published(f: LocalFacts) -> Optional[Outcome]:
+    bus = _bus(f)
+    if bus is None or not bus.jetstream or f.identity is None or not f.installation_anchors:
+        return None
+    key = f"{schemas.IDENTITY_BUCKET}/{schemas.TRUST_BUNDLE_KEY}"
+    if bus.trust_bundle is None:
+        return error(f"nothing is published under {key}",
+                     "the identity service publishes it once its issuer is loaded: `tulle logs --component identity`")
+    from tulle.check.identity import fingerprints
+
+    if fingerprints(bus.trust_bundle.anchors_pem) != f.installation_anchors:
+        return error(f"the anchors under {key} are not those in {f.identity.anchors_where}",
+                     "the identity service reloads the folder when its files change: `tulle logs --component identity`")
+    return ok()
+
+
+# --- tulle-version ------------------------------------------------------------------------------
+
+
+def control_plane_version(f: LocalFacts) -> Optional[Outcome]:
+    known = [s for s in f.services if s.version]
+    if not known:
+        return None
+    other = [f"{s.name} runs {s.version}" for s in known if s.version != f.cli_version]
+    if other:
+        return warning(f"{', '.join(other)}; this CLI is {f.cli_version}",
+                       "restart the mesh with this version: `tulle down`, then `tulle up`")
+    return ok()
+
+
+# --- tulle-data-plane ---------------------------------------------------------------------------
+
+
+def _proxies(f: LocalFacts) -> Optional[list[ProxyFacts]]:
+    if not f.with_proxies or not f.running:
+        return None
+    return f.proxies
+
+
+def proxies_ready(f: LocalFacts) -> Optional[Outcome]:
+    proxies = _proxies(f)
+    if proxies is None:
+        return None
+    problems, first = [], None
+    for p in proxies:
+        if not p.alive:
+            problems.append(f"{p.key}: its proxy (pid {p.pid or '?'}) is not running")
+        elif not p.ready:
+            problems.append(f"{p.key}: its proxy (pid {p.pid}) is not ready: /ready at {p.admin} does not answer 200")
+        else:
+            continue
+        first = first or p
+    if problems:
+        return error("\n".join(problems), f"`tulle logs -n {first.namespace} {first.workload} --container tulle-proxy` "
+                                          "says what it waits for (a certificate, NATS, its policy)")
+    return ok()
+
+
+def _heartbeat(f: LocalFacts, p: ProxyFacts) -> Optional[schemas.ProxyHeartbeat]:
+    return f.bus.heartbeats.get(schemas.proxy_key(p.namespace, p.workload)) if f.bus else None
+
+
+def proxies_heartbeat(f: LocalFacts) -> Optional[Outcome]:
+    proxies, bus = _proxies(f), _bus(f)
+    if proxies is None or bus is None or not bus.jetstream:
+        return None
+    problems, first = [], None
+    for p in proxies:
+        if not p.alive:
+            continue  # said above
+        hb = _heartbeat(f, p)
+        if hb is None:
+            problems.append(f"{p.key}: no heartbeat in {schemas.PROXIES_BUCKET} "
+                            f"(entries expire {schemas.PROXY_HEARTBEAT_TTL_S:g} s after the last)")
+        elif not hb.ready:
+            problems.append(f"{p.key}: its heartbeat says not ready")
+        else:
+            continue
+        first = first or p
+    if problems:
+        return error("\n".join(problems), f"a proxy writes it every few seconds once connected to NATS: "
+                                          f"`tulle logs -n {first.namespace} {first.workload} --container tulle-proxy`")
+    return ok()
+
+
+def proxies_certificates(f: LocalFacts) -> Optional[Outcome]:
+    proxies, bus = _proxies(f), _bus(f)
+    if proxies is None or bus is None:
+        return None
+    errors, warnings, first = [], [], None
+    for p in proxies:
+        hb = _heartbeat(f, p)
+        if hb is None or not p.alive:
+            continue
+        if not hb.cert_expiry:
+            errors.append(f"{p.key}: no certificate yet")
+        elif hb.cert_expiry <= f.now:
+            errors.append(f"{p.key}: its certificate expired at {_iso(hb.cert_expiry)}")
+        elif p.expected_identity and hb.identity != p.expected_identity:
+            errors.append(f"{p.key}: its certificate is for {hb.identity or '(none)'}, not {p.expected_identity}")
+        elif hb.cert_expiry - f.now < CERT_EXPIRY_WARNING_S:
+            warnings.append(f"{p.key}: its certificate expires at {_iso(hb.cert_expiry)} and was not renewed")
+        else:
+            continue
+        first = first or p
+    if not errors and not warnings:
+        return ok()
+    hint = (f"a proxy renews its certificate at 70 % of its life from the identity service: "
+            f"`tulle logs -n {first.namespace} {first.workload} --container tulle-proxy`, "
+            "`tulle logs --component identity`")
+    return error("\n".join(errors + warnings), hint) if errors else warning("\n".join(warnings), hint)
+
+
+def proxies_trust_anchors(f: LocalFacts) -> Optional[Outcome]:
+    proxies, bus = _proxies(f), _bus(f)
+    if proxies is None or bus is None or not f.installation_anchors:
+        return None
+    reported = [(p, hb) for p in proxies if (hb := _heartbeat(f, p)) is not None and hb.trust_anchors]
+    if not reported:
+        return None  # these proxies do not say which anchors they trust
+    disjoint = [p.key for p, hb in reported if not set(hb.trust_anchors) & f.installation_anchors]
+    partial = [p.key for p, hb in reported if set(hb.trust_anchors) != f.installation_anchors and p.key not in disjoint]
+    hint = "a proxy reads its anchors when it starts: restart it (or `tulle down` and `tulle up`) after changing them"
+    if disjoint:
+        return error(f"trust none of the installation's anchors: {', '.join(disjoint)}", hint)
+    if partial:
+        return warning(f"trust other anchors than the installation's: {', '.join(partial)}", hint)
+    return ok()
+
+
+def proxies_version(f: LocalFacts) -> Optional[Outcome]:
+    proxies, bus = _proxies(f), _bus(f)
+    if proxies is None or bus is None:
+        return None
+    old = [f"{p.key} runs {hb.version}" for p in proxies
+           if (hb := _heartbeat(f, p)) is not None and hb.version and hb.version != f.cli_version]
+    if old:
+        return warning(f"{', '.join(old)}; this CLI is {f.cli_version}",
+                       "restart those workloads' proxies with this version (`tulle down`, then `tulle up`)")
+    return ok()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _identity(f: LocalFacts) -> Optional[IdentityMaterial]:
+    return f.identity if f.running and f.meshed else None
+
+
+def categories(with_proxies: bool) -> list[Category[LocalFacts]]:
+    cats = [
+        Category("tulle-local", (
+            Check("tulle up is running", run_recorded, fatal=True),
+            Check("the supervisor is running", supervisor_running),
+        )),
+        Category("tulle-control-plane", (
+            Check("NATS is running", nats_running, transient=True),
+            *(Check(f"the {name} service is ready", service_ready(name), transient=True) for name in SERVICES),
+        )),
+        Category("tulle-nats", (
+            Check("can connect to NATS", nats_connect, transient=True),
+            Check("JetStream is enabled", jetstream_enabled),
+            Check("the KV buckets exist", buckets_exist, transient=True),
+            Check("the event stream exists", events_stream_exists, transient=True),
+        )),
+        Category("tulle-identity", (
+            *identity_checks(_identity),
+            Check("the identity service publishes these trust anchors", bundle_published, transient=True),
+        )),
+        Category("tulle-version", (
+            Check("control plane and cli versions match", control_plane_version),
+        )),
+    ]
+    if with_proxies:
+        cats.append(Category("tulle-data-plane", (
+            Check("data plane proxies are ready", proxies_ready, transient=True),
+            Check("data plane proxies send heartbeats", proxies_heartbeat, transient=True),
+            Check("data plane proxies have valid certificates", proxies_certificates, transient=True),
+            Check("data plane proxies trust the installation's anchors", proxies_trust_anchors),
+            Check("data plane and cli versions match", proxies_version),
+        )))
+    return cats
