@@ -7,7 +7,6 @@ configuration the real nats-server accepts."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import re
 import subprocess

@@ -24,6 +24,9 @@ SUBCOMMANDS = {
     "policy": "tulle.cli.policy:policy",
     "proxy": "tulle.cli.proxy:proxy",
     "validate": "tulle.cli.validate:validate",
+    "install": "tulle.cli.install:install",
+    "upgrade": "tulle.cli.install:upgrade",
+    "uninstall": "tulle.cli.install:uninstall",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
 }
