@@ -4,6 +4,7 @@ so `tulle --help` and shell completion stay fast."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
