@@ -445,3 +445,67 @@ def test_the_namespace_is_rendered_only_when_asked_and_then_skips_every_webhook(
     assert ns["metadata"]["labels"]["config.tulle.dev/admission-webhooks"] == "disabled"
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert ns["metadata"]["annotations"]["tulle.dev/inject"] == "disabled"
+
+
+def _read_info(sock) -> dict:
+    import json
+
+    line = b""
+    while not line.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    assert line.startswith(b"INFO "), line
+    return json.loads(line[5:])
+
+
+def test_nats_from_the_chart_wants_tls_from_clients_and_a_certificate_from_routes(tmp_path):
+    """As an attacker on the pod network would try it: a plain client, and a route without
+    the NATS certificate (which would otherwise join the cluster around the bus's auth)."""
+    import socket
+    import ssl
+
+    from tulle.natsserver import free_port, wait_for_port
+
+    objects = render_control_plane()
+    path = _nats_conf_runnable(objects, tmp_path)
+    client, route, monitor, absent = free_port(), free_port(), free_port(), free_port()
+    conf = (path.read_text().replace("0.0.0.0:4222", f"127.0.0.1:{client}").replace("0.0.0.0:6222", f"127.0.0.1:{route}")
+            .replace("0.0.0.0:8222", f"127.0.0.1:{monitor}"))
+    # The other replicas: one route to a port where nothing listens (a replica that is down).
+    conf = re.sub(r"routes: \[[^\]]*\]", f'routes: ["nats-route://127.0.0.1:{absent}"]', conf)
+    path.write_text(conf)
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={"POD_NAME": "tulle-nats-0"})
+    try:
+        assert wait_for_port("127.0.0.1", client, 20) and wait_for_port("127.0.0.1", route, 20)
+        host = f"tulle-nats.{NAMESPACE}.svc.cluster.local"
+        # A client that does not start TLS is refused.
+        with socket.create_connection(("127.0.0.1", client), timeout=10) as s:
+            assert _read_info(s)["tls_required"] is True
+            s.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+            answer = s.recv(4096)
+            assert b"PONG" not in answer and (answer == b"" or answer.startswith(b"-ERR")), answer
+        # A client that checks the server against the CA it was given gets through TLS.
+        ca = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", client), timeout=10) as s:
+            _read_info(s)
+            with ca.wrap_socket(s, server_hostname=host) as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        # Routes start with TLS. One without the NATS certificate is refused in the handshake;
+        # with it, the server talks (its INFO, inside TLS, asks the peer to verify too).
+        name = f"tulle-nats-1.tulle-nats-headless.{NAMESPACE}.svc.cluster.local"
+        with socket.create_connection(("127.0.0.1", route), timeout=10) as s:
+            with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+                with ca.wrap_socket(s, server_hostname=name) as tls:
+                    tls.recv(4096)  # TLS 1.3: the server's refusal arrives after the client's Finished
+        member = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        member.load_cert_chain(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"))
+        with socket.create_connection(("127.0.0.1", route), timeout=10) as s:
+            with member.wrap_socket(s, server_hostname=name) as tls:
+                info = _read_info(tls)
+                assert info["tls_required"] is True and info["tls_verify"] is True
+    finally:
+        proc.terminate()
+        proc.wait(10)
