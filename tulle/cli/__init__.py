@@ -4,6 +4,7 @@ so `tulle --help` and shell completion stay fast."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -31,6 +32,9 @@ SUBCOMMANDS = {
     "uninject": "tulle.cli.inject:uninject",
     "check": "tulle.cli.check:check",
     "logs": "tulle.cli.logs:logs",
+    "install": "tulle.cli.install:install",
+    "upgrade": "tulle.cli.install:upgrade",
+    "uninstall": "tulle.cli.install:uninstall",
     "completion": "tulle.cli.completion:completion",
     "version": "tulle.cli.completion:version",
 }
