@@ -316,4 +316,4 @@ async def test_a_reply_that_does_not_chain_to_the_configured_anchors_is_never_in
     web = await mesh.proxy("demo", "web", min_refresh_s=0.3, start=False)
     await eventually(lambda: len(served) >= 3, what="several answers from the rogue responder")
     assert not web.ready and web.serial == "" and web.server_context is None
-    assert web.m_rejected.labels().value >= 3
+    await eventually(lambda: web.m_rejected.labels().value >= 3, what="each rogue reply refused")

@@ -28,6 +28,9 @@ EVENTS_STREAM = "TULLE_EVENTS"
 EVENTS_PREFIX = "tulle.events"
 # Scatter-gather of per-proxy statistics (`tulle routes`): every proxy answers.
 PROXY_STATS_SUBJECT = "tulle.proxy.v1.stats"
+# Golden metrics per traffic edge (`tulle stat`, `tulle edges`, the dashboard): TrafficRequest in,
+# one TrafficReply per proxy out (scatter-gather, as PROXY_STATS_SUBJECT).
+PROXY_TRAFFIC_SUBJECT = "tulle.proxy.v1.traffic"
 
 PROXY_HEARTBEAT_TTL_S = 15.0  # tulle-proxies entries expire after this without a heartbeat
 
@@ -330,6 +333,59 @@ class StatsReply:
     workload: str
     window_s: float  # the span the figures really cover (shorter for a proxy that just started)
     routes: list[RouteWindow] = field(default_factory=list)
+    v: int = 1
+
+
+# --- proxy traffic (scatter-gather for `tulle stat`, `tulle edges` and the dashboard) ----------
+
+
+@dataclass(slots=True)
+class TrafficRequest:
+    VERSION: ClassVar[int] = 1
+    window_s: float = 60.0
+    # Only proxies of these workloads answer (namespace.workload); empty: all.
+    workloads: list[str] = field(default_factory=list)
+    v: int = 1
+
+
+@dataclass(slots=True)
+class TrafficEdge:
+    """What one proxy saw of the traffic between its workload and one peer, over the window.
+
+    Inbound: the peer is the client — its verified identity (empty when it had none) and,
+    when the identity names a service account, that account's namespace. Outbound: the peer
+    is the destination service (namespace, service) and the identity the server proved.
+    Labels are bounded: identities and service names, never a raw address or Host.
+    """
+
+    direction: Literal["inbound", "outbound"]
+    peer_namespace: str = ""  # the client's (from its identity) or the destination service's
+    peer_name: str = ""  # inbound: the client's service account; outbound: the service
+    peer_identity: str = ""  # the verified identity on the other end ("" = none: not mTLS)
+    secured: bool = False  # mTLS with a verified identity on the other end
+    # HTTP (requests and responses of the window; success as `route_*`: 5xx and gRPC errors fail)
+    requests: int = 0
+    successes: int = 0
+    failures: int = 0
+    denied: int = 0  # inbound: refused by policy (HTTP 403 or a closed connection)
+    # Latency histogram of responses (as RouteWindow): finite bounds (ms), counts per bucket + one for +Inf.
+    latency_buckets_ms: list[float] = field(default_factory=list)
+    latency_counts: list[int] = field(default_factory=list)
+    # TCP
+    tcp_opened: int = 0  # connections opened in the window
+    tcp_open: int = 0  # open now
+    bytes_read: int = 0  # from the peer, over the window
+    bytes_written: int = 0  # to the peer, over the window
+
+
+@dataclass(slots=True)
+class TrafficReply:
+    VERSION: ClassVar[int] = 1
+    namespace: str
+    workload: str
+    identity: str
+    window_s: float  # the span the figures really cover
+    edges: list[TrafficEdge] = field(default_factory=list)
     v: int = 1
 
 
