@@ -2,7 +2,7 @@
 
     python -m bench.policy [--decisions 200000] [--pods 1000]
 
-Decisions: the proxy's core (proxy/policy.py) on a Server port with several
+Decisions: the proxy's core (tulle/policy.py) on a Server port with several
 authorizations (exact identity, wildcard, identity + networks with except, probes), per
 connection and per request, allowed and denied. Compile: the policy service's pure
 compile for `--pods` meshed pods in 10 namespaces, each with a Server and two
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from proxy.policy import InboundPolicy, default_port_policy  # noqa: E402
+from tulle.policy import InboundPolicy, default_port_policy  # noqa: E402
 from tulle.schemas import (DEFAULT_CLUSTER_NETWORKS, Authorization, Network, PortPolicy,  # noqa: E402
                            WorkloadPolicy, identity_name)
 

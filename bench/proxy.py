@@ -398,7 +398,7 @@ backend peer
         return admins
 
     async def _publish(self, service: str, suffix: str, inbound: int) -> None:
-        from proxy.policy import default_port_policy
+        from tulle.policy import default_port_policy
         from tulle.bus import Bus
 
         bus = Bus(self.nats.url, component="bench")

@@ -29,7 +29,8 @@ from proxy.config import ProxyConfig  # noqa: E402
 from proxy.context import Shared  # noqa: E402
 from proxy.discovery import Discovery, Watched  # noqa: E402
 from proxy.balancer import Balancer  # noqa: E402
-from proxy.http1.client import Http1Client, Pools  # noqa: E402
+from proxy.http1.client import Http1Client  # noqa: E402
+from proxy.pools import Pools  # noqa: E402
 from proxy.http1.server import Http1Server  # noqa: E402
 from proxy.inbound import STRIP, InConn, Inbound  # noqa: E402
 from proxy.metrics import ProxyMetrics  # noqa: E402
@@ -111,7 +112,7 @@ def inbound_room() -> tuple[Inbound, callable]:
     pools = Pools(client_context=lambda: None, connect_timeout=1.0)
     room = Inbound(shared, pools)
     client_id = schemas.identity_name("client", NS)
-    from proxy.policy import default_port_policy
+    from tulle.policy import default_port_policy
 
     room.policy.update(schemas.WorkloadPolicy(namespace=NS, workload="server-0", default_policy="all-unauthenticated",
                                               default=default_port_policy("all-unauthenticated",
@@ -142,7 +143,7 @@ def run(make, n: int, profile: bool) -> tuple[float, int, int]:
 
     def one() -> None:
         server.data_received(REQUEST)
-        c = server.upstream
+        c = server.active.x.up
         c.data_received(RESPONSE)
 
     for _ in range(1000):  # warm caches (targets, labels, status lines)

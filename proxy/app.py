@@ -26,19 +26,19 @@ from proxy.config import ProxyConfig, from_env
 from proxy.context import Shared
 from proxy.discovery import Discovery
 from proxy.heartbeat import ProxyHeartbeat
-from proxy.http1.client import Pools
 from proxy.inbound import Inbound
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
-from proxy.route_stats import stats_reply
-from proxy.policy import InboundPolicy
 from proxy.policy_metrics import DenialReporter
 from proxy.policy_watch import PolicyWatcher
+from proxy.pools import Pools
+from proxy.route_stats import stats_reply
 from tulle import __version__, pki, schemas
 from tulle.bus import Bus, BusCredentials
 from tulle.errors import UserError
 from tulle.log import get_logger, setup_logging
 from tulle.metrics import REGISTRY, Registry
+from tulle.policy import InboundPolicy
 
 log = get_logger()
 

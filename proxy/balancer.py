@@ -116,6 +116,11 @@ class Balancer(Generic[T]):
         st.pending += 1
         return self._clock()
 
+    def cancel(self, st: EndpointState[T]) -> None:
+        """It ended without saying anything of the endpoint's latency (the caller went away,
+        or the connection was a stale one): no longer in flight, nothing learnt."""
+        st.pending -= 1
+
     def finish(self, st: EndpointState[T], started: float, ok: bool = True) -> None:
         """It answered (or failed); failures count as a slow sample so traffic moves away."""
         st.pending -= 1

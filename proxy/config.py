@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from tulle.durations import seconds as _seconds
 from tulle.errors import UserError
 from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, identity_name
 
@@ -94,15 +95,6 @@ def _ports(value: str, name: str) -> frozenset[int]:
             raise UserError(f"{name}: {part!r}: ranges wider than 1024 ports are not supported")
         out.update(range(a, b + 1))
     return frozenset(out)
-
-
-def _seconds(value: str, name: str) -> float:
-    from tulle.resources.parse import _Invalid, parse_duration_ms
-
-    try:
-        return float(value) if value.replace(".", "", 1).isdigit() else parse_duration_ms(value, name) / 1000
-    except _Invalid:
-        raise UserError(f"{name}: expected seconds or a duration such as '10s', got {value!r}") from None
 
 
 def _trust_anchors(env: Mapping[str, str]) -> bytes:

@@ -11,7 +11,7 @@ destination's (iptables), else `app_default_port`.
 HTTP requests lose any `tulle-client-id` they carry and get it set from the verified
 identity.
 
-Authorization (proxy/policy.py's `InboundPolicy`, kept current by proxy/policy_watch.py):
+Authorization (tulle/policy.py's `InboundPolicy`, kept current by proxy/policy_watch.py):
 - HTTP: `decide_request` for every request, so a policy change applies to the next
   request on a connection already open and probe paths pass on a port that admits no one
   else; denied → 403 with `tulle-proxy-error` (the connection stays usable).
@@ -33,17 +33,18 @@ import socket
 from proxy import detect
 from proxy import transport as tph
 from proxy.context import Shared
-from proxy.http1.client import Pools
-from proxy.http1.headers import CHUNKED, CLIENT_ID, serialize
-from proxy.http1.server import Http1Server, Limits, Request
+from proxy.exchange import Exchange
+from proxy.http1.headers import CLIENT_ID
+from proxy.http1.server import Http1Server, Limits
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
-from proxy.policy import Decision, InboundPolicy
 from proxy.policy_metrics import DenialReporter, PolicyMetrics
+from proxy.pools import Pools
 from proxy.tcp import Splice, splice
 from proxy.upstream import Buffering, DialError, Dest, dial
 from tulle.log import get_logger
 from tulle.pki import ALPN_PROXY, peer_identity
+from tulle.policy import Decision, InboundPolicy
 
 # On opaque ports HTTP is never detected, but a peer proxy's mTLS still has to be told
 # from plain bytes; a peer sends its ClientHello at once, so a short wait is enough and
@@ -67,7 +68,7 @@ def forbidden_reason(decision: Decision) -> str:
 class InConn:
     """Facts about one accepted inbound connection, fixed once its target port is known."""
 
-    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "head_extra", "generation")
+    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "extra", "generation")
 
     def __init__(self, client_ip: str, port: int):
         self.client_ip = client_ip
@@ -76,12 +77,13 @@ class InConn:
         self.tls = False
         self.labels: Labels | None = None
         self.pool = None
-        self.head_extra = b""
+        self.extra: list | None = None  # fields added to every request: the verified client identity
         self.generation = -1  # the policy generation an opaque connection was last allowed under
 
 
 class Inbound(Side):
     direction = "inbound"
+    absolute_form = False
 
     def __init__(self, shared: Shared, pools: Pools, policy: InboundPolicy | None = None,
                  denials: DenialReporter | None = None, policy_received: asyncio.Event | None = None):
@@ -301,7 +303,7 @@ class Inbound(Side):
         else:
             conn.pool = self.pools.get(Dest(self.cfg.app_host, conn.port))
         if conn.client_id:
-            conn.head_extra = CLIENT_ID + b": " + conn.client_id.encode() + b"\r\n"
+            conn.extra = [(CLIENT_ID, conn.client_id.encode())]
 
     def _opaque(self, sock: socket.socket, conn: InConn, guarded: bool = False) -> None:
         if conn.port == 0:
@@ -371,44 +373,35 @@ class Inbound(Side):
     def http_error(self, error: str) -> None:
         self._errors.labels(error).inc()
 
-    def dispatch(self, server: Http1Server, req: Request) -> None:
-        conn: InConn = server.conn
-        if req.labels is None:
-            req.labels = conn.labels
-            conn.labels.requests.value += 1
-        if not req.head:
-            if req.method == b"CONNECT":
-                server.fail(req, 405, "CONNECT is not accepted inbound", "bad_request")
-                return
-            d = self.policy.decide_request(conn.port, conn.client_ip, conn.client_id, conn.tls,
-                                           req.method.decode("latin-1"), req.target.decode("latin-1"))
-            self.authz.count("http", conn.port, d, conn.client_id)
-            if not d.allowed:
-                self._denied("http", conn, d)
-                server.fail(req, 403, forbidden_reason(d), "forbidden")
-                return
-            if conn.pool is None:
-                server.fail(req, 502, "no target port for this connection", "no_target_port")
-                return
-            first = b"%b %b HTTP/%b\r\n" % (req.method, req.target, b"1.1" if req.version == "1.1" else b"1.0")
-            extra = conn.head_extra
-            if req.framing == CHUNKED:
-                extra += b"transfer-encoding: chunked\r\n"
-            if req.upgrade is not None:
-                extra += b"connection: upgrade\r\nupgrade: " + req.upgrade + b"\r\n"
-            req.head = serialize(first, req.headers, extra)
-        pool = conn.pool
+    def dispatch(self, x: Exchange) -> None:
+        """A request from outside: judged by the policy of its moment, then sent to the app."""
+        conn: InConn = x.conn
+        x.count_request(conn.labels)
+        if x.method == b"CONNECT":
+            x.fail(405, "CONNECT is not accepted inbound", "bad_request")
+            return
+        d = self.policy.decide_request(conn.port, conn.client_ip, conn.client_id, conn.tls,
+                                       x.method.decode("latin-1"), x.path.decode("latin-1"))
+        self.authz.count("http", conn.port, d, conn.client_id)
+        if not d.allowed:
+            self._denied("http", conn, d)
+            x.fail(403, forbidden_reason(d), "forbidden")
+            return
+        if conn.pool is None:
+            x.fail(502, "no target port for this connection", "no_target_port")
+            return
+        x.extra = conn.extra
+        self.send(x)
+
+    @staticmethod
+    def send(x: Exchange) -> None:
+        """To the app (again, when a stale keep-alive connection swallowed the request)."""
+        pool = x.conn.pool
         client = pool.take()
         if client is not None:  # the common keep-alive case: no closures, no waiting
-            server.forward(req, client)
+            x.attach(client)
             return
-        pool.acquire(lambda c: server.forward(req, c), lambda e: server.fail(req, 502, e.reason, e.error))
-
-    def answered(self, req: Request, status: int, now: float, ok: bool = True) -> None:
-        req.ep = None  # nothing is balanced inbound
-
-    def abandoned(self, req: Request) -> None:
-        req.ep = None
+        pool.acquire(x.attach, lambda e: x.connect_failed(e.reason, e.error))
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -12,15 +12,13 @@ header; others over plain TCP.
 Errors, as Linkerd's: known service without endpoints → 503; connect failure → 502;
 discovery silent for a new target → 504 after FAILFAST_S; opaque TCP: the connection closes.
 
-Service profiles (proxy/profiles.py decides, this room acts): a request to a mesh service
-that has a profile becomes an `Exchange` on its first matching route (`req.route`). The
-route's timeout covers the whole request, retries included (504 when it expires before
-a response head reached the caller; the attempt in flight is aborted). A failed attempt
-(by the route's response classes, or a connection that failed) of a retryable route is
-sent again — to another endpoint when there is one, with `tulle-retry-attempt: <n>` —
-when the whole request body was read and kept (≤ 64 KiB), nothing of the response reached
-the caller yet, and the service's retry budget allows. Every attempt counts as *actual*,
-the answer the caller got as *effective*, in `route_stats` (proxy/route_stats.py).
+Every HTTP request is an `Exchange` (proxy/exchange.py, the request core), whatever wire
+it came in on. This room only acts on its decisions: it finds the request's target, its
+service profile's route (`x.on_route`: the deadline, retries and figures the core keeps;
+the room arms the deadline's timer), an endpoint from the balancer (`x.pick`) and a
+connection to it (`x.attach`); a retry or resend the core decides comes back through
+`send(x)` to the same target. Route figures are kept in `route_stats`
+(proxy/route_stats.py).
 """
 
 from __future__ import annotations
@@ -33,17 +31,16 @@ from proxy import transport as tph
 from proxy.authority import is_ip, mesh_service, split_authority
 from proxy.context import Shared
 from proxy.discovery import Watched
-from proxy.http1.headers import CHUNKED, HeadError, serialize
-from proxy.http1.server import IDEMPOTENT, Http1Server, Limits, Request
+from proxy.exchange import Exchange
+from proxy.http1.headers import HeadError
+from proxy.http1.server import Http1Server, Limits
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
-from proxy.profiles import (
-    RETRY_ATTEMPT_HEADER, CompiledRoute, RetryBudget, RouteMetrics, RouteRecorder, RouteStats, RouteTable,
-    grpc_status_of, retry_allowed,
-)
+from proxy.pools import Pools
+from proxy.profiles import RETRY_ATTEMPT_HEADER, CompiledRoute, RetryBudget, RouteTable
+from proxy.route_stats import RouteMetrics, RouteRecorder, RouteStats
 from proxy.tcp import splice
 from proxy.upstream import Buffering, DialError, Dest, dial
-from proxy.http1.client import Pools
 from tulle import schemas
 from tulle.log import get_logger
 
@@ -51,8 +48,6 @@ FAILFAST_S = 3.0
 MAX_TARGETS = 10000  # cached authorities; the cache is cleared when it grows past this
 
 log = get_logger(part="outbound")
-
-_RETRY_HEADER = RETRY_ATTEMPT_HEADER.encode() + b": %d\r\n\r\n"
 
 
 class OutConn:
@@ -130,34 +125,9 @@ class ServiceRoutes:
         self.recorders = {r: self.stats.route(self.key, r.name) for r in (*table.routes, table.default)}
 
 
-class Exchange:
-    """A request on a profile route, over all its attempts (kept in `Request.route`).
-
-    Http1Server asks it only `is_failure(status)` to classify the response it forwards;
-    the rest is this room's: the deadline, the retries, the figures.
-    """
-
-    __slots__ = ("route", "recorder", "budget", "timer", "retries", "base_head", "avoid", "sent_at", "finished",
-                 "balancer")
-
-    def __init__(self, route: CompiledRoute, recorder: RouteRecorder, budget: RetryBudget):
-        self.route = route
-        self.recorder = recorder
-        self.budget = budget
-        self.timer: asyncio.TimerHandle | None = None
-        self.retries = 0
-        self.base_head = b""  # the head as first sent (a retry adds its attempt header to it)
-        self.avoid = None  # the balancer state of the endpoint whose attempt failed last
-        self.sent_at = 0.0  # when the current retry was sent
-        self.finished = False  # the caller's answer was decided (and counted)
-        self.balancer = None  # the balancer the current attempt's endpoint came from
-
-    def is_failure(self, status: int, grpc_status: int | None = None) -> bool:
-        return self.route.is_failure(status, grpc_status)
-
-
 class Outbound(Side):
     direction = "outbound"
+    absolute_form = True
 
     def __init__(self, shared: Shared, pools: Pools):
         self.shared = shared
@@ -282,108 +252,67 @@ class Outbound(Side):
     def http_error(self, error: str) -> None:
         self._errors.labels(error).inc()
 
-    def dispatch(self, server: Http1Server, req: Request) -> None:
-        """Route one request (or one more attempt of it)."""
-        conn: OutConn = server.conn
-        if req.head:
-            t = req.target_info  # a further attempt: same target, maybe another endpoint
-        else:
-            target = req.target
-            authority = req.host
-            path = target
-            host_override = None
-            if req.method == b"CONNECT":
-                authority = target
-            elif target[:1] != b"/":
-                if target[:7].lower() == b"http://":
-                    rest = target[7:]
-                    slash = rest.find(b"/")
-                    authority = rest if slash < 0 else rest[:slash]
-                    path = b"/" if slash < 0 else rest[slash:]
-                    host_override = authority
-                elif target != b"*":
-                    req.labels = self.default_labels
-                    self.default_labels.requests.value += 1
-                    server.fail(req, 400, "absolute-form request target must be http://", "bad_request")
-                    return
-            try:
-                if authority is not None and authority == conn.last_host and \
-                        conn.last_target.generation == self.discovery.generation:
-                    t = conn.last_target
-                else:
-                    t = self.target_for(authority, conn)
-                    conn.last_host, conn.last_target = authority, t
-            except HeadError as e:
-                req.labels = self.default_labels
-                self.default_labels.requests.value += 1
-                server.fail(req, e.status, e.reason,
-                            {400: "bad_request", 403: "forbidden"}.get(e.status, "loop"))
-                return
-            req.target_info = t
-            if req.method == b"CONNECT":
-                asyncio.ensure_future(self._connect_tunnel(server, req, t))
-                return
-            first = b"%b %b HTTP/%b\r\n" % (req.method, path, b"1.1" if req.version == "1.1" else b"1.0")
-            headers = req.headers
-            extra = b""
-            if host_override is not None:
-                headers = [h for h in headers if h[0].lower() != b"host"]
-                extra = b"host: " + host_override + b"\r\n"
-            if req.framing == CHUNKED:
-                extra += b"transfer-encoding: chunked\r\n"
-            if req.upgrade is not None:
-                extra += b"connection: upgrade\r\nupgrade: " + req.upgrade + b"\r\n"
-            req.head = serialize(first, headers, extra)
-        self._route(server, req, t)
+    def dispatch(self, x: Exchange) -> None:
+        """A new request: find its target by its authority, then route it."""
+        conn: OutConn = x.conn
+        authority = x.authority
+        try:
+            if authority is not None and authority == conn.last_host and \
+                    conn.last_target.generation == self.discovery.generation:
+                t = conn.last_target
+            else:
+                t = self.target_for(authority, conn)
+                conn.last_host, conn.last_target = authority, t
+        except HeadError as e:
+            x.fail(e.status, e.reason, {400: "bad_request", 403: "forbidden"}.get(e.status, "loop"))
+            return
+        x.target = t
+        if x.method == b"CONNECT":
+            asyncio.ensure_future(self._connect_tunnel(x, t))
+            return
+        self.send(x)
 
-    def _route(self, server: Http1Server, req: Request, t: Target) -> None:
+    def send(self, x: Exchange) -> None:
+        """Route one request (or one more attempt of it): its profile route, then an endpoint."""
+        t: Target = x.target
         p = t.profile
-        if p is not None and req.route is None:
+        if p is not None and x.route is None:
             p.used = True
             if not p.known:
-                self._wait(server, req, t, p)
+                self._wait(x, p)
                 return
-            if p.value is not None and req.upgrade is None:
-                req.route = self.choose_route(server, req, t)
+            if p.value is not None and x.upgrade is None:
+                self._choose_route(x, t)
         for w in t.watches:
             w.used = True
             if not w.known:
-                self._wait(server, req, t, w)
+                self._wait(x, w)
                 return
             es = w.value
             if es is not None and es.exists:
-                self._to_endpoint(server, req, t, w, es)
+                self._to_endpoint(x, w, es)
                 return
         if t.fallback is None:
-            self._count_request(req, self.default_labels)
-            self._fail(server, req, 503, "no endpoints", "no_endpoints")
+            x.count_request(self.default_labels)
+            x.fail(503, "no endpoints", "no_endpoints")
             return
         if t.fallback_pool is None:
             t.fallback_pool = self.pools.get(t.fallback)
             t.fallback_labels = self.metrics.labels("outbound", tls="no_identity")
-        self._count_request(req, t.fallback_labels)
-        self._send(server, req, t.fallback_pool)
+        x.count_request(t.fallback_labels)
+        self._send(x, t.fallback_pool)
 
-    def _to_endpoint(self, server: Http1Server, req: Request, t: Target, w: Watched,
-                     es: schemas.EndpointSet) -> None:
-        ex = req.route
-        if ex is None:
-            st = w.balancer.pick()
-        else:
-            ex.balancer = w.balancer
-            st = w.balancer.pick() if ex.avoid is None else w.balancer.pick_other(ex.avoid)
+    def _to_endpoint(self, x: Exchange, w: Watched, es: schemas.EndpointSet) -> None:
+        st = x.pick(w.balancer)
         if st is None:
-            labels = self.metrics.labels("outbound", es.namespace, es.service)
-            self._count_request(req, labels)
-            self._fail(server, req, 503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints")
+            x.count_request(self.metrics.labels("outbound", es.namespace, es.service))
+            x.fail(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints")
             return
         h = st.handle
         if h is None:
             h = st.handle = self._handle(st.endpoint, es, tph.HTTP1)
-        self._count_request(req, h.labels)
-        st.pending += 1
-        req.ep = st
-        self._send(server, req, h.pool)
+        x.count_request(h.labels)
+        self._send(x, h.pool)
 
     def _handle(self, ep: schemas.Endpoint, es: schemas.EndpointSet, protocol: int) -> EndpointHandle:
         gauge = self._pending_gauge.labels(es.namespace, es.service)
@@ -406,204 +335,60 @@ class Outbound(Side):
                 total += sum(st.pending for st in w.balancer.states)
         return total
 
-    @staticmethod
-    def _count_request(req: Request, labels: Labels) -> None:
-        if req.labels is None:
-            labels.requests.value += 1
-        req.labels = labels
-
-    # --- service profiles: routes, timeouts, retries ---------------------------------------
-
-    def choose_route(self, server: Http1Server, req: Request, t: Target) -> Exchange:
-        """The first route of the target's profile matching (method, path), as an Exchange
-        that carries the request's deadline, retries and figures from here on."""
+    def _choose_route(self, x: Exchange, t: Target) -> None:
+        """The first route of the target's profile matching (method, path): from here on the
+        core keeps the request's deadline, retries and figures; the room arms the timer."""
         sr = t.routes
         profile = t.profile.value
         if sr.profile is not profile:
             sr.refresh(profile)
-        route = sr.table.match(req.method.decode("latin-1"), req.target.decode("latin-1"))
-        recorder = sr.recorders[route]
-        recorder.request()
-        sr.budget.deposit()  # every original request earns retries for the whole service
-        ex = Exchange(route, recorder, sr.budget)
-        timeout = route.timeout_s
-        if timeout is not None:
-            left = timeout - (self.loop.time() - req.start)  # discovery waits count too
-            ex.timer = self.loop.call_later(left if left > 0 else 0, self._timed_out, server, req)
-        return ex
-
-    def attempt_answered(self, server: Http1Server, client, req: Request, status: int, headers: list) -> bool:
-        """A response head arrived for an attempt of a profile-routed request, before anything
-        of it reached the caller. True: the request was sent again and this response is to be
-        dropped; False: it is the caller's answer (counted here as the effective outcome)."""
-        ex: Exchange = req.route
-        now = self.loop.time()
-        failed = ex.route.is_failure(status, grpc_status_of(headers) if headers else None)
-        ex.recorder.actual(not failed)
-        if failed and not ex.finished and req is server.active and not req.done and not server.closed:
-            if self._may_retry(ex, req, started=client.interim):
-                st = req.ep
-                if st is not None:
-                    self.answered(req, status, now)
-                server.upstream = None  # the client keeps reading this response into nothing
-                self._retry(server, req, ex, st)
-                return True
-        self._finish(ex, req, not failed, now)
-        return False
-
-    def attempt_lost(self, server: Http1Server, client, req: Request, reason: str | None) -> bool:
-        """The connection of an attempt failed before its response head reached the caller.
-        True: sent again; False: the server answers the caller (502, or its own resend of an
-        idempotent request whose reused connection the server had closed meanwhile)."""
-        ex: Exchange = req.route
-        if ex.finished or req.resp_status or req is not server.active or req.done or server.closed:
-            return False
-        if (client.reused and not client.started and req.replayable and req.attempts < 3
-                and req.method in IDEMPOTENT and req.body is not None):
-            return False  # a stale keep-alive connection, not a failed attempt (Http1Server resends)
-        ex.recorder.actual(False)
-        if self._may_retry(ex, req, started=client.interim):
-            st = req.ep
-            if st is not None:
-                self.answered(req, 502, self.loop.time(), ok=False)
-            server.upstream = None
-            self._retry(server, req, ex, st)
-            return True
-        self._finish(ex, req, False, self.loop.time())
-        return False
+        route = sr.table.match(x.method.decode("latin-1"), x.path.decode("latin-1"))
+        x.on_route(route, sr.recorders[route], sr.budget)
+        if x.deadline is not None:
+            x.timer = self.loop.call_at(x.deadline, x.timed_out)  # discovery waits count too
 
     @staticmethod
-    def _may_retry(ex: Exchange, req: Request, started: bool) -> bool:
-        # The body must have been read whole and kept (an answer before its end makes the
-        # request non-retryable), and an upgrade is never sent twice.
-        replayable = req.complete and req.replayable and req.body is not None and req.upgrade is None
-        return retry_allowed(ex.route, True, replayable, started, ex.budget)
-
-    def _retry(self, server: Http1Server, req: Request, ex: Exchange, failed_on) -> None:
-        """Send the request again, preferring another endpoint, with its attempt number."""
-        ex.retries += 1
-        ex.avoid = failed_on
-        if not ex.base_head:
-            ex.base_head = req.head
-        req.head = ex.base_head[:-2] + _RETRY_HEADER % ex.retries
-        ex.sent_at = self.loop.time()
-        self._route(server, req, req.target_info)
-
-    def _timed_out(self, server: Http1Server, req: Request) -> None:
-        ex: Exchange = req.route
-        ex.timer = None
-        if ex.finished or req.done or req is not server.active or server.closed:
-            return
-        up = server.upstream
-        if up is not None and up.req is req:
-            server.upstream = None
-            up.abandon()  # the attempt in flight is cancelled: its server sees the connection go
-        now = self.loop.time()
-        if req.ep is not None:
-            self.answered(req, 504, now, ok=False)
-        self._finish(ex, req, False, now)
-        server.fail(req, 504, f"route {ex.route.name!r} timed out after {ex.route.timeout_s:g}s", "route_timeout")
-
-    def _finish(self, ex: Exchange, req: Request, success: bool, now: float) -> None:
-        """The caller's answer is decided: count it once, stop the deadline."""
-        if ex.finished:
-            return
-        ex.finished = True
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
-        ex.recorder.effective(success, (now - req.start) * 1000)
-
-    def _fail(self, server: Http1Server, req: Request, status: int, reason: str, error: str) -> None:
-        """server.fail, counting the failure as the caller's answer on a profile route."""
-        ex = req.route
-        if ex is not None and not ex.finished and req is server.active and not req.done and not server.closed:
-            self._finish(ex, req, False, self.loop.time())
-        server.fail(req, status, reason, error)
-
-    # --- sending --------------------------------------------------------------------------
-
-    def _send(self, server: Http1Server, req: Request, pool) -> None:
+    def _send(x: Exchange, pool) -> None:
         client = pool.take()
         if client is not None:  # the common keep-alive case: no closures, no waiting
-            server.forward(req, client)
+            x.attach(client)
             return
-        pool.acquire(lambda c: server.forward(req, c), lambda e: self._connect_failed(server, req, e))
+        pool.acquire(x.attach, lambda e: x.connect_failed(e.reason, e.error))
 
-    def _connect_failed(self, server: Http1Server, req: Request, e: DialError) -> None:
-        ex = req.route
-        if ex is not None and not ex.finished and req is server.active and not req.done and not server.closed:
-            ex.recorder.actual(False)  # a connection error is a failed attempt
-            # Sent again only to another endpoint: dialling the same one at once again
-            # would just spend the budget.
-            if req.ep is not None and len(ex.balancer) > 1 and self._may_retry(ex, req, started=False):
-                st = req.ep
-                self.answered(req, 502, self.loop.time(), ok=False)
-                self._retry(server, req, ex, st)
-                return
-        if req.ep is not None:
-            self.answered(req, 502, self.loop.time(), ok=False)
-        self._fail(server, req, 502, e.reason, e.error)
-
-    def answered(self, req: Request, status: int, now: float, ok: bool = True) -> None:
-        """The attempt on `req.ep` got its response head (or failed): feed the balancer."""
-        st = req.ep
-        req.ep = None
-        st.pending -= 1
-        ex = req.route
-        rtt = now - (ex.sent_at if ex is not None and ex.retries else req.start)
-        if not ok or status >= 500:
-            rtt = max(rtt, st.ewma * 2)
-        st.observe(rtt, now)
-
-    def abandoned(self, req: Request) -> None:
-        """The request ended without an answer that says anything of its endpoint (the
-        caller went away, or sent what the proxy refuses mid-way): the attempt no longer
-        counts as in flight, and its route deadline is off. Nothing is learnt of latency."""
-        st = req.ep
-        if st is not None:
-            req.ep = None
-            st.pending -= 1
-        ex = req.route
-        if ex is not None and ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
-
-    def _wait(self, server: Http1Server, req: Request, t: Target, w: Watched) -> None:
+    def _wait(self, x: Exchange, w: Watched) -> None:
         """Discovery has not answered for this target yet: wait for it, up to FAILFAST_S."""
         def ready() -> None:
             timer.cancel()
-            if req is server.active and not req.done:
-                self._route(server, req, t)
+            if not x.done:
+                self.send(x)
 
         def too_late() -> None:
             try:
                 w._waiters.remove(ready)
             except ValueError:
                 pass
-            self._count_request(req, self.default_labels)
-            self._fail(server, req, 504, f"no answer from discovery for {w.key} in {FAILFAST_S:g}s",
-                       "discovery_timeout")
+            x.count_request(self.default_labels)
+            x.fail(504, f"no answer from discovery for {w.key} in {FAILFAST_S:g}s", "discovery_timeout")
 
         timer = self.loop.call_later(FAILFAST_S, too_late)
         w.when_known(ready)
 
     # --- CONNECT tunnels ------------------------------------------------------------------
 
-    async def _connect_tunnel(self, server: Http1Server, req: Request, t: Target) -> None:
+    async def _connect_tunnel(self, x: Exchange, t: Target) -> None:
         try:
             dest, labels = await self._resolve_tcp(t)
         except _NoRoute as e:
-            self._count_request(req, e.labels or self.default_labels)
-            server.fail(req, e.status, e.reason, e.error)
+            x.count_request(e.labels or self.default_labels)
+            x.fail(e.status, e.reason, e.error)
             return
-        self._count_request(req, labels)
+        x.count_request(labels)
         try:
             transport, proto = await dial(dest, Buffering, self.shared.client_context, self.cfg.connect_timeout_s)
         except DialError as e:
-            server.fail(req, 502, e.reason, e.error)
+            x.fail(502, e.reason, e.error)
             return
-        server.tunnel_ready(req, transport, bytes(proto.data))
+        x.down.tunnel_ready(x, transport, bytes(proto.data))
 
     # --- opaque TCP -----------------------------------------------------------------------
 

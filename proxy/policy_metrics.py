@@ -18,7 +18,7 @@ import ipaddress
 import time
 from typing import Callable, Literal, Optional
 
-from proxy.policy import Decision
+from tulle.policy import Decision
 from tulle.metrics import REGISTRY, Registry
 
 OTHER = "other"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable, Optional
 
-from proxy.policy import InboundPolicy
+from tulle.policy import InboundPolicy
 from tulle.bus import Bus, Snapshot
 from tulle.log import get_logger
 from tulle.schemas import POLICY_BUCKET, WorkloadPolicy, policy_key

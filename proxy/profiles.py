@@ -33,9 +33,6 @@ from typing import Callable, Optional
 
 from tulle import schemas
 
-from proxy.route_stats import (  # noqa: F401  (re-exported: the proxy imports route things from here)
-    RouteMetrics, RouteRecorder, RouteStats, histogram_quantile, merge_windows, stats_reply,
-)
 
 DEFAULT_ROUTE = "[DEFAULT]"
 MAX_REPLAY_BODY = 64 * 1024  # Linkerd's cap on a buffered (replayable) request body

@@ -188,7 +188,7 @@ def workload_policy(ns: str, workload: str, default: str = "all-unauthenticated"
                     cluster_networks: tuple[str, ...] = schemas.DEFAULT_CLUSTER_NETWORKS) -> schemas.WorkloadPolicy:
     """A workload's inbound policy as the policy service writes it (a proxy is ready only
     once its own has arrived)."""
-    from proxy.policy import default_port_policy
+    from tulle.policy import default_port_policy
 
     return schemas.WorkloadPolicy(namespace=ns, workload=workload, default_policy=default,
                                   default=default_port_policy(default, cluster_networks), ports=list(ports or []),

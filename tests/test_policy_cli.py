@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy import InboundPolicy
+from tulle.policy import InboundPolicy
 from services.policy.compile import compile_policies
 from tests.bus_support import cli_bus_args, server_for
 from tests.conftest import REPO

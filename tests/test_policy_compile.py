@@ -7,7 +7,7 @@ import random
 
 import yaml
 
-from proxy.policy import InboundPolicy
+from tulle.policy import InboundPolicy
 from services.policy.compile import Settings, compile_policies
 from services.policy.service import PolicyState
 from tulle.sources.base import ResourceEvent

@@ -1,4 +1,4 @@
-"""The proxy's decision core (proxy/policy.py): who each kind of authorization admits,
+"""The proxy's decision core (tulle/policy.py): who each kind of authorization admits,
 probes, updates, and `explain` agreeing with the decisions. Pure, no I/O."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from proxy.policy import InboundPolicy, default_port_policy, describe_authorization, explain
+from tulle.policy import InboundPolicy, default_port_policy, describe_authorization, explain
 from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, Authorization, Network, PortPolicy, WorkloadPolicy, identity_name
 
 WEB = identity_name("web", "demo")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import pytest
 
-from proxy.policy import InboundPolicy
+from tulle.policy import InboundPolicy
 from services.policy.compile import Settings, compile_policies
 from tulle.resources.parse import parse_object
 from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, identity_name

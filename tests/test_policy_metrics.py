@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.policy import Decision, InboundPolicy
+from tulle.policy import Decision, InboundPolicy
 from proxy.policy_metrics import DenialLimiter, DenialReporter, PolicyMetrics, client_key
 from tulle import schemas
 from tulle.bus import Bus
@@ -137,7 +137,7 @@ async def test_the_proxy_applies_its_own_policy_as_soon_as_it_is_written_and_kee
     import time
     import uuid
 
-    from proxy.policy import default_port_policy
+    from tulle.policy import default_port_policy
     from proxy.policy_watch import PolicyWatcher
     from tests.conftest import eventually
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from proxy.policy import InboundPolicy
+from tulle.policy import InboundPolicy
 from tests.bus_support import TESTER, bus_for
 from tests.conftest import REPO, eventually
 from tests.policy_support import (PolicyProcess, pod_doc, saz_doc, server_doc, service_accounts,

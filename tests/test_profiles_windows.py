@@ -2,9 +2,8 @@
 
 import pytest
 
-from proxy.route_stats import (
-    RouteMetrics, RouteStats, histogram_quantile, merge_windows, stats_reply,
-)
+from proxy.route_stats import RouteMetrics, RouteStats, stats_reply
+from tulle.route_windows import histogram_quantile, merge_windows
 from tulle import schemas
 from tulle.codec import decode, encode
 from tulle.metrics import LATENCY_BUCKETS_MS, Registry, sample

@@ -384,7 +384,7 @@ def test_a_slow_reader_gets_a_large_response_whole_and_the_upstream_is_reused(pa
 
 
 def test_a_denied_http_request_gets_403_with_tulle_proxy_error(lt, mesh, kv, nats_server):
-    from proxy.policy import InboundPolicy
+    from tulle.policy import InboundPolicy
     app = AppServer("web")
     ns = unique_ns()
     p = Proxy(lt, proxy_config(nats_server.url, ns, "web-1", "web", app_default_port=app.port),
@@ -399,7 +399,7 @@ def test_a_denied_http_request_gets_403_with_tulle_proxy_error(lt, mesh, kv, nat
 
 
 def test_an_authenticated_client_passes_all_authenticated(lt, mesh, kv, nats_server):
-    from proxy.policy import InboundPolicy
+    from tulle.policy import InboundPolicy
     pr = Pair(lt, mesh, kv, nats_server.url)
     try:
         pr.server.app.inbound.policy = InboundPolicy("all-authenticated")
@@ -409,7 +409,7 @@ def test_an_authenticated_client_passes_all_authenticated(lt, mesh, kv, nats_ser
 
 
 def test_a_denied_tcp_connection_is_closed_at_once(lt, mesh, nats_server):
-    from proxy.policy import InboundPolicy
+    from tulle.policy import InboundPolicy
     raw = RawServer(lambda conn: conn.sendall(b"should never be seen"))
     ns = unique_ns()
     p = Proxy(lt, proxy_config(nats_server.url, ns, "db-1", "db", app_default_port=raw.port,

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from proxy import transport as tph
-from proxy.policy import InboundPolicy, default_port_policy
+from tulle.policy import InboundPolicy, default_port_policy
 from tests.conftest import wait_until
 from tests.proxy_support import (
     AppServer, Mesh, Proxy, RawServer, http_request, proxy_config, raw_exchange, read_response, unique_ns,

@@ -1,37 +1,39 @@
-"""The upstream side of HTTP/1.1: one `Http1Client` per upstream connection, pooled per `Dest`.
+"""The upstream side of HTTP/1.1: one `Http1Client` per upstream connection (pooled per
+`Dest` by proxy/pools.py), the wire adapter of one attempt of an `Exchange` at a time.
 
-A client serves one exchange at a time for an `Http1Server` (never pipelined upstream)
-and calls the server back with the response head, body pieces and end. It goes back to
-its pool only when the request was sent whole and the response read whole with
-keep-alive; otherwise it is closed. Idle connections expire after `idle_timeout`
-(Linkerd's HTTP/1 pool keeps them 3 s).
-
-Requests on a service-profile route (`req.route` set, outbound only) are shown to the
-room before anything reaches the caller: `room.attempt_answered` when a response head
-arrives, `room.attempt_lost` when the connection fails first. When the room sends the
-request again elsewhere, this response is read to its end and dropped (`_Dropped`),
-so the connection can serve again.
+`start(x)` sends the request head and whatever body the exchange has so far; `send_data`
+/ `send_end` the rest. The response goes back to the exchange as it is parsed (head,
+body pieces, end) — the exchange decides whether it reaches the caller. A client serves
+one exchange at a time (never pipelined upstream) and goes back to its pool only when the
+request was sent whole and the response read whole with keep-alive; otherwise it is
+closed. A response the exchange drops (its request was sent again elsewhere) is read to
+its end into nothing (`_Dropped`), so the connection can serve again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Optional
 
 import httptools
 
-from proxy.upstream import DialError, Dest, dial
+from proxy.exchange import DROPPED, STREAMED
+from proxy.http1.headers import (
+    LAST_CHUNK, LENGTH, UNTIL_CLOSE, response_has_body, response_head, serialize,
+)
 from tulle.log import get_logger
 
 if TYPE_CHECKING:
-    from proxy.http1.server import Http1Server, Request
+    from proxy.exchange import Exchange
+    from proxy.pools import Pool
 
 MAX_RESPONSE_HEADERS = 500
 # A dropped (retried) response is read to its end so its connection can be reused, but
 # no further than this many body bytes and no longer than this: then it is closed.
 DROP_MAX_BODY = 64 * 1024
 DROP_TIMEOUT_S = 10.0
+# Fields of an HTTP/2 request that mean nothing (or something else) in HTTP/1.
+_H2_ONLY = frozenset({b"te", b"host"})
 
 log = get_logger(part="http1-client")
 
@@ -41,15 +43,15 @@ class _SkipBody(Exception):
 
 
 class Http1Client(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "parser", "server", "req", "out", "headers", "reused", "closed",
-                 "idle_since", "started", "status", "keep_alive", "until_close", "read_paused", "interim")
+    __slots__ = ("pool", "transport", "parser", "x", "out", "headers", "reused", "closed", "idle_since",
+                 "started", "status", "keep_alive", "until_close", "read_paused", "interim", "write_paused",
+                 "chunked", "sent_whole")
 
     def __init__(self, pool: "Pool"):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.server: Http1Server | None = None
-        self.req: Request | None = None
+        self.x: Exchange | _Dropped | None = None
         self.out: list[bytes] = []
         self.headers: list[tuple[bytes, bytes]] = []
         self.reused = False
@@ -59,25 +61,54 @@ class Http1Client(asyncio.Protocol):
         self.status = 0
         self.keep_alive = True
         self.until_close = False
-        self.read_paused = False  # paused because the client reads the response slowly
+        self.read_paused = False  # paused because the caller reads the response slowly
+        self.write_paused = False  # the server reads the request slowly
         self.interim = False  # a 1xx response of this exchange was passed on to the caller
+        self.chunked = False  # the request body goes out chunked
+        self.sent_whole = False  # the whole request went out (keep-alive needs it)
 
-    # --- driven by the server ----------------------------------------------------------
+    # --- driven by the exchange (proxy.exchange.Upstream) -------------------------------
 
-    def begin(self, server: "Http1Server", req: "Request", defer: bool) -> None:
-        """Start sending `req`; with `defer`, the caller flushes (to coalesce writes)."""
-        self.server = server
-        self.req = req
+    def start(self, x: "Exchange") -> None:
+        """Send the head and the body so far; the caller's adapter flushes when it is in
+        the middle of a read (to coalesce writes)."""
+        self.x = x
         self.started = False
         self.status = 0
         self.until_close = False
         self.interim = False
+        head = x.h1_head
+        if head is None:
+            head = x.h1_head = request_head(x)
+        if x.retries:
+            head = head[:-2] + b"tulle-retry-attempt: %d\r\n\r\n" % x.retries
         out = self.out
-        out.append(req.head)
-        if req.body:
-            out.extend(req.body)
-        if not defer:
+        out.append(head)
+        framing = x.framing
+        self.chunked = chunked = framing == STREAMED
+        chunks = x.body_to_send() if framing else ()
+        if chunked:
+            for data in chunks:
+                out.append(b"%x\r\n%b\r\n" % (len(data), data))
+        elif chunks:
+            out.extend(chunks)
+        self.sent_whole = x.body_done
+        if x.body_done and chunked:
+            out.append(LAST_CHUNK)
+        if not x.down.feeding:
             self.flush()
+
+    def send_data(self, data: bytes) -> bool:
+        if self.chunked:
+            self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.out.append(data)
+        return not self.write_paused
+
+    def send_end(self, trailers: Optional[list]) -> None:
+        self.sent_whole = True
+        if self.chunked:
+            self.out.append(LAST_CHUNK)  # HTTP/1 request trailers are not forwarded
 
     def flush(self) -> None:
         out = self.out
@@ -86,28 +117,27 @@ class Http1Client(asyncio.Protocol):
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
-    def pause_reading(self) -> None:
+    def pause(self) -> None:
         if not self.closed and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
 
-    def resume_reading(self) -> None:
+    def resume(self) -> None:
         if self.read_paused and not self.closed:
             self.read_paused = False
             self.transport.resume_reading()
 
     def abandon(self) -> None:
-        """The downstream went away mid-exchange: reset the upstream so it sees the abort."""
-        self.server = None
-        self.req = None
+        """The attempt is cancelled: reset the connection so the server sees the abort."""
+        self.x = None
+        self.out.clear()
         if not self.closed:
             self.closed = True
             self.transport.abort()
 
     def release(self) -> None:
-        """Hand an unused connection back (e.g. its request was answered otherwise meanwhile)."""
-        self.server = None
-        self.req = None
+        """Hand an unused connection back (its request was answered otherwise meanwhile)."""
+        self.x = None
         self.pool.give(self)
 
     # --- asyncio.Protocol --------------------------------------------------------------
@@ -116,63 +146,62 @@ class Http1Client(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        srv = self.server
-        if srv is None:  # bytes on an idle connection: the server is confused, drop it
+        x = self.x
+        if x is None:  # bytes on an idle connection: the server is confused, drop it
             self.closed = True
             self.transport.close()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._upgraded(srv, data[e.args[0]:])
+            self._upgraded(data[e.args[0]:])
             return
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
             if isinstance(err, _SkipBody):
                 self.parser = httptools.HttpResponseParser(self)
-            elif self.server is None:
+            elif self.x is None:
                 self._close()  # bytes after the response ended: this connection is not usable
             else:
                 if not isinstance(err, _Broken):
                     log.error("upstream response handling failed", error=repr(err))
-                self._broken(self.server, "upstream response could not be handled")
+                self._broken("upstream response could not be handled")
         except httptools.HttpParserError:
-            if self.server is None:
+            if self.x is None:
                 self._close()
             else:
-                self._broken(self.server, "upstream sent a malformed response")
-        if srv.out:
-            srv.flush()
+                self._broken("upstream sent a malformed response")
+        x.down.flush()
 
     def eof_received(self):
         return False
 
     def pause_writing(self) -> None:
-        if self.server is not None:
-            self.server.pause_for_upstream()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        if self.server is not None:
-            self.server.resume_for_upstream()
+        self.write_paused = False
+        x = self.x
+        if x is not None:
+            x.up_writable()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        srv = self.server
-        if srv is None:
+        x = self.x
+        if x is None:
             self.pool.discard(self)
             return
-        self.server = None
+        self.x = None
         if self.until_close and self.started:
-            srv.on_upstream_end(self)  # a response delimited by the connection's close
-            if srv.out:
-                srv.flush()
+            x.response_end(self)  # a response delimited by the connection's close
+            x.down.flush()
         else:
-            self._lost(srv, self.req, None)
+            self._lost(x, None)
 
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.server is None:
+        if self.x is None:
             raise _Broken()  # a second response to one request
         self.headers = []
         self.started = True
@@ -186,28 +215,27 @@ class Http1Client(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.status = status
+        x = self.x
         if status < 200:
             if status != 101:
                 self.interim = True
-                self.server.on_upstream_interim(status, self.headers)
+                x.response_interim(self, status, response_head(self.headers)[0])
             return
         self.keep_alive = self.parser.should_keep_alive()
-        req = self.req
-        srv = self.server
-        if req.route is not None and srv.room.attempt_answered(srv, self, req, status, self.headers):
-            self._drop()  # the room sent the request again: this response goes nowhere
-            if req.method == b"HEAD":
-                self._end()
-                raise _SkipBody()
-            return
-        self.until_close = srv.on_upstream_head(self, status, self.headers, self.keep_alive)
-        if req.method == b"HEAD":
+        fwd, framing, length, _upgrade, _close = response_head(self.headers)
+        head_only = x.method == b"HEAD"
+        until_close = framing == UNTIL_CLOSE and response_has_body(status, x.method)
+        if x.response_head(self, status, fwd, length if framing == LENGTH else -1) is DROPPED:
+            self._drop(x)  # the exchange sent the request again: this response goes nowhere
+        else:
+            self.until_close = until_close
+        if head_only:
             self.until_close = False
             self._end()
             raise _SkipBody()
 
     def on_body(self, body: bytes) -> None:
-        self.server.on_upstream_body(body)
+        self.x.response_data(self, body)
 
     def on_message_complete(self) -> None:
         if self.status < 200:
@@ -217,264 +245,130 @@ class Http1Client(asyncio.Protocol):
     # --- internals ---------------------------------------------------------------------
 
     def _end(self) -> None:
-        srv, req = self.server, self.req
-        self.server = None
-        self.req = None
-        if self.keep_alive and req.complete and not self.until_close and not self.closed:
+        x = self.x
+        self.x = None
+        if self.keep_alive and self.sent_whole and not self.until_close and not self.closed:
             self.reused = True
             if self.read_paused:
-                self.resume_reading()
-            self.pool.give(self)  # first, so the server's next request may reuse it at once
+                self.resume()
+            self.pool.give(self)  # first, so the caller's next request may reuse it at once
         else:
             self.closed = True
             self.transport.close()
-        srv.on_upstream_end(self)
+        x.response_end(self)
 
-    def _upgraded(self, srv: "Http1Server", tail: bytes) -> None:
-        self.server = None
-        self.req = None
+    def _upgraded(self, tail: bytes) -> None:
+        x = self.x
+        self.x = None
+        if self.status == 101 and x.upgraded(self):
+            x.down.upgrade(x, response_head(self.headers)[0], self.transport, tail)
+            return
+        # Switched protocols unasked, or CONNECT answered 2xx by an origin: not something we
+        # speak upstream.
+        self.closed = True
+        self.transport.close()
         if self.status == 101:
-            srv.on_upstream_upgrade(self, self.headers, tail)
-        else:  # CONNECT answered 2xx by an origin: not something we speak upstream
-            self.closed = True
-            self.transport.close()
-            srv.on_upstream_lost(self, True)
+            x.attempt_lost(self, "upstream switched protocols unasked", started=True, error="bad_upgrade")
+        else:
+            x.attempt_lost(self, None, started=True)
+        x.down.flush()
 
     def _close(self) -> None:
         self.closed = True
         self.transport.abort()
 
-    def _broken(self, srv: "Http1Server", reason: str) -> None:
-        req = self.req
-        self.server = None
-        self.req = None
+    def _broken(self, reason: str) -> None:
+        x = self.x
+        self.x = None
         self.closed = True
         self.transport.abort()
-        self._lost(srv, req, reason)
+        self._lost(x, reason)
 
-    def _lost(self, srv: "Http1Server", req: "Request | None", reason: str | None) -> None:
-        """The exchange ended without a (whole) response: a profile route's room may send
-        the request again; otherwise the server answers the caller."""
-        if req is not None and req.route is not None and srv.room.attempt_lost(srv, self, req, reason):
-            return
-        srv.on_upstream_lost(self, self.started, reason)
+    def _lost(self, x, reason: str | None) -> None:
+        """The exchange ended without a (whole) response: the exchange decides (resend a
+        request a stale keep-alive connection swallowed, retry, or answer 502)."""
+        if x is not None:
+            x.attempt_lost(self, reason, started=self.started, reused=self.reused, interim=self.interim)
 
-    def _drop(self) -> None:
+    def _drop(self, x: "Exchange") -> None:
         """Read the rest of this response into nothing, then serve the pool again."""
-        dropped = _Dropped(self)
-        self.server = dropped
-        self.req = dropped
+        self.x = _Dropped(self, x.method)
         if self.read_paused:
-            self.resume_reading()
+            self.resume()
+
+
+def request_head(x: "Exchange") -> bytes:
+    """The HTTP/1.1 head of an exchange's request, whatever protocol it arrived in."""
+    version = b"HTTP/1.0" if x.orig_proto == b"HTTP/1.0" else b"HTTP/1.1"
+    first = b"%b %b %b\r\n" % (x.method, x.path, version)
+    headers = x.headers
+    extra = b""
+    if x.version == 2:
+        # From HTTP/2: `te: trailers` is hop-by-hop here, and split cookies are one field again.
+        cookies = [v for n, v in headers if n == b"cookie"]
+        headers = [h for h in headers if h[0] not in _H2_ONLY and h[0] != b"cookie"]
+        if cookies:
+            headers.append((b"cookie", b"; ".join(cookies)))
+    if not x.host_header and x.authority is not None:
+        extra = b"host: " + x.authority + b"\r\n"
+    for name, value in x.extra or ():  # the retry number is added per attempt (start)
+        extra += name + b": " + value + b"\r\n"
+    if x.framing == STREAMED:
+        extra += b"transfer-encoding: chunked\r\n"
+    if x.upgrade is not None:
+        extra += b"connection: upgrade\r\nupgrade: " + x.upgrade + b"\r\n"
+    return serialize(first, headers, extra)
 
 
 class _Broken(Exception):
     """The upstream response exceeds what the proxy accepts."""
 
 
+class _NoCaller:
+    """The caller of a dropped response: there is nothing to flush towards it."""
+
+    @staticmethod
+    def flush() -> None:
+        pass
+
+
 class _Dropped:
-    """Stands in for both the server and the request while a response that was retried
-    elsewhere is read to its end (then the connection goes back to its pool)."""
+    """Stands in for the exchange while a response that was retried elsewhere is read to its
+    end (then the connection goes back to its pool)."""
 
-    __slots__ = ("client", "size", "timer")
+    __slots__ = ("client", "size", "timer", "method")
 
-    out = ()  # nothing to flush towards any caller
-    complete = True  # the request was sent whole (a retry needs that), so keep-alive may go on
+    down = _NoCaller
     route = None
-    method = b""
 
-    def __init__(self, client: Http1Client):
+    def __init__(self, client: Http1Client, method: bytes):
         self.client = client
+        self.method = method
         self.size = 0
         self.timer = asyncio.get_event_loop().call_later(DROP_TIMEOUT_S, self._too_slow)
 
     def _too_slow(self) -> None:
         c = self.client
-        if c.server is self and not c.closed:
+        if c.x is self and not c.closed:
             c._close()
 
-    def on_upstream_body(self, data: bytes) -> None:
+    def response_data(self, up, data: bytes) -> None:
         self.size += len(data)
         if self.size > DROP_MAX_BODY and not self.client.closed:
             self.client._close()
 
-    def on_upstream_end(self, client: Http1Client) -> None:
+    def response_end(self, up, trailers=None) -> None:
         self.timer.cancel()
 
-    def on_upstream_lost(self, client: Http1Client, started: bool, reason: str | None = None) -> None:
+    def attempt_lost(self, up, reason, **_) -> None:
         self.timer.cancel()
 
-    def on_upstream_interim(self, status: int, headers: list) -> None:
+    def response_interim(self, up, status: int, headers: list) -> None:
         pass
 
-    def on_upstream_upgrade(self, client: Http1Client, headers: list, tail: bytes) -> None:
+    def upgraded(self, up) -> bool:
         self.timer.cancel()
-        client._close()
+        return False
 
-    def pause_for_upstream(self) -> None:
+    def up_writable(self) -> None:
         pass
-
-    def resume_for_upstream(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
-class Pool:
-    """Keep-alive connections to one Dest; newest reused first, oldest expire first.
-
-    A request that finds no idle connection waits in line; new connections are opened
-    while more requests wait than connects are under way, at most MAX_CONNECTING at a
-    time. Whatever frees up first — a new connection or one released by an answered
-    request — goes to the head of the line. So a burst after a quiet spell costs a few
-    TLS handshakes instead of one per request, and a slow request never holds up others
-    longer than one connect.
-    """
-
-    __slots__ = ("dest", "idle", "pools", "busy", "swept", "waiters")
-
-    MAX_CONNECTING = 4
-
-    def __init__(self, dest: Dest, pools: "Pools"):
-        self.dest = dest
-        self.idle: list[Http1Client] = []
-        self.pools = pools
-        self.busy = 0  # connects in progress
-        self.swept = False  # dropped by the sweeper while empty; re-registers on next use
-        self.waiters: deque[tuple[Callable[[Http1Client], None], Callable[[DialError], None]]] = deque()
-
-    def take(self) -> Http1Client | None:
-        idle = self.idle
-        while idle:
-            c = idle.pop()
-            if not c.closed:
-                return c
-        return None
-
-    def acquire(self, on_ready: Callable[[Http1Client], None], on_error: Callable[[DialError], None]) -> None:
-        """Get a connection for one request: at once when one is idle, else when one frees up."""
-        c = self.take()
-        if c is not None:
-            on_ready(c)
-            return
-        self.waiters.append((on_ready, on_error))
-        if self.busy < len(self.waiters) and self.busy < self.MAX_CONNECTING:
-            self.busy += 1
-            asyncio.ensure_future(self._connect())
-
-    def give(self, c: Http1Client) -> None:
-        if c.closed:
-            return
-        if self.waiters:
-            on_ready, _ = self.waiters.popleft()
-            on_ready(c)  # a request that is gone hands it back (release) to the next one
-            return
-        if len(self.idle) >= self.pools.max_idle or self.pools.closing:
-            c.closed = True
-            c.transport.close()
-            return
-        c.idle_since = self.pools.now()
-        self.idle.append(c)
-        if self.swept:
-            self.pools.adopt(self)
-
-    def discard(self, c: Http1Client) -> None:
-        try:
-            self.idle.remove(c)
-        except ValueError:
-            pass
-
-    async def _connect(self) -> None:
-        try:
-            _, client = await dial(self.dest, lambda: Http1Client(self), self.pools.client_context,
-                                   self.pools.connect_timeout)
-        except DialError as e:
-            self.busy -= 1
-            self._failed(e)
-            return
-        except Exception as e:  # never leave a request hanging
-            self.busy -= 1
-            self._failed(DialError(f"connect failed: {type(e).__name__}", "connect"))
-            log.exception("connect failed unexpectedly", dest=repr(self.dest))
-            return
-        self.busy -= 1
-        self.give(client)
-        # More waiting than connecting (e.g. the line grew meanwhile): keep opening.
-        while self.busy < len(self.waiters) and self.busy < self.MAX_CONNECTING:
-            self.busy += 1
-            asyncio.ensure_future(self._connect())
-
-    def _failed(self, e: DialError) -> None:
-        """A connect failed: the request at the head of the line gets the error; if others
-        still wait and nothing else is connecting, the next one tries again."""
-        if self.waiters:
-            _, on_error = self.waiters.popleft()
-            on_error(e)
-        if self.waiters and self.busy == 0:
-            self.busy += 1
-            asyncio.ensure_future(self._connect())
-
-
-class Pools:
-    """Every upstream pool of one proxy direction, and the sweeper that expires idle connections."""
-
-    def __init__(self, *, client_context: Callable[[], object], connect_timeout: float, idle_timeout: float = 3.0,
-                 mesh_idle_timeout: float | None = None, max_idle: int = 256):
-        self.client_context = client_context
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        # mTLS connections to peer proxies (Dest with an identity) may stay idle longer.
-        self.mesh_idle_timeout = idle_timeout if mesh_idle_timeout is None else mesh_idle_timeout
-        self.max_idle = max_idle
-        self.closing = False
-        self._pools: dict[tuple, Pool] = {}
-        self._sweeper: asyncio.Task | None = None
-        self.now = asyncio.get_event_loop().time
-
-    def get(self, dest: Dest) -> Pool:
-        pool = self._pools.get(dest.key)
-        if pool is None:
-            pool = self._pools[dest.key] = Pool(dest, self)
-            if self._sweeper is None:
-                self._sweeper = asyncio.ensure_future(self._sweep())
-        return pool
-
-    def adopt(self, pool: Pool) -> None:
-        """A swept pool got an idle connection again: track it so it expires."""
-        pool.swept = False
-        current = self._pools.setdefault(pool.dest.key, pool)
-        if current is not pool:  # a newer pool took the key: move the connections there
-            current.idle.extend(pool.idle)
-            pool.idle.clear()
-            pool.swept = True
-
-    def idle_count(self) -> int:
-        return sum(len(p.idle) for p in self._pools.values())
-
-    async def _sweep(self) -> None:
-        interval = min(max(min(self.idle_timeout, self.mesh_idle_timeout) / 3, 0.05), 1.0)
-        while True:
-            await asyncio.sleep(interval)
-            now = self.now()
-            plain_limit, mesh_limit = now - self.idle_timeout, now - self.mesh_idle_timeout
-            for key, pool in list(self._pools.items()):
-                limit = mesh_limit if pool.dest.identity else plain_limit
-                idle = pool.idle
-                while idle and idle[0].idle_since < limit:
-                    c = idle.pop(0)
-                    c.closed = True
-                    c.transport.close()
-                if not idle and not pool.busy and not pool.waiters:
-                    pool.swept = True
-                    del self._pools[key]
-
-    def close(self) -> None:
-        self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for pool in self._pools.values():
-            for c in pool.idle:
-                c.closed = True
-                c.transport.close()
-            pool.idle.clear()

@@ -1,43 +1,43 @@
 """The downstream side of HTTP/1.1: one flat protocol class per accepted connection.
 
 httptools calls back into `Http1Server` as it parses; each request head becomes a
-`Request` that the room (inbound or outbound) routes with `room.dispatch(server, req)`,
-which ends in `forward(req, client)` (an upstream connection is ready) or
-`fail(req, status, reason, error)`. The upstream `Http1Client` calls back with the
-response head, body and end. Bytes are gathered per read event and written once, so a
+`Request` (this connection's wire state of it) and an `Exchange` (proxy/exchange.py: the
+request core, where every decision about it is made), which the room (inbound or
+outbound) routes with `room.dispatch(x)`. The exchange answers through the `Request`'s
+methods (`send_head`, `send_data`, `send_end`, `send_error` ...), which write the
+response in HTTP/1.1 framing. Bytes are gathered per read event and written once, so a
 small request or response costs one syscall. Nothing here awaits: the keep-alive path
 has no task or coroutine per request.
 
 Requests are answered in order: later pipelined requests wait in a queue (reading pauses
-when it grows). A request body is kept (up to REPLAY_LIMIT) until the response starts, so
-a failed attempt can be sent again — the place where retries plug in.
+when it grows). Their bodies are held by their exchanges until their turn (reading
+pauses beyond 64 KiB).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import Optional, Protocol
 
 import httptools
 
+from proxy.exchange import NO_BODY, SIZED, STREAMED, Exchange
 from proxy.http1.headers import (
-    CHUNKED, LAST_CHUNK, LENGTH, NO_BODY, UNTIL_CLOSE, HeadError, error_response, request_head, response_has_body,
-    response_head, serialize, status_line,
+    CHUNKED, LAST_CHUNK, LENGTH, HeadError, error_response, request_head, response_has_body, serialize,
+    status_line,
 )
 from proxy.metrics import Labels
 from proxy.tcp import splice
 from tulle.log import get_logger
 
-if TYPE_CHECKING:
-    from proxy.http1.client import Http1Client
-
-REPLAY_LIMIT = 64 * 1024  # request bodies up to this size may be sent again (Linkerd's cap)
 MAX_PIPELINE = 16
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+TUNNEL_HOLD_LIMIT = 64 * 1024  # bytes after an upgrade / CONNECT head held until the tunnel opens
 
 # Why reading from the client is paused (any bit set: paused).
-PAUSE_PIPELINE, PAUSE_UPSTREAM, PAUSE_BODY, PAUSE_TUNNEL, PAUSE_DEAD = 1, 2, 4, 8, 16
+PAUSE_PIPELINE, PAUSE_BODY, PAUSE_TUNNEL, PAUSE_DEAD = 1, 4, 8, 16
+
+_FRAMING = {0: NO_BODY, LENGTH: SIZED, CHUNKED: STREAMED}
 
 log = get_logger(part="http1")
 
@@ -48,14 +48,13 @@ class Room(Protocol):
     direction: str
     default_labels: Labels
     conns: set
+    # Absolute-form targets (`GET http://host/path`) are routed by their authority and sent
+    # on in origin-form (the outbound side, where apps use the proxy as an HTTP proxy).
+    absolute_form: bool
 
-    def dispatch(self, server: "Http1Server", req: "Request") -> None: ...
+    def dispatch(self, x: Exchange) -> None: ...
 
     def http_error(self, error: str) -> None: ...
-
-    def answered(self, req: "Request", status: int, now: float, ok: bool = True) -> None: ...
-
-    def abandoned(self, req: "Request") -> None: ...
 
     def track(self, s) -> None: ...
 
@@ -72,42 +71,81 @@ class Limits:
 
 
 class Request:
-    """One request on its way through the proxy (one logical request, maybe several attempts)."""
+    """One request's HTTP/1 wire state on this connection: the downstream of its exchange
+    (proxy.exchange.Downstream)."""
 
-    __slots__ = (
-        "method", "target", "version", "headers", "host", "framing", "length", "upgrade", "keep_alive",
-        "head", "body", "body_size", "replayable", "complete", "done", "start", "labels", "attempts",
-        "resp_status", "resp_chunked", "resp_counter", "close_after", "tail", "route", "ep", "target_info",
-    )
+    __slots__ = ("server", "x", "version", "keep_alive", "complete", "resp_chunked", "close_after", "tail",
+                 "bad_target")
 
-    def __init__(self, method: bytes, target: bytes, version: str, headers: list, host: bytes | None,
-                 framing: int, length: int, upgrade: bytes | None, keep_alive: bool, start: float):
-        self.method = method
-        self.target = target
+    def __init__(self, server: "Http1Server", version: str, keep_alive: bool):
+        self.server = server
+        self.x: Exchange | None = None
         self.version = version
-        self.headers = headers
-        self.host = host
-        self.framing = framing
-        self.length = length
-        self.upgrade = upgrade
         self.keep_alive = keep_alive
-        self.start = start
-        self.head = b""  # the head sent upstream, built by the room
-        self.body: list[bytes] | None = []  # encoded body bytes not yet released (see module doc)
-        self.body_size = 0
-        self.replayable = True
         self.complete = False  # the whole request was read from the client
-        self.done = False  # the response was finished (or failed)
-        self.labels: Labels | None = None
-        self.attempts = 0
-        self.resp_status = 0
         self.resp_chunked = False
-        self.resp_counter = None
         self.close_after = False
         self.tail: list[bytes] | None = None  # bytes after an upgrade / CONNECT head
-        self.route = None  # the profile route chosen for (method, path); none yet
-        self.ep = None  # the balancer's endpoint state while an attempt is in flight
-        self.target_info = None  # the room's routing decision (for metrics and retries)
+        self.bad_target: str | None = None  # why the request target cannot be routed
+
+    @property
+    def feeding(self) -> bool:
+        return self.server.feeding
+
+    def send_head(self, x: Exchange, status: int, headers: list, length: int, end: bool) -> None:
+        self.server.send_head(self, status, headers, length)
+
+    def send_interim(self, x: Exchange, status: int, headers: list) -> None:
+        if self.version == "1.1":
+            self.server.out.append(serialize(status_line(status), headers))
+
+    def send_data(self, x: Exchange, data: bytes) -> bool:
+        server = self.server
+        if self.resp_chunked:
+            server.out.append(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            server.out.append(data)
+        return not server.write_paused
+
+    def send_end(self, x: Exchange, trailers: Optional[list]) -> None:
+        server = self.server
+        if self.resp_chunked:
+            server.out.append(LAST_CHUNK)  # HTTP/1 responses carry no trailers here
+        server.finish(self)
+
+    def send_error(self, x: Exchange, status: int, reason: str) -> None:
+        self.server.send_error(self, status, reason)
+
+    def abort(self, x: Exchange) -> None:
+        self.server.abort(self)
+
+    def pause_body(self, x: Exchange) -> None:
+        self.server.pause(PAUSE_BODY)
+
+    def resume_body(self, x: Exchange) -> None:
+        self.server.resume(PAUSE_BODY)
+
+    def flush(self) -> None:
+        server = self.server
+        if server.out:
+            server.flush()
+
+    def upgrade(self, x: Exchange, headers: list, transport: asyncio.Transport, tail: bytes) -> None:
+        """101 Switching Protocols: hand both connections over to opaque forwarding."""
+        server = self.server
+        server.out.append(serialize(status_line(101), headers,
+                                    b"connection: upgrade\r\nupgrade: " + x.upgrade + b"\r\n"))
+        server.become_tunnel(self, transport, tail)
+
+    def tunnel_ready(self, x: Exchange, upstream: asyncio.Transport, pending: bytes) -> None:
+        """A CONNECT tunnel is open: say so and forward bytes opaquely."""
+        server = self.server
+        if self is not server.active or server.closed:
+            upstream.close()
+            return
+        x.tunnelled()
+        server.out.append(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        server.become_tunnel(self, upstream, pending)
 
 
 class Http1Server(asyncio.Protocol):
@@ -117,6 +155,7 @@ class Http1Server(asyncio.Protocol):
         self.strip = strip  # request headers removed on this side (e.g. tulle-client-id inbound)
         self.conn = conn  # the room's per-connection facts (peer, TLS identity, target port ...)
         self.loop = asyncio.get_event_loop()
+        self.clock = self.loop.time
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
@@ -124,7 +163,6 @@ class Http1Server(asyncio.Protocol):
         self.active: Request | None = None  # being answered
         self.last: Request | None = None  # last whose head was read (for upgrades)
         self.queue: deque[Request] | None = None
-        self.upstream: Http1Client | None = None
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.nheaders = 0
@@ -135,6 +173,7 @@ class Http1Server(asyncio.Protocol):
         self.idle_ticks = 0
         self.feeding = False
         self.paused = 0
+        self.write_paused = False
         self.closed = False
         self.draining = False
         self.refused = False
@@ -148,16 +187,11 @@ class Http1Server(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.room.conns.discard(self)
-        up = self.upstream
-        if up is not None:
-            self.upstream = None
-            up.abandon()  # the exchange is incomplete: the upstream must see the abort
         req = self.active
         if req is not None:
-            req.done = True
             # The caller went away: whatever its attempt holds (the balancer's in-flight
-            # count, a route deadline) is released here, or never.
-            self.room.abandoned(req)
+            # count, a route deadline, the upstream) is released here, or never.
+            req.x.gone()
 
     def data_received(self, data: bytes) -> None:
         self.idle_ticks = 0
@@ -166,8 +200,8 @@ class Http1Server(asyncio.Protocol):
         last = self.last
         if last is not None and last.tail is not None:  # waiting for 101 / the tunnel
             last.tail.append(data)
-            if sum(map(len, last.tail)) > REPLAY_LIMIT:
-                self._pause(PAUSE_TUNNEL)
+            if sum(map(len, last.tail)) > TUNNEL_HOLD_LIMIT:
+                self.pause(PAUSE_TUNNEL)
             return
         self.feeding = True
         try:
@@ -191,22 +225,24 @@ class Http1Server(asyncio.Protocol):
             self.head_raw += len(data)
             if self.head_raw > self.limits.max_head_bytes and not self.refused:
                 self.refuse(431, "request headers too large", "header_too_large")
-        up = self.upstream
-        if up is not None and up.out:
-            up.flush()
+        req = self.active
+        if req is not None:
+            up = req.x.up
+            if up is not None:
+                up.flush()
         if self.out:
             self.flush()
 
     def pause_writing(self) -> None:
-        # The client reads slower than the upstream sends: stop reading the upstream.
-        up = self.upstream
-        if up is not None:
-            up.pause_reading()
+        # The client reads slower than the upstream sends: the exchange stops reading the
+        # upstream at its next piece of body (send_data answers False).
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        up = self.upstream
-        if up is not None:
-            up.resume_reading()
+        self.write_paused = False
+        req = self.active
+        if req is not None:
+            req.x.down_writable()
 
     # --- httptools callbacks -----------------------------------------------------------
 
@@ -242,103 +278,112 @@ class Http1Server(asyncio.Protocol):
             raise HeadError(400, f"unsupported HTTP version {version}")
         fwd, host, framing, length, upgrade, close = request_head(self.headers, version, self.strip)
         method = p.get_method()
-        if host is None and version == "1.1" and method != b"CONNECT" and not self.url.startswith(b"http://"):
+        target = self.url
+        if host is None and version == "1.1" and method != b"CONNECT" and not target.startswith(b"http://"):
             raise HeadError(400, "missing host header")
         if upgrade is not None and upgrade.strip().lower() == b"h2c":
             upgrade = None  # HTTP/2 upgrades are not proxied (as linkerd2-proxy: stripped)
-        req = Request(method, self.url, version, fwd, host, framing, length, upgrade,
-                      p.should_keep_alive() and not close, self.loop.time())
+        req = Request(self, version, p.should_keep_alive() and not close)
+        authority, path, host_header = host, target, host is not None
+        if method == b"CONNECT":
+            authority = target
+        elif target[:1] != b"/" and self.room.absolute_form:
+            if target[:7].lower() == b"http://":
+                rest = target[7:]
+                slash = rest.find(b"/")
+                authority = rest if slash < 0 else rest[:slash]
+                path = b"/" if slash < 0 else rest[slash:]
+                if host is not None:
+                    fwd = [h for h in fwd if h[0].lower() != b"host"]
+                    host_header = False
+            elif target != b"*":
+                req.bad_target = "absolute-form request target must be http://"
+        x = req.x = Exchange(self.room, req, self.clock, method, path, authority, fwd, framing=_FRAMING[framing],
+                             length=length if framing == LENGTH else -1, host_header=host_header, upgrade=upgrade)
+        x.conn = self.conn
+        if version == "1.0":
+            x.orig_proto = b"HTTP/1.0"
         self.cur = req
         self.last = req
         if self.active is None:
             self.active = req
-            self.room.dispatch(self, req)
+            self._dispatch(req)
         else:
             q = self.queue
             if q is None:
                 q = self.queue = deque()
             q.append(req)
             if len(q) >= MAX_PIPELINE:
-                self._pause(PAUSE_PIPELINE)
+                self.pause(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
-        req = self.cur
-        if req.framing == CHUNKED:
-            body = b"%x\r\n%b\r\n" % (len(body), body)
-        self._body(req, body)
+        self.cur.x.body_data(body)
 
     def on_message_complete(self) -> None:
         req = self.cur
         self.cur = None
         req.complete = True
-        if req.framing == CHUNKED:
-            self._body(req, LAST_CHUNK)
+        x = req.x
+        if x.framing != NO_BODY:
+            x.body_end()
 
-    def _body(self, req: Request, data: bytes) -> None:
-        if req.done:
-            return  # answered already (an early response): the rest is read and dropped
-        req.body_size += len(data)
-        up = self.upstream if req is self.active else None
-        if up is not None:
-            up.out.append(data)
-            if req.replayable:
-                if req.body_size <= REPLAY_LIMIT:
-                    req.body.append(data)
-                else:
-                    req.replayable = False
-                    req.body = None
+    def _dispatch(self, req: Request) -> None:
+        if req.bad_target is not None:
+            req.x.fail(400, req.bad_target, "bad_request")
+            return
+        self.room.dispatch(req.x)
+
+    # --- the response, as the exchange sends it --------------------------------------
+
+    def send_head(self, req: Request, status: int, headers: list, length: int) -> None:
+        x = req.x
+        has_body = response_has_body(status, x.method)
+        keep = req.keep_alive and not self.draining and not req.close_after and x.upgrade is None
+        extra = b""
+        if has_body and length < 0:
+            if req.version == "1.1":
+                extra = b"transfer-encoding: chunked\r\n"
+                req.resp_chunked = True
+            else:
+                keep = False  # HTTP/1.0 client: delimit the body by closing
+        if keep:
+            if req.version == "1.0":
+                extra += b"connection: keep-alive\r\n"
         else:
-            req.body.append(data)
-            if req.body_size > REPLAY_LIMIT:
-                req.replayable = False
-                self._pause(PAUSE_BODY)  # no upstream yet: stop reading until there is one
+            extra += b"connection: close\r\n"
+            req.close_after = True
+        first = status_line(status) if req.version == "1.1" else b"HTTP/1.0" + status_line(status)[8:]
+        self.out.append(serialize(first, headers, extra))
 
-    # --- driven by the room and the upstream --------------------------------------------
-
-    def forward(self, req: Request, client: "Http1Client") -> None:
-        """An upstream connection is ready for `req`: send it."""
-        if req is not self.active or self.closed or req.done:
-            client.release()
-            self.room.abandoned(req)
+    def send_error(self, req: Request, status: int, reason: str) -> None:
+        """Answer with a response of the proxy's own (no upstream answered)."""
+        if req is not self.active or self.closed:
             return
-        self.upstream = client
-        req.attempts += 1
-        client.begin(self, req, self.feeding)
-        if not req.replayable:
-            req.body = None
-        if self.paused & PAUSE_BODY:
-            self._resume(PAUSE_BODY)
-
-    def fail(self, req: Request, status: int, reason: str, error: str) -> None:
-        """Answer `req` with a response of the proxy's own (no upstream answered it)."""
-        if req.ep is not None:  # an attempt was under way: it failed
-            self.room.answered(req, status, self.loop.time(), ok=False)
-        if req is not self.active or self.closed or req.done:
-            return
-        self.room.http_error(error)
-        labels = req.labels
-        if labels is None:  # refused before routing: count it under the direction's labels
-            labels = req.labels = self.room.default_labels
-            labels.requests.value += 1
-        resp, hist = labels.response(status)
-        hist.observe((self.loop.time() - req.start) * 1000)
-        resp.value += 1
-        req.resp_status = status
         # After CONNECT or an upgrade request the parser has stopped: the connection ends.
         # A request without a body is whole once its head is read (it is dispatched then).
-        keep = (req.keep_alive and not self.draining and (req.complete or req.framing == NO_BODY)
-                and req.upgrade is None and req.method != b"CONNECT")
+        x = req.x
+        keep = (req.keep_alive and not self.draining and (req.complete or x.framing == NO_BODY)
+                and x.upgrade is None and x.method != b"CONNECT")
         self.out.append(error_response(status, reason, close=not keep))
         if not keep:
             req.close_after = True
-        self._finish(req)
+        self.finish(req)
         if not self.feeding and self.out:
             self.flush()
+
+    def abort(self, req: Request) -> None:
+        """Part of the response went out already: all that can be done is end the connection."""
+        if req is self.active:
+            self.active = None
+        if not self.closed:
+            self.flush()
+            self.closed = True
+            self.transport.close()
 
     def refuse(self, status: int, reason: str, error: str) -> None:
         """A request the proxy cannot read further: answer (after earlier ones) and close."""
         self.refused = True
-        self._pause(PAUSE_DEAD)
+        self.pause(PAUSE_DEAD)
         self.room.http_error(error)
         resp, _ = self.room.default_labels.response(status)
         resp.value += 1
@@ -346,14 +391,11 @@ class Http1Server(asyncio.Protocol):
         req = self.cur  # set while a body is being read: the malformed bytes are its body
         if req is not None and req is self.active:
             # The request in flight is itself broken: the upstream must not wait for the rest.
-            up = self.upstream
-            if up is not None:
-                self.upstream = None
-                up.abandon()
-            req.done = True
-            self.room.abandoned(req)
+            x = req.x
+            started = x.responded or x.done
+            x.gone()
             self.active = None
-            if req.resp_status == 0:
+            if not started:
                 self.out.append(data)
             self.flush()
             self.closed = True
@@ -371,137 +413,14 @@ class Http1Server(asyncio.Protocol):
             q = self.queue = deque()
         q.append(_Refusal(data))
 
-    def on_upstream_interim(self, status: int, headers: list) -> None:
-        req = self.active
-        if req is not None and req.version == "1.1":
-            fwd = response_head(headers)[0]
-            self.out.append(serialize(status_line(status), fwd))
-
-    def on_upstream_head(self, client: "Http1Client", status: int, headers: list, up_keep_alive: bool) -> bool:
-        """The response head arrived; returns True when the upstream body runs until close."""
-        req = self.active
-        fwd, framing, _length, _upgrade, _close = response_head(headers)
-        has_body = response_has_body(status, req.method)
-        keep = req.keep_alive and not self.draining and not req.close_after and req.upgrade is None
-        extra = b""
-        until_close = has_body and framing == UNTIL_CLOSE
-        if has_body and framing != LENGTH:
-            if req.version == "1.1":
-                extra = b"transfer-encoding: chunked\r\n"
-                req.resp_chunked = True
-            else:
-                keep = False  # HTTP/1.0 client: delimit the body by closing
-        if keep:
-            if req.version == "1.0":
-                extra += b"connection: keep-alive\r\n"
-        else:
-            extra += b"connection: close\r\n"
-            req.close_after = True
-        first = status_line(status) if req.version == "1.1" else b"HTTP/1.0" + status_line(status)[8:]
-        self.out.append(serialize(first, fwd, extra))
-        req.resp_status = status
-        now = self.loop.time()
-        route = req.route
-        # Where the response is classified: by the profile route's response classes when
-        # one was chosen, else 5xx = failure.
-        resp, hist = req.labels.response(status) if route is None else req.labels.response(
-            status, route.is_failure(status))
-        hist.observe((now - req.start) * 1000)
-        req.resp_counter = resp
-        if req.ep is not None:
-            self.room.answered(req, status, now)
-        if req.body is not None:
-            req.body = None  # no retry once the response started
-        return until_close
-
-    def on_upstream_body(self, data: bytes) -> None:
-        req = self.active
-        if req.resp_chunked:
-            self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.out.append(data)
-
-    def on_upstream_end(self, client: "Http1Client") -> None:
-        req = self.active
-        self.upstream = None
-        if req is None:
-            return
-        if req.resp_chunked:
-            self.out.append(LAST_CHUNK)
-        req.resp_counter.value += 1
-        self._finish(req)
-
-    def on_upstream_lost(self, client: "Http1Client", started: bool, reason: str | None = None) -> None:
-        """The upstream connection failed mid-exchange."""
-        self.upstream = None
-        req = self.active
-        if req is None or self.closed:
-            return
-        if req.ep is not None:
-            self.room.answered(req, 502, self.loop.time(), ok=False)
-        if req.resp_status == 0:
-            # Nothing reached the client yet. A connection that was reused may simply have
-            # been closed by the server while idle: send the request again on another one
-            # (only when the server said nothing at all: it may not have seen the request).
-            if (not started and client.reused and req.replayable and req.attempts < 3 and req.method in IDEMPOTENT
-                    and req.body is not None):
-                self.room.dispatch(self, req)
-                return
-            self.fail(req, 502, reason or "upstream closed the connection before responding", "upstream_closed")
-            return
-        # Part of the response went out already: all we can do is end the connection.
-        req.done = True
-        self.active = None
-        self.flush()
-        self.transport.close()
-
-    def on_upstream_upgrade(self, client: "Http1Client", headers: list, tail: bytes) -> None:
-        """101 Switching Protocols: hand both connections over to opaque forwarding."""
-        req = self.active
-        self.upstream = None
-        if req is None or req.upgrade is None or self.closed:
-            client.closed = True
-            client.transport.close()
-            if req is not None:
-                self.fail(req, 502, "upstream switched protocols unasked", "bad_upgrade")
-            return
-        fwd = response_head(headers)[0]
-        self.out.append(serialize(status_line(101), fwd, b"connection: upgrade\r\nupgrade: " + req.upgrade + b"\r\n"))
-        resp, hist = req.labels.response(101)
-        hist.observe((self.loop.time() - req.start) * 1000)
-        resp.value += 1
-        if req.ep is not None:
-            self.room.answered(req, 101, self.loop.time())
-        self.become_tunnel(req, client.transport, tail)
-
-    def tunnel_ready(self, req: Request, upstream: asyncio.Transport, pending: bytes) -> None:
-        """A CONNECT tunnel is open: say so and forward bytes opaquely."""
-        if req is not self.active or self.closed:
-            upstream.close()
-            return
-        self.out.append(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        resp, hist = req.labels.response(200)
-        hist.observe((self.loop.time() - req.start) * 1000)
-        resp.value += 1
-        self.become_tunnel(req, upstream, pending)
-
     def become_tunnel(self, req: Request, upstream: asyncio.Transport, pending: bytes) -> None:
         self.flush()
-        req.done = True
         self.active = None
         self.room.conns.discard(self)
         self.closed = True  # this object no longer handles the connection
         tail = b"".join(req.tail or ())
         req.tail = None
-        self.room.track(splice(self.transport, upstream, req.labels, client_pending=tail, server_pending=pending))
-
-    # --- flow control hooks used by the upstream ------------------------------------------
-
-    def pause_for_upstream(self) -> None:
-        self._pause(PAUSE_UPSTREAM)
-
-    def resume_for_upstream(self) -> None:
-        self._resume(PAUSE_UPSTREAM)
+        self.room.track(splice(self.transport, upstream, req.x.labels, client_pending=tail, server_pending=pending))
 
     # --- timers (driven by the room's sweeper) -------------------------------------------
 
@@ -536,12 +455,11 @@ class Http1Server(asyncio.Protocol):
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
-    def _finish(self, req: Request) -> None:
-        req.done = True
-        req.body = None
+    def finish(self, req: Request) -> None:
+        """The response to the active request is complete: on to the next one."""
         self.active = None
-        if self.paused & (PAUSE_BODY | PAUSE_UPSTREAM):
-            self._resume(PAUSE_BODY | PAUSE_UPSTREAM)
+        if self.paused & PAUSE_BODY:
+            self.resume(PAUSE_BODY)
         if req.close_after or (self.draining and self.cur is None):
             self.flush()
             self.closed = True
@@ -551,7 +469,7 @@ class Http1Server(asyncio.Protocol):
         while q:
             nxt = q.popleft()
             if len(q) < MAX_PIPELINE // 2 and self.paused & PAUSE_PIPELINE:
-                self._resume(PAUSE_PIPELINE)
+                self.resume(PAUSE_PIPELINE)
             if isinstance(nxt, _Refusal):
                 self.out.append(nxt.data)
                 self.flush()
@@ -559,13 +477,13 @@ class Http1Server(asyncio.Protocol):
                 self.transport.close()
                 return
             self.active = nxt
-            self.room.dispatch(self, nxt)
+            self._dispatch(nxt)
             return
 
     def _parser_upgraded(self, data: bytes, offset: int) -> None:
         req = self.last
         tail = data[offset:]
-        if req is not None and (req.upgrade is not None or req.method == b"CONNECT") and not req.done:
+        if req is not None and (req.x.upgrade is not None or req.x.method == b"CONNECT") and not req.x.done:
             req.tail = [tail] if tail else []
             return
         # llhttp switched to an upgrade we do not honour (h2c): carry on with HTTP/1.
@@ -573,12 +491,12 @@ class Http1Server(asyncio.Protocol):
         if tail:
             self.data_received(tail)
 
-    def _pause(self, reason: int) -> None:
+    def pause(self, reason: int) -> None:
         if not self.paused and not self.closed:
             self.transport.pause_reading()
         self.paused |= reason
 
-    def _resume(self, reason: int) -> None:
+    def resume(self, reason: int) -> None:
         if self.paused & reason:
             self.paused &= ~reason
             if not self.paused and not self.closed:

@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-from proxy.policy import default_authorizations
+from tulle.policy import default_authorizations
 from tulle.resources import model as m
 from tulle.schemas import (DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, Authorization, Network, PortPolicy,
                            WorkloadPolicy, identity_name, policy_key)

@@ -15,7 +15,7 @@ when it names one pod.
 (an unmeshed client), or `identity@ip`. With an identity alone the address is unknown,
 so a rule limited to networks allows "if the client connects from ..." those networks.
 Exit status of `--explain`: 0 when allowed on every port examined, 1 when denied on any,
-2 for bad input. The decision is computed by the proxy's own code (proxy/policy.py).
+2 for bad input. The decision is computed by the proxy's own code (tulle/policy.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import click
 from tulle.cli.names import complete_namespace, complete_server, workload_completer
 from tulle.cli.common import connect_bus, nats_option
 
-from proxy.policy import describe_authorization, explain
+from tulle.policy import describe_authorization, explain
 from tulle import schemas
 from tulle.codec import to_jsonable
 from tulle.errors import UserError

@@ -16,9 +16,9 @@ from tulle.errors import UserError
 
 
 def _duration(value: str, name: str) -> float:
-    from proxy.config import _seconds
+    from tulle.durations import seconds as parse_seconds
 
-    seconds = _seconds(value, name)
+    seconds = parse_seconds(value, name)
     if seconds <= 0:
         raise UserError(f"{name}: must be positive, got {value!r}")
     return seconds

@@ -172,7 +172,7 @@ def aggregate(replies: list[schemas.StatsReply], *, namespace: Optional[str] = N
     """Sum the replies' windows per (service, route); rates are each proxy's count over the span
     it covers, added up. `known_routes` ((ns, svc) -> profile route names) adds rows without
     traffic and orders routes as the profile does. `namespace` keeps only destinations there."""
-    from proxy.route_stats import histogram_quantile, merge_windows
+    from tulle.route_windows import histogram_quantile, merge_windows
 
     rows: dict[tuple[str, str, str], Row] = {}
     for (ns, svc), names in (known_routes or {}).items():

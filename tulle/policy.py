@@ -1,5 +1,9 @@
 """Inbound authorization: is this connection or request allowed, and by which rule? (pure)
 
+Shared by the proxy (which decides), the policy service (which compiles the default
+policies into authorizations) and `tulle policy --explain`; so it lives in tulle/, and
+nothing here knows about sockets.
+
 The policy service compiles each workload's policy (`tulle.schemas.WorkloadPolicy`):
 per port, the Server (or the default policy) that governs it and the list of
 `Authorization`s that let clients in. This module turns one such value into lookup
