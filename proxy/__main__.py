@@ -8,7 +8,13 @@ import sys
 for _name in ("aiohttp", "rich"):
     sys.modules.setdefault(_name, None)
 
-from proxy.app import main  # noqa: E402
+from tulle.errors import UserError  # noqa: E402
+
+try:
+    from proxy.app import main  # loads libnghttp2: a missing library is one line, not a traceback
+except UserError as e:
+    print(f"tulle proxy: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 if __name__ == "__main__":
     main()

@@ -103,9 +103,11 @@ class ProxyApp:
         discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile)
         self.shared = Shared(cfg, self.identity, discovery, metrics, self.ready_checks, self._on_profile)
         out_pools = Pools(client_context=self.shared.client_context, connect_timeout=cfg.connect_timeout_s,
-                          idle_timeout=cfg.pool_idle_timeout_s, mesh_idle_timeout=cfg.mesh_pool_idle_timeout_s)
+                          idle_timeout=cfg.pool_idle_timeout_s, mesh_idle_timeout=cfg.mesh_pool_idle_timeout_s,
+                          count_h2_error=lambda reason: metrics.http2_error("outbound", "dst", reason))
         in_pools = Pools(client_context=lambda: None, connect_timeout=cfg.connect_timeout_s,
-                         idle_timeout=cfg.pool_idle_timeout_s)
+                         idle_timeout=cfg.pool_idle_timeout_s,
+                         count_h2_error=lambda reason: metrics.http2_error("inbound", "dst", reason))
         self.pools = (out_pools, in_pools)
         self.outbound = Outbound(self.shared, out_pools)
         self.policy = self._policy if self._policy is not None else InboundPolicy(cfg.default_inbound_policy,

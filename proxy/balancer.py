@@ -3,7 +3,10 @@
 As in Linkerd: each endpoint keeps an exponentially weighted moving average of its
 response latency that jumps up at once on a slow response (the "peak") and decays
 towards faster ones with a time constant (10 s). Its cost is that estimate times its
-outstanding requests + 1; of two endpoints picked at random the cheaper one wins.
+outstanding requests + 1; of two endpoints picked at random the cheaper one wins. As
+tower's PeakEwma, the estimate also decays towards zero while an endpoint gets no
+response, so one that was slow (or never tried) is tried again after a while instead of
+being starved for good.
 HTTP balances per request, opaque TCP per connection (the caller decides when to call).
 
 The clock is passed in, so tests drive it by hand.
@@ -33,8 +36,12 @@ class EndpointState(Generic[T]):
         self.stamp = now
         self.handle = None  # free for the adapter: e.g. the endpoint's connection pool
 
-    def cost(self) -> float:
-        return self.ewma * (self.pending + 1)
+    def cost(self, now: float | None = None, decay: float = DECAY_S) -> float:
+        """Estimate (decayed towards zero since the last sample, at `now`) × (in flight + 1)."""
+        ewma = self.ewma
+        if now is not None and now > self.stamp:
+            ewma *= math.exp((self.stamp - now) / decay)
+        return ewma * (self.pending + 1)
 
     def observe(self, rtt: float, now: float, decay: float = DECAY_S) -> None:
         """Record one latency sample (seconds)."""
@@ -89,8 +96,12 @@ class Balancer(Generic[T]):
         j = int(self._rand() * (n - 1))
         if j >= i:
             j += 1
-        a, b = states[i], states[j]
-        return a if a.ewma * (a.pending + 1) <= b.ewma * (b.pending + 1) else b
+        return self._cheaper(states[i], states[j])
+
+    def _cheaper(self, a: EndpointState[T], b: EndpointState[T]) -> EndpointState[T]:
+        now = self._clock()
+        decay = self.decay
+        return a if a.cost(now, decay) <= b.cost(now, decay) else b
 
     def pick_other(self, avoid: EndpointState[T] | None) -> EndpointState[T] | None:
         """`pick`, but not `avoid` while another endpoint exists (a retry prefers another
@@ -108,8 +119,7 @@ class Balancer(Generic[T]):
         j = int(self._rand() * (n - 1))
         if j >= i:
             j += 1
-        a, b = others[i], others[j]
-        return a if a.ewma * (a.pending + 1) <= b.ewma * (b.pending + 1) else b
+        return self._cheaper(others[i], others[j])
 
     def start(self, st: EndpointState[T]) -> float:
         """A request (or connection) to `st` begins; returns its start time."""

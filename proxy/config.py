@@ -18,6 +18,7 @@ from tulle.schemas import DEFAULT_CLUSTER_NETWORKS, DEFAULT_POLICIES, identity_n
 # Linkerd's default opaque ports (server-speaks-first or TLS-first protocols).
 DEFAULT_OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
 PROXY_UID = 2102
+MESH_PROTOCOLS = ("h2", "http1")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class ProxyConfig:
     mesh_pool_idle_timeout_s: float = 60.0
     # A discovery watch nobody used for this long is stopped.
     discovery_idle_timeout_s: float = 60.0
+    # How HTTP/1 requests travel to a peer proxy: "h2" — every request on one multiplexed
+    # HTTP/2 connection per peer, the caller's protocol restored on the other side (Linkerd's
+    # transparent upgrade) — or "http1" (a pool of HTTP/1.1 connections per peer).
+    mesh_protocol: str = "h2"
     max_header_bytes: int = 65536
     max_headers: int = 100
     shutdown_grace_s: float = 120.0
@@ -140,6 +145,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         except ValueError:
             raise UserError(f"TULLE_PROXY_CLUSTER_NETWORKS: {n!r} is not a CIDR") from None
     opaque = get("OPAQUE_PORTS", None)
+    mesh_protocol = get("MESH_PROTOCOL", "h2").lower()
+    if mesh_protocol not in MESH_PROTOCOLS:
+        raise UserError(f"TULLE_PROXY_MESH_PROTOCOL: {mesh_protocol!r} is not one of {', '.join(MESH_PROTOCOLS)}")
     return ProxyConfig(
         namespace=ns,
         workload=workload,
@@ -166,6 +174,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         pool_idle_timeout_s=_seconds(get("POOL_IDLE_TIMEOUT", "3"), "TULLE_PROXY_POOL_IDLE_TIMEOUT"),
         mesh_pool_idle_timeout_s=_seconds(get("MESH_POOL_IDLE_TIMEOUT", "60"), "TULLE_PROXY_MESH_POOL_IDLE_TIMEOUT"),
         discovery_idle_timeout_s=_seconds(get("DISCOVERY_IDLE_TIMEOUT", "60"), "TULLE_PROXY_DISCOVERY_IDLE_TIMEOUT"),
+        mesh_protocol=mesh_protocol,
         max_header_bytes=int(get("MAX_HEADER_BYTES", "65536")),
         max_headers=int(get("MAX_HEADERS", "100")),
         shutdown_grace_s=_seconds(get("SHUTDOWN_GRACE_PERIOD", "120"), "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD"),

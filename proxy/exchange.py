@@ -67,8 +67,9 @@ class Downstream(Protocol):
     def send_error(self, x: "Exchange", status: int, reason: str) -> None:
         """The proxy's own answer (tulle-proxy-error; gRPC-shaped for a gRPC call)."""
 
-    def abort(self, x: "Exchange") -> None:
-        """The response failed after it started: end the caller's stream abnormally."""
+    def abort(self, x: "Exchange", code: int = 2) -> None:
+        """The response failed after it started: end the caller's stream abnormally (HTTP/2:
+        RST_STREAM with `code`, the upstream's own when it reset its stream)."""
 
     def pause_body(self, x: "Exchange") -> None: ...
 
@@ -127,7 +128,7 @@ class Exchange:
         # attempts
         "up", "attempts", "retries", "resends", "avoid", "ep", "last_ep", "balancer", "ep_started", "h1_head",
         # the response
-        "status", "responded", "classified", "resp_counter", "head_latency", "done",
+        "status", "responded", "classified", "resp_counter", "head_latency", "done", "resp_h2",
         "clock",
     )
 
@@ -186,6 +187,7 @@ class Exchange:
         self.resp_counter = None
         self.head_latency = 0.0
         self.done = False  # answered (or given up): nothing more goes to the caller
+        self.resp_h2 = False  # the response fields came from HTTP/2 (lowercase, valid as they are)
 
     # --- the room: route, endpoint, attempt ------------------------------------------------
 
@@ -420,7 +422,8 @@ class Exchange:
         self.down.send_end(self, trailers)
 
     def attempt_lost(self, up: Upstream, reason: Optional[str], *, started: bool = False, reused: bool = False,
-                     unprocessed: bool = False, interim: bool = False, error: str = "upstream_closed") -> None:
+                     unprocessed: bool = False, interim: bool = False, error: str = "upstream_closed",
+                     code: int = 2) -> None:
         """The attempt ended without a (whole) response. `started`: response bytes arrived;
         `reused`: on a keep-alive connection used before; `unprocessed`: the server says it
         never processed the request (HTTP/2 REFUSED_STREAM); `interim`: a 1xx reached the
@@ -433,7 +436,7 @@ class Exchange:
         if self.responded:
             # Part of the response went out already: all that can be done is end it abnormally.
             self.done = True
-            self.down.abort(self)
+            self.down.abort(self, code)
             return
         if ((reused and not started) or unprocessed) and self._may_resend(unprocessed):
             # A keep-alive connection the server had closed, or a request it refused unread:

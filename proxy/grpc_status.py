@@ -6,9 +6,9 @@ carries the status (the gRPC spec's "Trailers-Only" response). Linkerd maps its 
 refusals this way (403 → PERMISSION_DENIED 7, 502/503 → UNAVAILABLE 14, 504 →
 DEADLINE_EXCEEDED 4, 429 → RESOURCE_EXHAUSTED 8).
 
-HTTP/2 is not proxied yet (h2 is passed through opaque, so a denied gRPC connection is
-closed by the inbound policy); the HTTP/2 room sends `trailers_only(...)` as the headers
-of a HEADERS frame with END_STREAM when a request whose content-type `is_grpc` is refused.
+The HTTP/2 wire adapter (proxy/http2/server.py) sends `trailers_only(...)` as the
+headers of a HEADERS frame with END_STREAM whenever it answers a request whose
+content-type `is_grpc` with the proxy's own error (`code_for_http_status`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,25 @@ from __future__ import annotations
 from typing import Optional
 
 OK = 0
+UNKNOWN = 2
 DEADLINE_EXCEEDED = 4
 PERMISSION_DENIED = 7
 RESOURCE_EXHAUSTED = 8
+ABORTED = 10
+UNIMPLEMENTED = 12
+INTERNAL = 13
 UNAVAILABLE = 14
+UNAUTHENTICATED = 16
 
 # The gRPC code for each HTTP status the proxy refuses with (Linkerd's mapping).
 FOR_HTTP_STATUS = {403: PERMISSION_DENIED, 429: RESOURCE_EXHAUSTED, 502: UNAVAILABLE, 503: UNAVAILABLE,
-                   504: DEADLINE_EXCEEDED}
+                   504: DEADLINE_EXCEEDED, 500: INTERNAL, 508: ABORTED}
+# Other statuses as the gRPC spec maps an HTTP status that is not gRPC's (http-grpc-status-mapping).
+_SPEC = {400: INTERNAL, 401: UNAUTHENTICATED, 404: UNIMPLEMENTED, 431: INTERNAL}
+
+
+def code_for_http_status(status: int) -> int:
+    return FOR_HTTP_STATUS.get(status) or _SPEC.get(status, UNKNOWN)
 
 _PROXY_ERROR = b"tulle-proxy-error"
 

@@ -4,17 +4,21 @@ Three kinds arrive. A TLS ClientHello naming this proxy's identity (SNI) is a pe
 the proxy terminates mTLS, takes the client's identity from its verified certificate, and
 with ALPN `tulle/1` reads the transport header (target port, protocol) instead of
 detecting. A ClientHello naming anything else is the app's own TLS: passed through
-opaque. Plain connections come from outside the mesh: HTTP/1 is detected, anything else
-forwarded opaque. The target port is the transport header's, else the original
-destination's (iptables), else `app_default_port`.
+opaque. Plain connections come from outside the mesh: HTTP/1 and HTTP/2 (h2c prior
+knowledge) are detected, anything else forwarded opaque. The target port is the transport
+header's, else the original destination's (iptables), else `app_default_port`.
 
-HTTP requests lose any `tulle-client-id` they carry and get it set from the verified
-identity.
+HTTP requests — HTTP/1 or HTTP/2, from a peer or from outside — lose any `tulle-client-id`
+they carry (in every folded spelling) and get it set from the verified identity. Each
+request is an `Exchange` (proxy/exchange.py) sent to the app in its caller's protocol:
+HTTP/2 as h2c, HTTP/1 as HTTP/1 — also when the peer proxy carried it over HTTP/2 and named
+it in `tulle-orig-proto` (believed from verified peers only).
 
 Authorization (tulle/policy.py's `InboundPolicy`, kept current by proxy/policy_watch.py):
 - HTTP: `decide_request` for every request, so a policy change applies to the next
   request on a connection already open and probe paths pass on a port that admits no one
-  else; denied → 403 with `tulle-proxy-error` (the connection stays usable).
+  else; denied → 403 with `tulle-proxy-error` (gRPC: PERMISSION_DENIED, trailers-only);
+  the connection stays usable.
 - opaque TCP and passed-through TLS: `decide_connection` once, when the target port is
   known; denied → closed at once, before the app is dialled. When the policy changes,
   open opaque connections are judged again and those now denied are closed (Linkerd:
@@ -36,6 +40,9 @@ from proxy.context import Shared
 from proxy.exchange import Exchange
 from proxy.http1.headers import CLIENT_ID
 from proxy.http1.server import Http1Server, Limits
+from proxy.http2.fields import ORIG_PROTO
+from proxy.http2.server import H2Server
+from proxy.http2.session import H2Config
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.policy_metrics import DenialReporter, PolicyMetrics
@@ -50,7 +57,8 @@ from tulle.policy import Decision, InboundPolicy
 # from plain bytes; a peer sends its ClientHello at once, so a short wait is enough and
 # keeps server-speaks-first clients from outside the mesh from stalling long.
 OPAQUE_TLS_WAIT_S = 1.0
-STRIP = frozenset({CLIENT_ID})
+# Fields only a proxy sets: any copy from a client is removed, in every folded spelling.
+STRIP = frozenset({CLIENT_ID, ORIG_PROTO})
 # Server proxyProtocols whose bytes the proxy must not parse.
 UNPARSED_PROTOCOLS = frozenset({"opaque", "TLS"})
 # Server proxyProtocols that admit HTTP only (anything else on such a port is refused).
@@ -68,7 +76,7 @@ def forbidden_reason(decision: Decision) -> str:
 class InConn:
     """Facts about one accepted inbound connection, fixed once its target port is known."""
 
-    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "extra", "generation")
+    __slots__ = ("client_ip", "port", "client_id", "tls", "labels", "pool", "h2pool", "extra", "generation")
 
     def __init__(self, client_ip: str, port: int):
         self.client_ip = client_ip
@@ -76,7 +84,8 @@ class InConn:
         self.client_id: str | None = None
         self.tls = False
         self.labels: Labels | None = None
-        self.pool = None
+        self.pool = None  # HTTP/1.1 connections to the app's port
+        self.h2pool = None  # HTTP/2 (h2c) connections to it
         self.extra: list | None = None  # fields added to every request: the verified client identity
         self.generation = -1  # the policy generation an opaque connection was last allowed under
 
@@ -100,6 +109,7 @@ class Inbound(Side):
         self.opaque_conns: dict[Splice, InConn] = {}  # open opaque pairs, judged again on a policy change
         self.loop = asyncio.get_event_loop()
         self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
+        self.h2_config = H2Config()
         Side.__init__(self, cfg.inbound_addr, self._on_socket, "inbound")
         self.default_labels = self.metrics.labels("inbound", cfg.namespace)
         self._errors = self.metrics.http_errors["inbound"]
@@ -180,19 +190,25 @@ class Inbound(Side):
             conn.labels = self.metrics.labels("inbound", self.cfg.namespace, tls="opaque")
             self._opaque(sock, conn)
             return
-        if verdict is detect.Kind.HTTP1 and not opaque and declared not in H2_PROTOCOLS:
-            self._count("http/1")
-            conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
-            self._prepare_http(conn)
-            adopt(sock, lambda: Http1Server(self, self.limits, STRIP, conn))
-            return
-        if not opaque and (verdict is detect.Kind.H2 or declared in HTTP_PROTOCOLS):
-            # HTTP/2 from outside the mesh is not proxied yet, and passing it opaque would
-            # hand the app whatever tulle-client-id it carries; a port a Server declares
-            # HTTP takes nothing else.
-            self._refuse("h2_unsupported" if verdict is detect.Kind.H2 else "protocol_mismatch", conn)
-            sock.close()
-            return
+        if not opaque:
+            if verdict is detect.Kind.HTTP1 and declared not in H2_PROTOCOLS:
+                self._count("http/1")
+                conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
+                self._prepare_http(conn)
+                adopt(sock, lambda: Http1Server(self, self.limits, STRIP, conn))
+                return
+            if verdict is detect.Kind.H2 and declared != "HTTP/1":
+                # h2c from outside the mesh: parsed like HTTP/1, so the app gets no identity
+                # the proxy did not verify.
+                self._count("h2")
+                conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
+                self._prepare_http(conn)
+                adopt(sock, lambda: self.h2_server(conn))
+                return
+            if verdict in (detect.Kind.HTTP1, detect.Kind.H2) or declared in HTTP_PROTOCOLS:
+                self._refuse("protocol_mismatch", conn)  # a Server said this port speaks another HTTP
+                sock.close()
+                return
         self._count("timeout" if verdict is TIMEOUT and not opaque else "opaque")
         conn.labels = self.metrics.labels("inbound", self.cfg.namespace)
         self._opaque(sock, conn, guarded=not opaque)
@@ -205,11 +221,11 @@ class Inbound(Side):
         log.info("refused an inbound connection", error=error, port=conn.port, client_ip=conn.client_ip,
                  client_id=conn.client_id or "")
 
-    def _first_bytes_guard(self, conn: InConn, *, peer_h2_ok: bool):
+    def _first_bytes_guard(self, conn: InConn):
         """For a connection passed opaque on a port that is not declared opaque: judge the
-        client's first bytes before any reaches the app. HTTP/1 (sent too slowly to be
-        detected, or declared opaque by a peer) is taken back and served as HTTP, so the app
-        gets a tulle-client-id it can trust; HTTP/2 is refused unless a peer proxy sent it."""
+        client's first bytes before any reaches the app. HTTP — HTTP/1 sent too slowly to be
+        detected, or either HTTP version a peer declared opaque — is taken back and served as
+        HTTP, so the app gets a tulle-client-id it can trust."""
         declared = self.policy.protocol(conn.port)
 
         def guard(s: Splice, data: bytes):
@@ -223,12 +239,13 @@ class Inbound(Side):
                 # is exactly how a slow client would smuggle headers past the proxy.
                 return None
             if kind in (detect.Kind.HTTP1, detect.Kind.NEED_MORE) and declared not in H2_PROTOCOLS:
-                self.loop.call_soon(self._take_back_as_http, s, data, conn)
+                self.loop.call_soon(self._take_back_as_http, s, data, conn, False)
                 return False
-            if kind == detect.Kind.H2 and peer_h2_ok and declared in ("unknown", *H2_PROTOCOLS):
-                return True
-            if kind == detect.Kind.H2 or declared in HTTP_PROTOCOLS:
-                return self._refuse_later(s, "h2_unsupported" if kind == detect.Kind.H2 else "protocol_mismatch", conn)
+            if kind == detect.Kind.H2 and declared != "HTTP/1":
+                self.loop.call_soon(self._take_back_as_http, s, data, conn, True)
+                return False
+            if kind in (detect.Kind.HTTP1, detect.Kind.H2, detect.Kind.NEED_MORE) or declared in HTTP_PROTOCOLS:
+                return self._refuse_later(s, "protocol_mismatch", conn)
             return True
 
         return guard
@@ -238,16 +255,23 @@ class Inbound(Side):
         self.loop.call_soon(s.abort)
         return False
 
-    def _take_back_as_http(self, s: Splice, data: bytes, conn: InConn) -> None:
-        transport = s.release_client()
+    def _take_back_as_http(self, s: Splice, data: bytes, conn: InConn, h2: bool) -> None:
+        transport, tail = s.release_client()
         if transport is None or transport.is_closing():
             return
-        self._count("http/1")
+        data += tail
+        self._count("h2" if h2 else "http/1")
         self._prepare_http(conn)
-        server = Http1Server(self, self.limits, STRIP, conn)
+        server = self.h2_server(conn) if h2 else Http1Server(self, self.limits, STRIP, conn)
         transport.set_protocol(server)
         server.connection_made(transport)
         server.data_received(data)
+
+    def h2_server(self, conn: InConn, preface: bytes = b"") -> H2Server:
+        """HTTP/2 to the app's port: from a verified peer proxy its orig-proto field is believed
+        (the app behind it asked in HTTP/1); from anyone else it is removed."""
+        return H2Server(self, conn, self.h2_config, STRIP, trust_orig_proto=conn.client_id is not None,
+                        preface=preface, count_error=lambda reason: self.metrics.http2_error("inbound", "src", reason))
 
     def _handshake_failed(self, exc: BaseException) -> None:
         self.metrics.tcp_error("inbound", "tls_handshake")
@@ -299,9 +323,11 @@ class Inbound(Side):
 
     def _prepare_http(self, conn: InConn) -> None:
         if conn.port == 0:
-            conn.pool = None
+            conn.pool = conn.h2pool = None
         else:
-            conn.pool = self.pools.get(Dest(self.cfg.app_host, conn.port))
+            dest = Dest(self.cfg.app_host, conn.port)
+            conn.pool = self.pools.get(dest)
+            conn.h2pool = self.pools.h2(dest)
         if conn.client_id:
             conn.extra = [(CLIENT_ID, conn.client_id.encode())]
 
@@ -337,7 +363,7 @@ class Inbound(Side):
             except OSError:
                 up.close()
                 return
-            guard = self._first_bytes_guard(conn, peer_h2_ok=False) if guarded else None
+            guard = self._first_bytes_guard(conn) if guarded else None
             s = splice(client, up, conn.labels, server_pending=bytes(proto.data), guard=guard)
             if not self.track(s, conn):
                 return
@@ -361,7 +387,7 @@ class Inbound(Side):
             if transport.is_closing():
                 up.close()
                 return
-            guard = self._first_bytes_guard(conn, peer_h2_ok=conn.client_id is not None) if guarded else None
+            guard = self._first_bytes_guard(conn) if guarded else None
             s = splice(transport, up, conn.labels, server_pending=bytes(proto.data), guard=guard)
             if self.track(s, conn) and pending:
                 s.client.data_received(pending)
@@ -395,8 +421,11 @@ class Inbound(Side):
 
     @staticmethod
     def send(x: Exchange) -> None:
-        """To the app (again, when a stale keep-alive connection swallowed the request)."""
-        pool = x.conn.pool
+        """To the app (again, when a stale keep-alive connection swallowed the request), in the
+        protocol its caller used: HTTP/2 as HTTP/2, HTTP/1 — also when a peer proxy carried it
+        over HTTP/2 (orig-proto) — as HTTP/1."""
+        conn = x.conn
+        pool = conn.h2pool if x.version == 2 and x.orig_proto is None else conn.pool
         client = pool.take()
         if client is not None:  # the common keep-alive case: no closures, no waiting
             x.attach(client)
@@ -474,25 +503,24 @@ class _TlsPreamble(asyncio.Protocol):
             conn.port = port
             rest = self.buf[tph.SIZE:]
             http = protocol == tph.HTTP1
+            h2 = protocol == tph.HTTP2
         else:
             kind = detect.classify(self.buf)
             if kind == detect.Kind.NEED_MORE and len(self.buf) < detect.MAX_REQUEST_LINE:
                 return
             rest = self.buf
             http = kind == detect.Kind.HTTP1
-            if kind == detect.Kind.H2:
-                room._refuse("h2_unsupported", conn)
-                self.transport.abort()
-                return
+            h2 = kind == detect.Kind.H2
         self.buf = b""
-        opaque = conn.port in room.cfg.opaque_ports or room.policy.protocol(conn.port) in UNPARSED_PROTOCOLS
-        if http and room.policy.protocol(conn.port) in H2_PROTOCOLS:
+        declared = room.policy.protocol(conn.port)
+        opaque = conn.port in room.cfg.opaque_ports or declared in UNPARSED_PROTOCOLS
+        if (http and declared in H2_PROTOCOLS) or (h2 and declared == "HTTP/1"):
             room._refuse("protocol_mismatch", conn)
             self.transport.abort()
             return
-        if http:
+        if http or h2:
             room._prepare_http(conn)
-            server = Http1Server(room, room.limits, STRIP, conn)
+            server = room.h2_server(conn) if h2 else Http1Server(room, room.limits, STRIP, conn)
             self.transport.set_protocol(server)
             server.connection_made(self.transport)
             if rest:

@@ -36,6 +36,9 @@ class ProxyMetrics:
             "inbound": r.counter("inbound_tcp_errors_total", "Connections the inbound proxy refused or failed", ("error",)),
             "outbound": r.counter("outbound_tcp_errors_total", "Connections the outbound proxy refused or failed", ("error",)),
         }
+        self.http2_errors = r.counter(
+            "http2_errors_total", "What HTTP/2 peers did that the proxy refused (RFC 9113 errors it answered, "
+            "floods, oversized header sections), by reason", ("direction", "peer", "reason"))
         self.detect_total = r.counter("protocol_detect_total", "Accepted connections by detected protocol",
                                       ("direction", "protocol"))
         self._labels: dict[tuple[str, ...], Labels] = {}
@@ -50,6 +53,11 @@ class ProxyMetrics:
 
     def http_error(self, direction: str, error: str) -> None:
         self.http_errors[direction].labels(error).inc()
+
+    def http2_error(self, direction: str, peer: str, reason: str) -> None:
+        """`peer`: "src" (the client of this connection) or "dst" (the server upstream);
+        `reason`: one of proxy.http2.events.REASONS (bounded)."""
+        self.http2_errors.labels(direction, peer, reason).inc()
 
     def tcp_error(self, direction: str, error: str) -> None:
         self.tcp_errors[direction].labels(error).inc()

@@ -34,6 +34,9 @@ from proxy.discovery import Watched
 from proxy.exchange import Exchange
 from proxy.http1.headers import HeadError
 from proxy.http1.server import Http1Server, Limits
+from proxy.http2.fields import ORIG_PROTO
+from proxy.http2.server import H2Server
+from proxy.http2.session import H2Config
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.pools import Pools
@@ -63,21 +66,24 @@ class OutConn:
 
 
 class EndpointHandle:
-    """What the room keeps per balanced endpoint: where to dial, its pool, its metric labels."""
+    """What the room keeps per balanced endpoint: where to dial, its pools, its metric labels."""
 
-    __slots__ = ("dest", "pool", "labels")
+    __slots__ = ("dest", "pool", "labels", "h2_dest", "h2", "meshed")
 
-    def __init__(self, dest: Dest, pool, labels: Labels):
+    def __init__(self, dest: Dest, pool, labels: Labels, h2_dest: Dest, meshed: bool):
         self.dest = dest
-        self.pool = pool
+        self.pool = pool  # HTTP/1.1 connections
         self.labels = labels
+        self.h2_dest = h2_dest
+        self.h2 = None  # HTTP/2 connections (made on first use)
+        self.meshed = meshed
 
 
 class Target:
     """A logical destination: an authority (and original destination), resolved via discovery."""
 
-    __slots__ = ("name", "port", "watches", "fallback", "fallback_pool", "fallback_labels", "generation",
-                 "profile", "authority", "routes")
+    __slots__ = ("name", "port", "watches", "fallback", "fallback_pool", "fallback_h2", "fallback_labels",
+                 "generation", "profile", "authority", "routes")
 
     def __init__(self, authority: bytes, name: tuple[str, str] | None, port: int, watches: list[Watched],
                  fallback: Dest | None, generation: int):
@@ -87,6 +93,7 @@ class Target:
         self.watches = watches  # tried in order: by name, then by IP
         self.fallback = fallback  # where to go when no watch knows a service
         self.fallback_pool = None
+        self.fallback_h2 = None
         self.fallback_labels: Labels | None = None
         self.generation = generation
         self.profile: Watched | None = None  # the service's profile watch (mesh names only)
@@ -137,12 +144,15 @@ class Outbound(Side):
         self.pools = pools
         self.loop = asyncio.get_event_loop()
         self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
+        self.h2_config = H2Config()
         Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound")
         self.default_labels = self.metrics.labels("outbound")
         self._targets: dict[tuple, Target] = {}
         self._errors = self.metrics.http_errors["outbound"]
-        # The attempt header is the proxy's to set: an app's own copy never reaches a server.
-        self._strip = frozenset({RETRY_ATTEMPT_HEADER.encode()})
+        # The attempt header and the caller's-protocol field are the proxy's to set: an app's
+        # own copy never reaches a server.
+        self._strip = frozenset({RETRY_ATTEMPT_HEADER.encode(), ORIG_PROTO})
+        self.mesh_h2 = cfg.mesh_protocol == "h2"
         self.route_stats = RouteStats(metrics=RouteMetrics(self.metrics.registry))
         self._services: dict[str, ServiceRoutes] = {}
         # Requests in flight per balanced service, read when /metrics is rendered: every
@@ -174,8 +184,12 @@ class Outbound(Side):
             self._count_detect("http/1")
             adopt(sock, lambda: Http1Server(self, self.limits, self._strip, conn))
             return
+        if verdict is detect.Kind.H2:  # prior-knowledge h2c (gRPC, ...): parsed, routed per request
+            self._count_detect("h2")
+            adopt(sock, lambda: self.h2_server(conn))
+            return
         self._count_detect("timeout" if verdict is TIMEOUT else "opaque" if verdict is detect.Kind.OPAQUE
-                           else "tls" if verdict is detect.Kind.TLS else "h2")
+                           else "tls")
         if verdict is TIMEOUT:
             log.info("protocol detection timed out; forwarding as opaque TCP", after_s=self.cfg.detect_timeout_s)
         if conn.orig is None:
@@ -184,6 +198,10 @@ class Outbound(Side):
             sock.close()
             return
         asyncio.ensure_future(self._tcp(sock, conn))
+
+    def h2_server(self, conn: OutConn, preface: bytes = b"") -> H2Server:
+        return H2Server(self, conn, self.h2_config, self._strip, preface=preface,
+                        count_error=lambda reason: self.metrics.http2_error("outbound", "src", reason))
 
     def _count_detect(self, protocol: str) -> None:
         self.metrics.detect_total.labels("outbound", protocol).inc()
@@ -300,6 +318,11 @@ class Outbound(Side):
             t.fallback_pool = self.pools.get(t.fallback)
             t.fallback_labels = self.metrics.labels("outbound", tls="no_identity")
         x.count_request(t.fallback_labels)
+        if x.version == 2:  # the app spoke HTTP/2 to a server outside the mesh: h2c on
+            if t.fallback_h2 is None:
+                t.fallback_h2 = self.pools.h2(t.fallback)
+            self._send(x, t.fallback_h2)
+            return
         self._send(x, t.fallback_pool)
 
     def _to_endpoint(self, x: Exchange, w: Watched, es: schemas.EndpointSet) -> None:
@@ -310,21 +333,31 @@ class Outbound(Side):
             return
         h = st.handle
         if h is None:
-            h = st.handle = self._handle(st.endpoint, es, tph.HTTP1)
+            h = st.handle = self._handle(st.endpoint, es)
         x.count_request(h.labels)
+        if x.version == 2 or (self.mesh_h2 and h.meshed and x.upgrade is None):
+            # HTTP/2 goes on as HTTP/2; to a peer proxy, HTTP/1 too (upgrades excepted): one
+            # multiplexed connection, the peer restores HTTP/1 for its app.
+            pool = h.h2
+            if pool is None:
+                pool = h.h2 = self.pools.h2(h.h2_dest)
+            self._send(x, pool)
+            return
         self._send(x, h.pool)
 
-    def _handle(self, ep: schemas.Endpoint, es: schemas.EndpointSet, protocol: int) -> EndpointHandle:
+    def _handle(self, ep: schemas.Endpoint, es: schemas.EndpointSet) -> EndpointHandle:
         gauge = self._pending_gauge.labels(es.namespace, es.service)
         if gauge.fn is None:
             gauge.set_function(lambda: self.balancer_pending(es.namespace, es.service))
         if ep.identity:
-            dest = Dest(ep.address, ep.proxy_port or ep.port, ep.identity, ep.port, protocol)
+            port = ep.proxy_port or ep.port
+            dest = Dest(ep.address, port, ep.identity, ep.port, tph.HTTP1)
+            h2_dest = Dest(ep.address, port, ep.identity, ep.port, tph.HTTP2)
             labels = self.metrics.labels("outbound", es.namespace, es.service, "true", server_id=ep.identity)
         else:
-            dest = Dest(ep.address, ep.port)
+            dest = h2_dest = Dest(ep.address, ep.port)
             labels = self.metrics.labels("outbound", es.namespace, es.service, "no_identity")
-        return EndpointHandle(dest, self.pools.get(dest), labels)
+        return EndpointHandle(dest, self.pools.get(dest), labels, h2_dest, bool(ep.identity))
 
     def balancer_pending(self, namespace: str, service: str) -> int:
         """Requests in flight to the endpoints of (namespace, service), over all its ports."""

@@ -2,8 +2,11 @@
 
 HTTP/1 (`Pool`): keep-alive connections, one exchange at a time each; idle ones expire
 (Linkerd's HTTP/1 pool keeps them 3 s; connections to peer proxies, which cost a TLS
-handshake to replace, longer). `Pools` holds every pool of one proxy direction and the
-sweeper that expires idle connections.
+handshake to replace, longer). HTTP/2 (`H2Pool`): one multiplexed connection per `Dest`,
+each exchange a stream on it; another connection is opened only when every one is at the
+server's concurrent-stream limit (up to MAX_CONNECTIONS), beyond which nghttp2 queues
+streams until one closes. `Pools` holds every pool of one proxy direction and the sweeper
+that expires idle connections of both kinds.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections import deque
 from typing import Callable
 
 from proxy.http1.client import Http1Client
+from proxy.http2.client import H2Client, OutStream
+from proxy.http2.session import DEFAULT_CONFIG, H2Config
 from proxy.upstream import DialError, Dest, dial
 from tulle.log import get_logger
 
@@ -114,12 +119,110 @@ class Pool:
             asyncio.ensure_future(self._connect())
 
 
+class H2Pool:
+    """HTTP/2 connections to one Dest, shared: `take()` / `acquire()` hand out a stream."""
+
+    __slots__ = ("dest", "pools", "conns", "connecting", "waiters", "swept")
+
+    MAX_CONNECTIONS = 4
+
+    def __init__(self, dest: Dest, pools: "Pools"):
+        self.dest = dest
+        self.pools = pools
+        self.conns: list[H2Client] = []
+        self.connecting = 0
+        self.waiters: deque[tuple[Callable[[OutStream], None], Callable[[DialError], None]]] = deque()
+        self.swept = False
+
+    @property
+    def busy(self) -> int:
+        return self.connecting
+
+    def take(self) -> OutStream | None:
+        """A stream on a connection that has room; on a full one when no more connections may
+        be opened (nghttp2 queues it); None when there is no connection yet."""
+        queued_on = None
+        for c in self.conns:
+            if c.accepts:
+                if not c.full:
+                    return c.stream()
+                queued_on = queued_on or c
+        if queued_on is not None:
+            if not self.connecting and len(self.conns) < self.MAX_CONNECTIONS:
+                self._dial()  # for the next ones
+            return queued_on.stream()
+        return None
+
+    def acquire(self, on_ready: Callable[[OutStream], None], on_error: Callable[[DialError], None]) -> None:
+        s = self.take()
+        if s is not None:
+            on_ready(s)
+            return
+        self.waiters.append((on_ready, on_error))
+        if not self.connecting:
+            self._dial()
+
+    def _dial(self) -> None:
+        self.connecting += 1
+        asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        pools = self.pools
+        dest = self.dest
+        name = f"{dest.host}:{dest.port}"
+        try:
+            try:
+                _, conn = await dial(dest, lambda: H2Client(self, pools.h2_config, name, pools.count_h2_error),
+                                     pools.client_context, pools.connect_timeout)
+            except DialError as e:
+                error = e
+            except Exception as e:  # never leave a request hanging
+                log.exception("connect failed unexpectedly", dest=repr(dest))
+                error = DialError(f"connect failed: {type(e).__name__}", "connect")
+            else:
+                error = None
+        finally:
+            self.connecting -= 1
+        waiters, self.waiters = self.waiters, deque()
+        if error is not None:
+            for _, on_error in waiters:
+                on_error(error)  # one connection would have served them all: all fail alike
+            return
+        conn.ready = True  # dial() wrote the transport header: the preface may follow
+        self.conns.append(conn)
+        if self.swept:
+            pools.adopt(self)
+        for on_ready, _ in waiters:
+            on_ready(conn.stream())
+        conn.flush()
+
+    def lost(self, conn: H2Client) -> None:
+        """A connection takes no new streams (GOAWAY, closed): forget it."""
+        try:
+            self.conns.remove(conn)
+        except ValueError:
+            pass
+
+    def expire(self, limit: float) -> None:
+        for c in list(self.conns):
+            if not c.streams and c.idle_since < limit:
+                c.close()
+
+    def close(self) -> None:
+        for c in list(self.conns):
+            c.close()
+
+
 class Pools:
     """Every upstream pool of one proxy direction, and the sweeper that expires idle connections."""
 
     def __init__(self, *, client_context: Callable[[], object], connect_timeout: float, idle_timeout: float = 3.0,
-                 mesh_idle_timeout: float | None = None, max_idle: int = 256):
+                 mesh_idle_timeout: float | None = None, max_idle: int = 256, h2_config: H2Config = DEFAULT_CONFIG,
+                 count_h2_error: Callable[[str], None] | None = None):
         self.client_context = client_context
+        self.h2_config = h2_config
+        # What an HTTP/2 server upstream did that the codec refused, by reason (a metric).
+        self.count_h2_error = count_h2_error or (lambda reason: None)
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         # mTLS connections to peer proxies (Dest with an identity) may stay idle longer.
@@ -127,6 +230,7 @@ class Pools:
         self.max_idle = max_idle
         self.closing = False
         self._pools: dict[tuple, Pool] = {}
+        self._h2: dict[tuple, H2Pool] = {}
         self._sweeper: asyncio.Task | None = None
         self.now = asyncio.get_event_loop().time
 
@@ -138,9 +242,25 @@ class Pools:
                 self._sweeper = asyncio.ensure_future(self._sweep())
         return pool
 
-    def adopt(self, pool: Pool) -> None:
-        """A swept pool got an idle connection again: track it so it expires."""
+    def h2(self, dest: Dest) -> H2Pool:
+        """The HTTP/2 pool of `dest` (h2c to a plain endpoint, or HTTP/2 inside mTLS to a peer)."""
+        pool = self._h2.get(dest.key)
+        if pool is None:
+            pool = self._h2[dest.key] = H2Pool(dest, self)
+            if self._sweeper is None:
+                self._sweeper = asyncio.ensure_future(self._sweep())
+        return pool
+
+    def adopt(self, pool) -> None:
+        """A swept pool got a connection again: track it so it expires."""
         pool.swept = False
+        if isinstance(pool, H2Pool):
+            current = self._h2.setdefault(pool.dest.key, pool)
+            if current is not pool:
+                current.conns.extend(pool.conns)
+                pool.conns.clear()
+                pool.swept = True
+            return
         current = self._pools.setdefault(pool.dest.key, pool)
         if current is not pool:  # a newer pool took the key: move the connections there
             current.idle.extend(pool.idle)
@@ -166,6 +286,11 @@ class Pools:
                 if not idle and not pool.busy and not pool.waiters:
                     pool.swept = True
                     del self._pools[key]
+            for key, h2 in list(self._h2.items()):
+                h2.expire(mesh_limit if h2.dest.identity else plain_limit)
+                if not h2.conns and not h2.connecting and not h2.waiters:
+                    h2.swept = True
+                    del self._h2[key]
 
     def close(self) -> None:
         self.closing = True
@@ -176,3 +301,5 @@ class Pools:
                 c.closed = True
                 c.transport.close()
             pool.idle.clear()
+        for h2 in self._h2.values():
+            h2.close()

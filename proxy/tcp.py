@@ -32,10 +32,21 @@ class _End(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.read += len(data)
-        if self.pair.guard is not None and self is self.pair.client:
-            data = self.pair._guarded(data)
+        pair = self.pair
+        if self is pair.client and (pair.guard is not None or pair.diverted):
+            if pair.diverted:  # the guard took the connection over: keep what follows for it
+                pair._held += data
+                return
+            data = pair._guarded(data)
             if not data:
                 return
+        elif pair.diverted:
+            return  # the client's connection is being taken over: the server's bytes are not for it
+        elif self is pair.server and pair.guard is not None and (pair._server_held or _h2_settings(data)):
+            # An HTTP/2 server's first frame, before the guard judged the client: held, so
+            # that a connection taken over as HTTP/2 never saw the app's own SETTINGS.
+            pair._server_held += data
+            return
         peer = self.peer
         if not peer.closed:
             peer.transport.write(data)
@@ -79,7 +90,7 @@ class _End(asyncio.Protocol):
 class Splice:
     """A pair of joined transports; `client` is the side that connected to the proxy."""
 
-    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held")
+    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held", "diverted", "_server_held")
 
     def __init__(self, labels: Labels | None, on_close: Callable[["Splice"], None] | None = None,
                  guard: Callable[["Splice", bytes], Optional[bool]] | None = None):
@@ -95,6 +106,8 @@ class Splice:
         # over (refused it, or handed it elsewhere with `release_client`).
         self.guard = guard
         self._held = b""
+        self.diverted = False  # the guard said False: client bytes are held for whoever takes over
+        self._server_held = b""
 
     def _guarded(self, data: bytes) -> bytes:
         held = self._held + data
@@ -104,18 +117,26 @@ class Splice:
             return b""
         self.guard = None
         self._held = b""
-        return held if verdict else b""
+        server_held, self._server_held = self._server_held, b""
+        if verdict:
+            if server_held and not self.client.closed:
+                self.client.transport.write(server_held)
+            return held
+        self.diverted = True
+        return b""
 
-    def release_client(self) -> asyncio.Transport:
-        """Stop splicing and give the client's transport back (the server side is aborted
-        before anything reached it)."""
+    def release_client(self) -> tuple[asyncio.Transport, bytes]:
+        """Stop splicing and give the client's transport back, with the bytes it sent since
+        the guard's verdict (the server side is aborted before anything reached it)."""
         transport = self.client.transport
         self.client.closed = True  # so the server side's closing leaves it alone
         self.guard = None
+        tail, self._held = self._held, b""
+        self.diverted = False
         self._end_closed()
         if not self.server.closed and self.server.transport is not None:
             self.server.transport.abort()
-        return transport
+        return transport, tail
 
     def attach(self, client_transport: asyncio.Transport, server_transport: asyncio.Transport,
                client_pending: bytes = b"", server_pending: bytes = b"") -> None:
@@ -155,6 +176,11 @@ class Splice:
                 self.labels.tcp_closed(self.client.read, self.server.read)
             if self.on_close is not None:
                 self.on_close(self)
+
+
+def _h2_settings(data: bytes) -> bool:
+    """Does `data` start like an HTTP/2 server's first frame (SETTINGS on stream 0)?"""
+    return len(data) >= 9 and data[3] == 0x04 and data[4] == 0 and data[5:9] == b"\0\0\0\0"
 
 
 def splice(client: asyncio.Transport, server: asyncio.Transport, labels: Labels | None = None, *,

@@ -56,7 +56,7 @@ class Down:
     def send_error(self, x, status, reason):
         self.calls.append(("error", status, reason))
 
-    def abort(self, x):
+    def abort(self, x, code=2):
         self.calls.append(("abort",))
 
     def pause_body(self, x):

@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import wait_until
+from tests.h2_peers import SPOOFED_ID, H2App, H2Client, client_id_fields
 from tests.proxy_support import Mesh, Proxy, RawServer, proxy_config, unique_ns
 from tulle import pki
 
@@ -66,23 +67,24 @@ def test_the_apps_own_tls_passes_through_the_inbound_proxy_untouched(lt, mesh, n
         raw.close()
 
 
-def test_http2_prior_knowledge_from_outside_the_mesh_is_refused_not_passed_opaque(lt, mesh, nats_server):
-    """Passed opaque, an h2c request would reach the app with whatever tulle-client-id it carries."""
-    raw = RawServer(echo)
-    p = inbound_proxy(lt, mesh, nats_server.url, raw.port)
+def test_http2_prior_knowledge_from_outside_the_mesh_is_parsed_so_a_spoofed_client_id_never_reaches_the_app(
+        lt, mesh, nats_server):
+    """Passed opaque, an h2c request would reach the app with whatever tulle-client-id it
+    carries: the inbound proxy parses it, strips every folded spelling and sets none."""
+    app = H2App()
+    p = inbound_proxy(lt, mesh, nats_server.url, app.port)
+    client = H2Client(p.inbound)
     try:
-        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-        with socket.create_connection(("127.0.0.1", p.inbound), timeout=10) as s:
-            s.sendall(preface)
-            try:
-                assert s.recv(65536) == b""  # closed, nothing forwarded
-            except ConnectionResetError:
-                pass  # closed with the preface unread: a reset, as refused as can be
-        assert p.metric("inbound_tcp_errors_total", error="h2_unsupported") == 1
-        assert raw.accepted == 0
+        resp = client.request(b"/books/1", extra=SPOOFED_ID)
+        assert resp.status == 200 and resp.body == b"h2app"
+        (seen,) = app.seen
+        assert client_id_fields(seen) == []
+        assert dict(seen.headers)[b":path"] == b"/books/1"
+        assert p.metric("protocol_detect_total", direction="inbound", protocol="h2") == 1
     finally:
+        client.close()
         p.stop()
-        raw.close()
+        app.close()
 
 
 def test_http2_prior_knowledge_passes_on_a_port_declared_opaque(lt, mesh, nats_server):

@@ -21,6 +21,7 @@ import pytest
 from proxy import transport as tph
 from tulle.policy import InboundPolicy, default_port_policy
 from tests.conftest import wait_until
+from tests.h2_peers import SPOOFED_ID, H2App, H2Client, client_id_fields
 from tests.proxy_support import (
     AppServer, Mesh, Proxy, RawServer, http_request, proxy_config, raw_exchange, read_response, unique_ns,
     workload_policy,
@@ -283,32 +284,25 @@ def kv(lt, nats_server):
     k.close()
 
 
-def test_http2_from_a_peer_passes_even_when_the_app_sends_its_settings_first(lt, mesh, nats_server):
-    """HTTP/2 servers speak first (their SETTINGS frame): that must not make a peer's h2
-    connection look like a server-first protocol on a port a Server declares gRPC."""
-    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-    def h2ish(conn):
-        conn.sendall(settings)
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
-    raw = RawServer(h2ish)
+def test_http2_a_peer_declares_opaque_is_served_as_http2_with_the_peers_verified_identity(lt, mesh, nats_server):
+    """A peer may declare its stream opaque; on a port a Server declares gRPC its HTTP/2 is
+    still parsed (the app, an HTTP/2 server, even speaks first), so the app gets the peer's
+    verified identity and never the one the request claims."""
+    app = H2App()
     ns = unique_ns()
-    p = Proxy(lt, proxy_config(nats_server.url, ns, "web-1", "web", app_default_port=raw.port),
-              mesh.identity("web", ns), policy=declared(ns, raw.port, "gRPC"))
+    p = Proxy(lt, proxy_config(nats_server.url, ns, "web-1", "web", app_default_port=app.port),
+              mesh.identity("web", ns), policy=declared(ns, app.port, "gRPC"))
+    client = H2Client(p.inbound, tls=mesh.identity("client", ns).client_context, server_hostname=p.cfg.identity,
+                      first=tph.encode(app.port, tph.OPAQUE))
     try:
-        with peer_tls(mesh, p, certificate=True) as s:
-            s.sendall(tph.encode(raw.port, tph.OPAQUE))
-            assert s.recv(100) == settings  # the app has spoken first
-            preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            s.sendall(preface[:10])
-            s.sendall(preface[10:] + settings)
-            got = b""
-            while len(got) < len(preface) + len(settings):
-                got += s.recv(65536)
-        assert got == preface + settings
+        resp = client.request(b"/demo.Books/GetBook", method=b"POST", body=b"\0\0\0\0\0",
+                              extra=[(b"content-type", b"application/grpc"), (b"te", b"trailers"), *SPOOFED_ID])
+        assert resp.status == 200 and resp.trailers == [(b"grpc-status", b"0")]
+        (seen,) = app.seen
+        assert client_id_fields(seen) == [schemas.identity_name("client", ns).encode()]
         assert p.metric("inbound_tcp_errors_total", error="protocol_mismatch") == 0
+        assert p.metric("protocol_detect_total", direction="inbound", protocol="h2") == 1
     finally:
+        client.close()
         p.stop()
-        raw.close()
+        app.close()

@@ -116,7 +116,7 @@ class Request:
     def send_error(self, x: Exchange, status: int, reason: str) -> None:
         self.server.send_error(self, status, reason)
 
-    def abort(self, x: Exchange) -> None:
+    def abort(self, x: Exchange, code: int = 0) -> None:
         self.server.abort(self)
 
     def pause_body(self, x: Exchange) -> None:
