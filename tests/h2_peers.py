@@ -94,9 +94,16 @@ class H2App:
         with self.lock:
             self.seen.append(seen)
         headers, body, trailers = self.answer(seen)
+        try:
+            self._send(conn, stream_id, headers, body, trailers)
+        except h2.exceptions.StreamClosedError:
+            pass  # the proxy reset it meanwhile (its caller went away)
+
+    @staticmethod
+    def _send(conn, stream_id: int, headers, body: bytes, trailers) -> None:
         conn.send_headers(stream_id, headers, end_stream=not body and not trailers)
-        if body:
-            conn.send_data(stream_id, body, end_stream=not trailers)
+        if body:  # bodies of tests stay within the proxy's 64 KiB stream window
+            send_body(conn, stream_id, body, end_stream=not trailers)
         if trailers:
             conn.send_headers(stream_id, trailers, end_stream=True)
 
@@ -145,7 +152,7 @@ class H2Client:
                    *extra]
         self.conn.send_headers(sid, headers, end_stream=not body and not trailers)
         if body:
-            self.conn.send_data(sid, body, end_stream=not trailers)
+            send_body(self.conn, sid, body, end_stream=not trailers)
         if trailers:
             self.conn.send_headers(sid, list(trailers), end_stream=True)
         self.flush()
@@ -192,6 +199,12 @@ class H2Client:
             pass
 
 
+def send_body(conn, sid: int, body: bytes, end_stream: bool = False) -> None:
+    """DATA frames of at most 16 KiB (the default SETTINGS_MAX_FRAME_SIZE)."""
+    for i in range(0, len(body), 16384):
+        conn.send_data(sid, body[i:i + 16384], end_stream=end_stream and i + 16384 >= len(body))
+
+
 SPOOFED_ID = [(b"tulle-client-id", b"admin.kube-system.serviceaccount.identity.tulle.cluster.local"),
               (b"tulle_client_id", b"admin"), (b"tulle.client.id", b"admin")]
 
@@ -199,3 +212,173 @@ SPOOFED_ID = [(b"tulle-client-id", b"admin.kube-system.serviceaccount.identity.t
 def client_id_fields(seen: H2Seen) -> list[bytes]:
     """Every value of any spelling an app server folds into tulle-client-id."""
     return [v for k, v in seen.headers if k.replace(b"_", b"-").replace(b".", b"-") == b"tulle-client-id"]
+
+
+class RawH2:
+    """An attacker's HTTP/2 client on a real socket: the h2 library does the handshake and
+    HPACK, frames are also crafted by hand (hyperframe); what comes back is read as frames."""
+
+    def __init__(self, port: int, *, ack_settings: bool = True, rcvbuf: int | None = None, timeout: float = 10.0):
+        import hpack
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # an attacker that reads nothing lets the proxy's answers pile up
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        self.sock = sock
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.decoder = hpack.Decoder()
+        self.buf = b""
+        self.frames: list = []
+        self.closed = False
+        self.send(self.conn.data_to_send())
+        if ack_settings:
+            from hyperframe.frame import SettingsFrame
+
+            self.until(lambda f: isinstance(f, SettingsFrame) and "ACK" not in f.flags)
+            ack = SettingsFrame(0)
+            ack.flags.add("ACK")
+            self.send(ack.serialize())
+
+    def send(self, data: bytes) -> bool:
+        """False once the proxy has closed the connection."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def headers_frame(self, stream_id: int, headers: Headers, end_stream: bool = True, end_headers: bool = True,
+                      block: bytes | None = None) -> bytes:
+        from hyperframe.frame import HeadersFrame
+
+        f = HeadersFrame(stream_id)
+        f.data = self.conn.encoder.encode(headers) if block is None else block
+        if end_headers:
+            f.flags.add("END_HEADERS")
+        if end_stream:
+            f.flags.add("END_STREAM")
+        return f.serialize()
+
+    @staticmethod
+    def data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
+        from hyperframe.frame import DataFrame
+
+        f = DataFrame(stream_id)
+        f.data = data
+        if end_stream:
+            f.flags.add("END_STREAM")
+        return f.serialize()
+
+    @staticmethod
+    def continuation_frame(stream_id: int, block: bytes, end_headers: bool = False) -> bytes:
+        from hyperframe.frame import ContinuationFrame
+
+        f = ContinuationFrame(stream_id)
+        f.data = block
+        if end_headers:
+            f.flags.add("END_HEADERS")
+        return f.serialize()
+
+    @staticmethod
+    def rst_frame(stream_id: int, code: int = 0x8) -> bytes:
+        from hyperframe.frame import RstStreamFrame
+
+        f = RstStreamFrame(stream_id)
+        f.error_code = code
+        return f.serialize()
+
+    def _read(self) -> bool:
+        from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
+
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            return False  # still open, silent
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+            return False
+        self.buf += data
+        while len(self.buf) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(self.buf[:9]))
+            if len(self.buf) < 9 + length:
+                break
+            frame.parse_body(memoryview(self.buf[9:9 + length]))
+            self.buf = self.buf[9 + length:]
+            if isinstance(frame, (HeadersFrame, ContinuationFrame)):
+                frame.headers = self.decoder.decode(frame.data, raw=True)  # keeps the HPACK table in step
+            self.frames.append(frame)
+        return True
+
+    def until(self, pred, *, fail: bool = True):
+        """The first frame (already read or arriving) for which pred is true."""
+        i = 0
+        while True:
+            while i < len(self.frames):
+                if pred(self.frames[i]):
+                    return self.frames[i]
+                i += 1
+            if not self._read():
+                if fail:
+                    raise AssertionError(f"connection closed before the frame; got {self.frames[-5:]}")
+                return None
+
+    def goaway(self):
+        """The GOAWAY the proxy sent before closing (read to the end of the connection)."""
+        from hyperframe.frame import GoAwayFrame
+
+        return self.until(lambda f: isinstance(f, GoAwayFrame))
+
+    def reset(self, stream_id: int):
+        from hyperframe.frame import RstStreamFrame
+
+        return self.until(lambda f: isinstance(f, RstStreamFrame) and f.stream_id == stream_id)
+
+    def status(self, stream_id: int) -> int:
+        from hyperframe.frame import HeadersFrame
+
+        f = self.until(lambda f: isinstance(f, HeadersFrame) and f.stream_id == stream_id)
+        return int(dict(f.headers)[b":status"])
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class InFlight:
+    """A well-behaved HTTP/2 connection with a request in flight (half its body sent) while an
+    attack runs on another connection; `finish()` sends the rest and checks the whole answer."""
+
+    def __init__(self, port: int, authority: bytes):
+        self.client = H2Client(port)
+        self.authority = authority
+        c = self.client.conn
+        self.sid = c.get_next_available_stream_id()
+        c.send_headers(self.sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", authority),
+                                  (b":path", b"/echo")], end_stream=False)
+        send_body(c, self.sid, b"a" * 30000)
+        self.client.flush()
+
+    def finish(self) -> None:
+        c = self.client.conn
+        send_body(c, self.sid, b"b" * 30000, end_stream=True)
+        self.client.flush()
+        resp = self.client.response(self.sid)
+        assert resp.status == 200 and resp.body == b"a" * 30000 + b"b" * 30000
+        again = self.client.request(b"/after", method=b"GET", authority=self.authority)  # and it goes on
+        assert again.status == 200, again
+        self.client.close()
+
+
+def echo_answer(name: str = "h2app"):
+    """H2App answers: POST /echo returns the body; anything else the app's name."""
+    def answer(seen: H2Seen):
+        body = seen.body if seen.header(b":path") == b"/echo" else name.encode()
+        return [(b":status", b"200")], body, []
+    return answer

@@ -32,6 +32,10 @@ from tulle.log import get_logger
 
 log = get_logger(part="http2")
 
+# A connection closed for misbehaving while its client reads nothing: the GOAWAY is written
+# anyway, and the socket aborted if it is still not drained after this long.
+LINGER_S = 2.0
+
 
 class InStream:
     """One request stream: the downstream of its exchange (proxy.exchange.Downstream)."""
@@ -294,7 +298,11 @@ class H2Server(asyncio.Protocol):
 
     def flush(self) -> None:
         self.flush_scheduled = False
-        if self.closed or self.write_paused:
+        if self.closed:
+            return
+        if self.write_paused:
+            if self.closing:
+                self._linger()
             return
         session = self.session
         try:
@@ -318,6 +326,20 @@ class H2Server(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()
+
+    def _linger(self) -> None:
+        """Closing a connection whose client does not read (a flood): the last frames go into
+        the socket's buffer whatever its level (nghttp2 bounded them), then the socket closes,
+        and is aborted if the client still reads nothing."""
+        try:
+            data = self.session.data_to_send()
+        except H2Error:
+            data = b""
+        if data:
+            self.transport.write(data)
+        transport = self.transport
+        self._close()
+        self.loop.call_later(LINGER_S, transport.abort)
 
     # --- timers and shutdown (driven by the room) --------------------------------------------
 
