@@ -421,7 +421,30 @@ class Outbound(Side):
         except DialError as e:
             x.fail(502, e.reason, e.error)
             return
-        x.down.tunnel_ready(x, transport, bytes(proto.data))
+        x.down.tunnel_ready(x, transport, bytes(proto.data), self._h2_in_tunnel(x.conn))
+
+    def _h2_in_tunnel(self, conn: OutConn):
+        """grpcio (and other HTTP/2 clients) behind HTTP_PROXY open a CONNECT tunnel and speak
+        h2c inside it: that is parsed like h2c addressed to the proxy, and its requests routed
+        and balanced one by one, instead of riding one opaque connection to one endpoint."""
+        def guard(s, data: bytes):
+            if len(data) < len(detect.H2_PREFACE) and detect.H2_PREFACE.startswith(data):
+                return None
+            if data.startswith(detect.H2_PREFACE):
+                self.loop.call_soon(self._take_tunnel_as_h2, s, data, conn)
+                return False
+            return True
+        return guard
+
+    def _take_tunnel_as_h2(self, s, data: bytes, conn: OutConn) -> None:
+        transport, tail = s.release_client()
+        if transport is None or transport.is_closing():
+            return
+        self._count_detect("h2")
+        server = self.h2_server(conn)
+        transport.set_protocol(server)
+        server.connection_made(transport)
+        server.data_received(data + tail)
 
     # --- opaque TCP -----------------------------------------------------------------------
 

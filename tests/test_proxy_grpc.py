@@ -307,3 +307,21 @@ def test_grpc_to_a_server_outside_the_mesh_goes_on_as_h2c(gm):
     assert gm.unary()(b"dune", timeout=10) == b"plain:dune"
     assert books.client_ids == [None]
     assert sample(gm.client.metrics(), "request_total", direction="outbound", tls="no_identity") >= 1
+
+
+def test_grpc_through_the_proxy_as_an_http_proxy_is_still_balanced_per_request(gm):
+    """Without iptables (local mode's `none` addressing) grpcio reaches the mesh through
+    HTTP_PROXY: a CONNECT tunnel, inside which it speaks h2c. The proxy parses that too, so
+    the calls are still routed one by one, not pinned to one replica for the connection."""
+    a, b = Books("books-a", delay=0.02), Books("books-b", delay=0.02)
+    gm.replicas(a, b)
+    channel = grpc.insecure_channel(f"books.{gm.ns}:{PORT}", options=[
+        ("grpc.http_proxy", f"http://127.0.0.1:{gm.client.outbound}"), ("grpc.enable_retries", 0)])
+    try:
+        call = channel.unary_unary(f"/{SERVICE}/GetBook")
+        with futures.ThreadPoolExecutor(4) as pool:
+            served = list(pool.map(lambda i: call(b"%d" % i, timeout=10).split(b":")[0], range(100)))
+    finally:
+        channel.close()
+    assert served.count(b"books-a") >= 20 and served.count(b"books-b") >= 20
+    assert gm.client.metric("protocol_detect_total", direction="outbound", protocol="h2") >= 1

@@ -137,15 +137,16 @@ class Request:
                                     b"connection: upgrade\r\nupgrade: " + x.upgrade + b"\r\n"))
         server.become_tunnel(self, transport, tail)
 
-    def tunnel_ready(self, x: Exchange, upstream: asyncio.Transport, pending: bytes) -> None:
-        """A CONNECT tunnel is open: say so and forward bytes opaquely."""
+    def tunnel_ready(self, x: Exchange, upstream: asyncio.Transport, pending: bytes, guard=None) -> None:
+        """A CONNECT tunnel is open: say so and forward bytes opaquely (`guard` may judge the
+        client's first bytes in it, see tcp.Splice)."""
         server = self.server
         if self is not server.active or server.closed:
             upstream.close()
             return
         x.tunnelled()
         server.out.append(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        server.become_tunnel(self, upstream, pending)
+        server.become_tunnel(self, upstream, pending, guard)
 
 
 class Http1Server(asyncio.Protocol):
@@ -413,14 +414,15 @@ class Http1Server(asyncio.Protocol):
             q = self.queue = deque()
         q.append(_Refusal(data))
 
-    def become_tunnel(self, req: Request, upstream: asyncio.Transport, pending: bytes) -> None:
+    def become_tunnel(self, req: Request, upstream: asyncio.Transport, pending: bytes, guard=None) -> None:
         self.flush()
         self.active = None
         self.room.conns.discard(self)
         self.closed = True  # this object no longer handles the connection
         tail = b"".join(req.tail or ())
         req.tail = None
-        self.room.track(splice(self.transport, upstream, req.x.labels, client_pending=tail, server_pending=pending))
+        self.room.track(splice(self.transport, upstream, req.x.labels, client_pending=tail, server_pending=pending,
+                               guard=guard))
 
     # --- timers (driven by the room's sweeper) -------------------------------------------
 
