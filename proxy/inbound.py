@@ -406,6 +406,13 @@ class Inbound(Side):
         if x.method == b"CONNECT":
             x.fail(405, "CONNECT is not accepted inbound", "bad_request")
             return
+        if x.version == 2:
+            declared = self.policy.protocol(conn.port)
+            # A peer's HTTP/2 connection carries both: each request is held to what a Server
+            # declares for the port (HTTP/1 restored from orig-proto, or HTTP/2 and gRPC).
+            if declared in HTTP_PROTOCOLS and (declared == "HTTP/1") != (x.orig_proto is not None):
+                x.fail(400, f"port {conn.port} is declared {declared}", "protocol_mismatch")
+                return
         d = self.policy.decide_request(conn.port, conn.client_ip, conn.client_id, conn.tls,
                                        x.method.decode("latin-1"), x.path.decode("latin-1"))
         self.authz.count("http", conn.port, d, conn.client_id)
@@ -514,7 +521,9 @@ class _TlsPreamble(asyncio.Protocol):
         self.buf = b""
         declared = room.policy.protocol(conn.port)
         opaque = conn.port in room.cfg.opaque_ports or declared in UNPARSED_PROTOCOLS
-        if (http and declared in H2_PROTOCOLS) or (h2 and declared == "HTTP/1"):
+        # HTTP/2 from a peer proxy may carry HTTP/1 requests (orig-proto): judged per request.
+        peer_h2 = h2 and self.tulle
+        if (http and declared in H2_PROTOCOLS) or (h2 and declared == "HTTP/1" and not peer_h2):
             room._refuse("protocol_mismatch", conn)
             self.transport.abort()
             return

@@ -67,11 +67,11 @@ def apps(tmp_path):
         app.stop()
 
 
-def test_the_demo_folder_is_valid_manifests_with_four_workloads_and_three_services():
+def test_the_demo_folder_is_valid_manifests_with_five_workloads_and_three_services():
     objects = load_dir(DEMO)
     workloads = {o.meta.name: o for o in objects if isinstance(o, m.Workload)}
     services = {o.meta.name: o for o in objects if isinstance(o, m.Service)}
-    assert set(workloads) == {"web", "books", "authors", "traffic"}
+    assert set(workloads) == {"web", "books", "books-2", "authors", "traffic"}  # books: two replicas
     assert set(services) == {"web", "books", "authors"}
     assert {w.meta.namespace for w in workloads.values()} == {"demo"}
     assert {w.service_account for w in workloads.values()} == {"web", "books", "authors", "traffic"}
@@ -155,3 +155,14 @@ def test_traffic_sends_a_steady_load_and_counts_outcomes(apps):
     stats = wait_until(counted, timeout=30, what="traffic to count ten requests")
     # /authors/<book id>: ids 1-4 exist, 5 does not — both outcomes are counted.
     assert stats.get("status_200", 0) + stats.get("status_404", 0) == stats["requests"]
+
+
+def test_the_books_profile_is_what_tulle_profile_makes_of_the_books_proto():
+    """examples/demo/profile-books.yaml is generated, not hand-written: one route per rpc."""
+    tulle = str(Path(sys.executable).with_name("tulle"))
+    out = subprocess.run([tulle, "profile", "books", "-n", "demo", "--proto", "examples/demo/apps/books.proto"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (DEMO / "profile-books.yaml").read_text()
+    profiles = [o for o in load_dir(DEMO) if isinstance(o, m.ServiceProfile) and o.meta.name.startswith("books.")]
+    assert [r.name for r in profiles[0].routes] == ["POST /demo.Books/GetBook", "POST /demo.Books/ListBooks"]

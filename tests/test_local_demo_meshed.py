@@ -59,11 +59,11 @@ def demo(tmp_path_factory):
 def test_the_bundled_demo_comes_up_meshed_with_every_proxy_ready(demo):
     view = status_json(demo["state"])
     assert view["isolation"] == "netns" and view["manifests"].endswith("examples/demo")
-    assert {w["name"] for w in view["workloads"]} == {"web", "books", "authors", "traffic"}
+    assert {w["name"] for w in view["workloads"]} == {"web", "books", "books-2", "authors", "traffic"}
     for w in view["workloads"]:
         assert w["ready"] and w["meshed"] and w["proxy"]["ready"], w
-    assert {s["name"]: [e["workload"] for e in s["endpoints"]] for s in view["services"]} == \
-        {"web": ["web"], "books": ["books"], "authors": ["authors"]}
+    assert {s["name"]: sorted(e["workload"] for e in s["endpoints"]) for s in view["services"]} == \
+        {"web": ["web"], "books": ["books", "books-2"], "authors": ["authors"]}
 
 
 def test_web_calls_authors_through_both_proxies_with_mtls(demo):

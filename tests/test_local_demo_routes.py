@@ -64,3 +64,27 @@ def test_the_demo_profile_shows_effective_success_above_actual_success(demo):
     values = dict(zip(columns, cells))
     effective, actual = (float(values[c].rstrip("%")) for c in ("EFFECTIVE_SUCCESS", "ACTUAL_SUCCESS"))
     assert effective > actual
+
+
+def inbound_requests(state, workload: str) -> float:
+    """HTTP requests a workload's proxy took in (its inbound side)."""
+    admin = next(w["proxy"]["admin"] for w in read_record(state)["workloads"] if w["name"] == workload)
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as resp:
+        samples = parse_text(resp.read().decode())
+    return sum(v for (name, labels), v in samples.items()
+               if name == "request_total" and ("direction", "inbound") in labels)
+
+
+def test_webs_grpc_calls_spread_over_both_books_replicas_and_show_per_rpc_in_tulle_routes(demo):
+    """books runs two replicas; grpcio in web keeps one connection (a CONNECT tunnel through
+    its proxy, here), yet the proxy balances call by call — and `tulle routes books` shows
+    each rpc of the profile `tulle profile --proto` made."""
+    wait_until(lambda: min(inbound_requests(demo, "books"), inbound_requests(demo, "books-2")) >= 20,
+               timeout=120, interval=1, what="both books replicas to have served 20 of web's calls")
+    proc = tulle("routes", "books", "-n", "demo", "-o", "json", state=demo, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["route"]: r for r in json.loads(proc.stdout)["svc/books.demo"]}
+    get_book = rows["POST /demo.Books/GetBook"]
+    assert get_book["effective_success"] == 1.0 and get_book["actual_success"] == 1.0
+    assert get_book["effective_rps"] > 0 and get_book["actual_rps"] > 0
+    assert "POST /demo.Books/ListBooks" in rows  # a profile route without traffic still has its row

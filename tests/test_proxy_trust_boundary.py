@@ -306,3 +306,23 @@ def test_http2_a_peer_declares_opaque_is_served_as_http2_with_the_peers_verified
         client.close()
         p.stop()
         app.close()
+
+
+def test_a_peers_http2_connection_is_held_per_request_to_the_protocol_a_server_declares(lt, mesh, nats_server, app):
+    """Between proxies one HTTP/2 connection carries HTTP/1 requests (orig-proto) and HTTP/2
+    ones alike: a port a Server declares HTTP/1 takes the first and refuses the second."""
+    ns = unique_ns()
+    p = Proxy(lt, proxy_config(nats_server.url, ns, "web-1", "web", app_default_port=app.port),
+              mesh.identity("web", ns), policy=declared(ns, app.port, "HTTP/1"))
+    client = H2Client(p.inbound, tls=mesh.identity("client", ns).client_context, server_hostname=p.cfg.identity,
+                      first=tph.encode(app.port, tph.HTTP2))
+    try:
+        ok = client.request(b"/restored", extra=[(b"tulle-orig-proto", b"HTTP/1.1")])
+        assert ok.status == 200 and app.seen[-1].path == "/restored" and app.seen[-1].version == "HTTP/1.1"
+        refused = client.request(b"/h2-on-an-http1-port")
+        assert refused.status == 400 and refused.header(b"tulle-proxy-error") == b"port %d is declared HTTP/1" % app.port
+        assert app.seen[-1].path == "/restored"
+        assert p.metric("inbound_http_errors_total", error="protocol_mismatch") == 1
+    finally:
+        client.close()
+        p.stop()
