@@ -1,19 +1,29 @@
-"""The proxy benchmark: one small HTTP/1.1 request (1 KB response) through four paths.
+"""The proxy benchmark: a small HTTP/1.1 request and a gRPC unary call (1 KB responses) through
+the Tulle pair and the same job done by others.
 
     python -m bench.proxy [--rounds 5] [--duration 5] [--slice 0.25] [--pin cpu0|split|none]
-                          [--variant NAME=DIR] [--json FILE] [--py-spy DIR]
+                          [--variant NAME=DIR] [--no-grpc] [--json FILE] [--py-spy DIR]
     make bench
 
-Paths:
-  direct   client → server
-  tulle    client → tulle outbound → mTLS → tulle inbound → server   (two `python -m proxy`)
-  nginx    client → nginx → mutual TLS (proxy_ssl_certificate + ssl_verify_client) → nginx → server
-  haproxy  client → haproxy → mutual TLS (crt + verify required) → haproxy → server
+HTTP/1.1 paths (wrk at saturation, bench/openloop.py at 200 and 500 req/s):
+  direct    client → server
+  tulle     client → tulle outbound → mTLS, HTTP/2 between the proxies → tulle inbound → server
+  tulle-h1  the same with HTTP/1.1 between the proxies (TULLE_PROXY_MESH_PROTOCOL=http1)
+  nginx     client → nginx → mutual TLS (proxy_ssl_certificate + ssl_verify_client) → nginx → server
+  haproxy   client → haproxy → mutual TLS (crt + verify required) → haproxy → server
+gRPC unary paths (bench/grpcload.py: a grpcio client, 32 calls in flight on its one HTTP/2
+connection, and 500 calls/s open loop):
+  grpc-direct  client → grpcio server
+  grpc-tulle   client → tulle outbound (h2c) → mTLS HTTP/2 → tulle inbound → grpcio server
+  grpc-nginx   client → nginx (http2, grpc_pass grpcs://) → mutual TLS → nginx (grpc_pass) → grpcio server
 
-The server is an nginx answering a fixed 1 KB body. The Tulle proxies are real processes
-with certificates from a real identity service (`python -m services.identity`, local
-tokens), their endpoint set in real NATS KV and a real authorization policy. Every proxy
-runs one worker / one thread.
+The HTTP server is an nginx answering a fixed 1 KB body; the gRPC server a grpcio server
+(bench/grpcorigin.py) answering a fixed 1 KB message. The Tulle proxies are real processes
+on the real, authenticated bus (bench/mesh.py: no anonymous NATS client; the proxies log in
+with their workload token through identity's auth callout), with certificates from a real
+identity service (`python -m services.identity`, local tokens), their endpoint sets in real
+NATS KV and a real authorization policy. Every proxy runs one worker / one thread. The
+report starts with what it ran on: CPU model, cores, pinning, versions.
 
 How it measures, against a shared machine's noise:
 - Rounds are interleaved (round 1: every path, round 2: every path ...), 5 by default,
@@ -72,10 +82,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.mesh import BenchMesh  # noqa: E402
 from tulle import pki, schemas  # noqa: E402
-from tulle.natsserver import NatsServer, free_port  # noqa: E402
+from tulle.natsserver import free_port  # noqa: E402
 
-PATHS = ("direct", "tulle", "nginx", "haproxy")
+PATHS = ("direct", "tulle", "tulle-h1", "nginx", "haproxy")
+GRPC_PATHS = ("grpc-direct", "grpc-tulle", "grpc-nginx")
+GRPC_CONCURRENCY = 32
 RATES = (200, 500)
 BODY = b"x" * 1024
 NS = "bench"
@@ -179,16 +192,22 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix="tulle-bench-"))
         self.procs: list[Proc] = []
         self.cpus = PIN_MODES[args.pin]
-        self.nats: NatsServer | None = None
+        self.mesh = BenchMesh(self.dir, self.cpus.get("server"))
         self.ports: dict[str, int] = {}
         self.hosts: dict[str, str] = {}
         self.proxies: dict[str, list[Proc]] = {}
-        self.variants: dict[str, Path] = {"tulle": REPO}
+        # Tulle pairs: (the code whose `proxy` package runs, extra environment).
+        self.variants: dict[str, tuple[Path, dict]] = {
+            "tulle": (REPO, {"TULLE_PROXY_MESH_PROTOCOL": "h2"}),
+            "tulle-h1": (REPO, {"TULLE_PROXY_MESH_PROTOCOL": "http1"}),
+        }
         for v in args.variant or ():
             name, _, d = v.partition("=")
-            self.variants[f"tulle-{name}"] = Path(d).resolve()
-        self.paths = [p for p in ("direct", *self.variants, "nginx", "haproxy")
-                      if not args.paths or p in args.paths.split(",")]
+            self.variants[f"tulle-{name}"] = (Path(d).resolve(), {})
+        wanted = args.paths.split(",") if args.paths else None
+        self.paths = [p for p in ("direct", *self.variants, "nginx", "haproxy") if not wanted or p in wanted]
+        self.grpc_paths = [] if args.no_grpc else [p for p in GRPC_PATHS if not wanted or p in wanted
+                                                   or (p == "grpc-direct" and any(w.startswith("grpc") for w in wanted))]
 
     def load_prefix(self) -> list[str]:
         cpus = self.cpus.get("load")
@@ -208,24 +227,15 @@ class Bench:
     def close(self) -> None:
         for p in reversed(self.procs):
             p.stop()
-        if self.nats is not None:
-            self.nats.stop()
+        self.mesh.stop()
         if not self.args.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- setup ----------------------------------------------------------------------------
 
     def certificates(self) -> None:
-        anchor = pki.new_trust_anchor()
-        issuer = pki.new_issuer(anchor)
-        d = self.dir / "issuer"
-        d.mkdir()
-        (d / "ca.crt").write_bytes(anchor.cert_pem)
-        (d / "issuer.crt").write_bytes(issuer.cert_pem)
-        (d / "issuer.key").write_bytes(issuer.key_pem)
-        os.chmod(d / "issuer.key", 0o600)
-        self.issuer_dir = d
-        self.anchor_pem = anchor.cert_pem
+        self.mesh.make_identity()  # anchor, issuer and token secret of the identity service
+        issuer = self.mesh.issuer
         self.server_identity = schemas.identity_name("server", NS)
         self.client_identity = schemas.identity_name("client", NS)
         # Files for nginx and HAProxy, from the same CA (the identity service issues Tulle's).
@@ -234,11 +244,7 @@ class Bench:
             (self.dir / f"{role}.crt").write_bytes(pki.cert_pem(cert) + issuer.cert_pem)
             (self.dir / f"{role}.key").write_bytes(pki.key_pem(key))
             (self.dir / f"{role}.pem").write_bytes(pki.cert_pem(cert) + issuer.cert_pem + pki.key_pem(key))
-        (self.dir / "ca.crt").write_bytes(anchor.cert_pem)
-        secret = pki.new_token_secret()
-        (self.dir / "token-secret").write_bytes(secret)
-        for sa in ("server", "client"):
-            (self.dir / f"{sa}.token").write_text(pki.make_local_token(secret, NS, sa))
+        (self.dir / "ca.crt").write_bytes(self.mesh.anchor_pem)
 
     def nginx_conf(self, name: str, body: str) -> Path:
         prefix = self.dir / name
@@ -358,15 +364,10 @@ backend peer
         ]
 
     def start_control_plane(self) -> None:
-        self.nats = NatsServer(self.dir / "nats").start()
-        pin(self.nats.proc.pid, self.cpus.get("server"))
-        ident_admin = free_port()
-        self.spawn("identity", [sys.executable, "-m", "services.identity", "--nats", self.nats.url,
-                                "--admin", f"127.0.0.1:{ident_admin}", "--issuer-dir", str(self.issuer_dir),
-                                "--token-secret-file", str(self.dir / "token-secret"), "--log-format", "json"],
-                   "server")
+        self.mesh.start()
+        self.mesh.start_identity(lambda name, cmd: self.spawn(name, cmd, "server"))
 
-    def start_tulle(self, path: str, code: Path) -> list[int]:
+    def start_tulle(self, path: str, code: Path, extra_env: dict) -> list[int]:
         """One Tulle pair (the working tree's, or a variant's `proxy` package); returns the
         admin ports. Each pair has its own service name, so its requests reach its own
         back proxy."""
@@ -382,9 +383,7 @@ backend peer
             admin = free_port()
             admins.append(admin)
             env = {
-                "TULLE_NATS_URL": self.nats.url, "TULLE_PROXY_NAMESPACE": NS,
-                "TULLE_PROXY_WORKLOAD": f"{role}{suffix}-0", "TULLE_PROXY_SERVICE_ACCOUNT": role,
-                "TULLE_PROXY_TOKEN_FILE": str(self.dir / f"{role}.token"),
+                **self.mesh.proxy_env(NS, f"{role}{suffix}-0", role), **extra_env,
                 "TULLE_PROXY_INBOUND_ADDR": f"127.0.0.1:{inbound}", "TULLE_PROXY_OUTBOUND_ADDR": f"127.0.0.1:{outbound}",
                 "TULLE_PROXY_ADMIN_ADDR": f"127.0.0.1:{admin}", "TULLE_PROXY_TRANSPARENT": "false",
                 "TULLE_PROXY_APP_HOST": "127.0.0.1", "TULLE_LOG_LEVEL": "warning", "TULLE_LOG_FORMAT": "json",
@@ -399,46 +398,113 @@ backend peer
 
     async def _publish(self, service: str, suffix: str, inbound: int) -> None:
         from tulle.policy import default_port_policy
-        from tulle.bus import Bus
 
-        bus = Bus(self.nats.url, component="bench")
-        await bus.start()
+        # As the destination and policy services would: each with its own credential.
+        destination, policy = self.mesh.bus("destination"), self.mesh.bus("policy")
+        await destination.start()
+        await policy.start()
         origin = self.ports["origin"]
-        await bus.put(schemas.ENDPOINTS_BUCKET, schemas.endpoints_key(NS, service, origin), schemas.EndpointSet(
-            namespace=NS, service=service, port=origin, endpoints=[schemas.Endpoint(
-                address="127.0.0.1", port=origin, identity=self.server_identity, proxy_port=inbound)]))
+        grpc_origin = self.ports.get("grpc_origin")
+        published = [(service, origin)] + ([(f"{service}-grpc", grpc_origin)] if grpc_origin and not suffix else [])
+        for name, port in published:
+            await destination.put(schemas.ENDPOINTS_BUCKET, schemas.endpoints_key(NS, name, port), schemas.EndpointSet(
+                namespace=NS, service=name, port=port, endpoints=[schemas.Endpoint(
+                    address="127.0.0.1", port=port, identity=self.server_identity, proxy_port=inbound)]))
         # Each proxy is ready once its inbound policy arrived (as the policy service writes
-        # it): the server's app port behind a Server that admits the client's identity only,
+        # it): the server's app ports behind Servers that admit the client's identity only,
         # so every request through the pair pays for a real authorization decision.
         for role in ("client", "server"):
             ports = []
             if role == "server":
-                ports = [schemas.PortPolicy(origin, "origin-http", "Server", "unknown", [schemas.Authorization(
-                    "origin-from-client", identities=[self.client_identity])])]
-            await bus.put(schemas.POLICY_BUCKET, schemas.policy_key(NS, f"{role}{suffix}-0"), schemas.WorkloadPolicy(
+                ports = [schemas.PortPolicy(port, f"origin-{proto.lower()}", "Server", proto, [schemas.Authorization(
+                    "origin-from-client", identities=[self.client_identity])])
+                    for port, proto in ((origin, "unknown"), (grpc_origin, "gRPC")) if port]
+            await policy.put(schemas.POLICY_BUCKET, schemas.policy_key(NS, f"{role}{suffix}-0"), schemas.WorkloadPolicy(
                 namespace=NS, workload=f"{role}{suffix}-0", default_policy="all-unauthenticated",
                 default=default_port_policy("all-unauthenticated", schemas.DEFAULT_CLUSTER_NETWORKS), ports=ports))
-        await bus.close()
+        await destination.close()
+        await policy.close()
+
+    def start_grpc(self) -> None:
+        """The grpcio origin, and the nginx pair doing gRPC (grpc_pass, HTTP/2 over mutual TLS)."""
+        origin = self.ports["grpc_origin"] = free_port()
+        self.grpc_origin = self.spawn("grpc-origin", [sys.executable, "-m", "bench.grpcorigin", "--port", str(origin)],
+                                      "server")
+        self.ports["grpc-direct"] = origin
+        self.hosts["grpc-direct"] = ""
+        front, back = self.ports["grpc-nginx"], self.ports["grpc_nginx_back"] = free_port(), free_port()
+        self.hosts["grpc-nginx"] = ""
+        d = self.dir
+        back_conf = self.nginx_conf("grpc-nginx-back", f"""
+    upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{back} ssl http2;
+        ssl_protocols TLSv1.3;
+        ssl_certificate {d}/server.crt;
+        ssl_certificate_key {d}/server.key;
+        ssl_client_certificate {d}/ca.crt;
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        location / {{ grpc_pass grpc://origin; }}
+    }}""")
+        front_conf = self.nginx_conf("grpc-nginx-front", f"""
+    upstream back {{ server 127.0.0.1:{back}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{front} http2;
+        location / {{
+            grpc_pass grpcs://back;
+            grpc_ssl_protocols TLSv1.3;
+            grpc_ssl_certificate {d}/client.crt;
+            grpc_ssl_certificate_key {d}/client.key;
+            grpc_ssl_trusted_certificate {d}/ca.crt;
+            grpc_ssl_verify on;
+            grpc_ssl_verify_depth 3;
+            grpc_ssl_name {self.server_identity};
+            grpc_ssl_server_name on;
+            grpc_ssl_session_reuse on;
+        }}
+    }}""")
+        self.proxies["grpc-nginx"] = [
+            self.spawn("grpc-nginx-front", ["nginx", "-p", str(front_conf.parent), "-c", str(front_conf)], "front"),
+            self.spawn("grpc-nginx-back", ["nginx", "-p", str(back_conf.parent), "-c", str(back_conf)], "back"),
+        ]
 
     def setup(self) -> None:
         self.certificates()
         self.start_origin()
         self.start_nginx_pair()
         self.start_haproxy_pair()
+        if self.grpc_paths:
+            self.start_grpc()
         self.start_control_plane()
         admins = []
-        for path, code in self.variants.items():
-            admins += self.start_tulle(path, code)
+        for path, (code, extra_env) in self.variants.items():
+            if path in self.paths or (path == "tulle" and "grpc-tulle" in self.grpc_paths):
+                admins += self.start_tulle(path, code, extra_env)
+        if "grpc-tulle" in self.grpc_paths:
+            # gRPC rides the (HTTP/2 between proxies) tulle pair: the same two processes.
+            self.ports["grpc-tulle"] = self.ports["tulle"]
+            self.hosts["grpc-tulle"] = f"origin-grpc.{NS}:{self.ports['grpc_origin']}"
+            self.proxies["grpc-tulle"] = self.proxies["tulle"]
         for admin in admins:
             wait(lambda: http_status(f"http://127.0.0.1:{admin}/ready") == 200, 60, f"tulle proxy :{admin} ready")
         for path in self.paths:
             port, host = self.ports[path], self.hosts[path]
             wait(lambda: http_status(f"http://127.0.0.1:{port}/", host) == 200, 20, f"{path} answering")
+        for path in self.grpc_paths:
+            wait(lambda: self.grpc_ok(path), 30, f"{path} answering")
         time.sleep(0.3)
         for procs in self.proxies.values():
             for p in procs:
                 p.refresh()
         self.origin.refresh()
+
+    def grpc_ok(self, path: str) -> bool:
+        try:
+            r = self.grpcload(path, concurrency=1, duration=0.2)
+        except RuntimeError:
+            return False
+        return r["completed"] > 0 and r["errors"] == 0
 
     # --- measuring --------------------------------------------------------------------------
 
@@ -507,11 +573,29 @@ backend peer
             "cpu_s_per_1k": [round((p.cpu() - b) / max(n, 1) * 1000, 4) for p, b in zip(procs, before)],
         }
 
+    def grpcload(self, path: str, *, concurrency: int = 0, rate: float = 0.0, duration: float | None = None) -> dict:
+        procs = self.proxies.get(path, [])
+        before = [p.cpu() for p in procs]
+        d = duration or self.args.duration
+        cmd = self.load_prefix() + [sys.executable, "-m", "bench.grpcload", "--target",
+                                    f"127.0.0.1:{self.ports[path]}", "--duration", str(d)]
+        if self.hosts[path]:
+            cmd += ["--authority", self.hosts[path]]
+        cmd += ["--rate", str(rate)] if rate else ["--concurrency", str(concurrency)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=d + 60)
+        if out.returncode != 0:
+            raise RuntimeError(f"grpcload failed on {path}: {out.stderr[-1500:]}")
+        r = json.loads(out.stdout)
+        r["cpu_s_per_1k"] = [round((p.cpu() - b) / max(r["completed"], 1) * 1000, 4) for p, b in zip(procs, before)]
+        return r
+
     def run(self) -> dict:
         self.setup()
         load = [os.getloadavg()[0]]
         for path in self.paths:  # warm up pools, TLS sessions, caches
             self.wrk(path, 2)
+        for path in self.grpc_paths:
+            self.grpcload(path, concurrency=GRPC_CONCURRENCY, duration=2)
         rounds = []
         for r in range(self.args.rounds):
             # Each round starts its slices with another path, so none always follows the same one.
@@ -522,12 +606,21 @@ backend peer
                     row[p][f"open_{rate}"] = res
             for path in order:
                 row[path]["wrk"] = self.wrk(path)
+            grpc_order = self.grpc_paths[r % max(len(self.grpc_paths), 1):] + self.grpc_paths[:r % max(len(self.grpc_paths), 1)]
+            for path in grpc_order:
+                row[path] = {"closed": self.grpcload(path, concurrency=GRPC_CONCURRENCY),
+                             "open_500": self.grpcload(path, rate=500)}
             for path in self.paths:
                 print(f"round {r + 1} {path}: {summary_line(row[path])}", file=sys.stderr, flush=True)
+            for path in self.grpc_paths:
+                c, o = row[path]["closed"], row[path]["open_500"]
+                print(f"round {r + 1} {path}: {c['rps']:.0f} calls/s ({GRPC_CONCURRENCY} in flight); 500/s p50 "
+                      f"{o['p50_ms']:.3f} ms p99 {o['p99_ms']:.3f} ms", file=sys.stderr, flush=True)
             rounds.append(row)
         load.append(os.getloadavg()[0])
         rss = {path: [round(p.rss(), 1) for p in procs] for path, procs in self.proxies.items()}
-        return {"rounds": rounds, "peak_rss_mb": rss, "paths": self.paths, "loadavg_1m": load}
+        return {"rounds": rounds, "peak_rss_mb": rss, "paths": self.paths, "grpc_paths": self.grpc_paths,
+                "loadavg_1m": load, "environment": environment(self.args.pin)}
 
 
 def summary_line(r: dict) -> str:
@@ -579,11 +672,13 @@ def mad_sigma(values: list[float]) -> float:
 def report(raw: dict, args) -> dict:
     rounds = raw["rounds"]
     paths = raw["paths"]
-    out: dict = {"pinning": args.pin, "pinning_text": PIN_TEXT[args.pin], "rounds": len(rounds),
+    out: dict = {"environment": raw["environment"], "pinning": args.pin, "pinning_text": PIN_TEXT[args.pin],
+                 "rounds": len(rounds),
                  "duration_s": args.duration, "slice_s": args.slice, "wrk_connections": args.connections,
                  "response_bytes": len(BODY), "loadavg_1m": raw["loadavg_1m"], "paths": {}}
     for path in paths:
-        p = {"rps": med(r[path]["wrk"]["rps"] for r in rounds)}
+        p = {"rps": med(r[path]["wrk"]["rps"] for r in rounds),
+             "rps_per_round": [round(r[path]["wrk"]["rps"]) for r in rounds]}
         for rate in RATES:
             k = f"open_{rate}"
             for q in ("p50_ms", "p99_ms", "p999_ms", "max_ms"):
@@ -622,6 +717,30 @@ def report(raw: dict, args) -> dict:
         n = out["paths"]["nginx"]
         for path in (p for p in paths if p.startswith("tulle")):
             out["targets"][path] = targets(out["paths"][path], n, noise)
+    out["grpc"] = {}
+    for path in raw.get("grpc_paths") or ():
+        g = {"rps": med(r[path]["closed"]["rps"] for r in rounds),
+             "rps_per_round": [round(r[path]["closed"]["rps"]) for r in rounds],
+             "p50_at_500_ms": med(r[path]["open_500"]["p50_ms"] for r in rounds),
+             "p99_at_500_ms": med(r[path]["open_500"]["p99_ms"] for r in rounds),
+             "errors": sum(r[path]["closed"]["errors"] + r[path]["open_500"]["errors"] for r in rounds),
+             "cpu_s_per_1k_at_saturation": med(sum(r[path]["closed"]["cpu_s_per_1k"]) for r in rounds)
+             if path != "grpc-direct" else None}
+        if path != "grpc-direct" and "grpc-direct" in raw["grpc_paths"]:
+            g["added_p99_at_500_ms"] = med(r[path]["open_500"]["p99_ms"] - r["grpc-direct"]["open_500"]["p99_ms"]
+                                           for r in rounds)
+        out["grpc"][path] = g
+    if "grpc-tulle" in out["grpc"] and "tulle" in out["paths"]:
+        out["targets"]["grpc"] = {
+            "grpc_unary_vs_http1_through_tulle": {
+                "value": ratio(out["grpc"]["grpc-tulle"]["rps"], out["paths"]["tulle"]["rps"]), "target": ">= 0.5"},
+            "grpc_unary_tulle_vs_nginx": {
+                "value": ratio(out["grpc"]["grpc-tulle"]["rps"], out["grpc"].get("grpc-nginx", {}).get("rps")),
+                "target": "(for reference)"},
+            "grpc_unary_tulle_vs_direct": {
+                "value": ratio(out["grpc"]["grpc-tulle"]["rps"], out["grpc"].get("grpc-direct", {}).get("rps")),
+                "target": "(for reference: the grpcio client and server's own limit)"},
+        }
     return out
 
 
@@ -646,11 +765,42 @@ def targets(t: dict, n: dict, noise: float) -> dict:
                                         "nginx": round(n["pooled_added_p999_at_500_ms"], 3), "target": "(absolute)"},
         "added_p50_at_500_vs_nginx": {"value": ratio(t["added_p50_at_500_ms"], n["added_p50_at_500_ms"]),
                                       "target": "(for reference)"},
-        "throughput_vs_nginx": {"value": ratio(t["rps"], n["rps"]), "target": ">= 0.35 (goal 0.5)"},
+        "throughput_vs_nginx": {"value": ratio(t["rps"], n["rps"]), "target": ">= 0.5"},
         "cpu_per_1k_vs_nginx": {"value": ratio(t["cpu_s_per_1k_at_500"], n["cpu_s_per_1k_at_500"]),
                                 "target": "<= 3.0"},
-        "peak_rss_mb_each_tulle_proxy": {"value": t["peak_rss_mb"], "target": "< 60 each"},
+        "peak_rss_mb_each_tulle_proxy": {"value": t["peak_rss_mb"], "target": "<= 40 each"},
     }
+
+
+def environment(pin: str) -> dict:
+    """What the figures were measured on, printed with them."""
+    import platform
+
+    def first_line(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "-"
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "-"
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown")
+    import grpc
+    import httptools
+    import uvloop
+
+    from proxy.http2 import _ffi
+
+    versions = {"nghttp2": _ffi.VERSION, "grpcio": grpc.__version__, "uvloop": uvloop.__version__,
+                "httptools": httptools.__version__,
+                "nginx": first_line(["nginx", "-v"]).split("/")[-1], "haproxy": first_line(["haproxy", "-v"]).split()[2]
+                if first_line(["haproxy", "-v"]) != "-" else "-", "wrk": first_line(["wrk", "-v"]).split()[1]
+                if first_line(["wrk", "-v"]).startswith("wrk") else "-"}
+    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = first_line(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return {"cpu_model": model, "cpus": os.cpu_count(), "cpus_allowed": len(os.sched_getaffinity(0)),
+            "kernel": platform.release(), "python": platform.python_version(), "versions": versions,
+            "commit": commit + (" (with local changes)" if dirty not in ("-", "") else ""), "pin": pin}
 
 
 def ratio(a, b):
@@ -659,7 +809,11 @@ def ratio(a, b):
 
 def markdown(out: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    rows = ["| path | req/s (wrk) | p50 / p99 / p99.9 @200/s (ms) | p50 / p99 / p99.9 / max @500/s (ms) "
+    env = out["environment"]
+    rows = [f"Ran on: {env['cpu_model']}, {env['cpus']} CPUs ({env['cpus_allowed']} allowed); pinning "
+            f"{out['pinning']} ({out['pinning_text']}); kernel {env['kernel']}; Python {env['python']}; "
+            f"{'; '.join(f'{k} {v}' for k, v in env['versions'].items())}; tulle at {env['commit']}.", ""]
+    rows += ["| path | req/s (wrk) | p50 / p99 / p99.9 @200/s (ms) | p50 / p99 / p99.9 / max @500/s (ms) "
             "| added p50 / p99 / p99.9 @500/s (ms) | CPU-s per 1k req @500/s (each proxy) | peak RSS MB (each proxy) |",
             "|---|---|---|---|---|---|---|"]
     for path, p in out["paths"].items():
@@ -684,6 +838,19 @@ def markdown(out: dict) -> str:
                                                         for p in paths) + f" | {d:.3f} |")
     rows.append(f"\nNoise of the direct path's p99 across rounds (1.4826 × MAD, at least 0.05 ms): "
                 f"{out['noise_p99_at_500_ms']:.3f} ms.")
+    rows += ["", "| req/s per round (wrk; gRPC: calls/s) | " + " | ".join(f"round {i + 1}" for i in range(out["rounds"]))
+             + " | min–max / median |", "|---|" + "---|" * (out["rounds"] + 1)]
+    for path, p in [*out["paths"].items(), *out["grpc"].items()]:
+        per = p["rps_per_round"]
+        rows.append(f"| {path} | " + " | ".join(str(v) for v in per) +
+                    f" | {min(per)}–{max(per)} / {statistics.median(per):.0f} ({(max(per) - min(per)) / max(statistics.median(per), 1) * 100:.0f}%) |")
+    if out["grpc"]:
+        rows += ["", f"| gRPC path | calls/s ({GRPC_CONCURRENCY} in flight, one connection) | p50 / p99 @500/s (ms) "
+                     "| added p99 @500/s (ms) | CPU-s per 1k calls at saturation (both proxies) | errors |",
+                 "|---|---|---|---|---|---|"]
+        for path, g in out["grpc"].items():
+            rows.append(f"| {path} | {g['rps']:.0f} | {f(g['p50_at_500_ms'])} / {f(g['p99_at_500_ms'])} | "
+                        f"{f(g.get('added_p99_at_500_ms'))} | {f(g['cpu_s_per_1k_at_saturation'])} | {g['errors']} |")
     for path, ts in out["targets"].items():
         rows += ["", f"| target ({path} pair vs nginx pair) | value | nginx | target |", "|---|---|---|---|"]
         for name, t in ts.items():
@@ -709,6 +876,7 @@ def main() -> None:
     p.add_argument("--variant", action="append", metavar="NAME=DIR",
                    help="also measure the Tulle pair of DIR's `proxy` package, as path tulle-NAME")
     p.add_argument("--py-spy", metavar="DIR", help="profile the Tulle proxies in the last 500 req/s run (py-spy)")
+    p.add_argument("--no-grpc", action="store_true", help="HTTP/1.1 paths only")
     p.add_argument("--json", help="also write the JSON result (with every round's figures) to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     args = p.parse_args()
@@ -716,6 +884,8 @@ def main() -> None:
         args.pin = "none"
     if args.paths and "direct" not in args.paths.split(","):
         args.paths = "direct," + args.paths
+    if args.paths and any(p.startswith("grpc") for p in args.paths.split(",")) and "grpc-direct" not in args.paths:
+        args.paths += ",grpc-direct"
     missing = [t for t in ("nginx", "haproxy", "wrk") + (() if args.pin == "none" else ("taskset",))
                if not shutil.which(t)]
     if missing:
@@ -737,7 +907,8 @@ def main() -> None:
         for r in raw["rounds"]:  # the raw latencies are pooled above; too many to keep
             for path in r.values():
                 for k in ("open_200", "open_500"):
-                    path[k].pop("latencies_ms", None)
+                    if k in path:
+                        path[k].pop("latencies_ms", None)
         Path(args.json).write_text(json.dumps({"summary": out, "raw": raw}, indent=1))
 
 
