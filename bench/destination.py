@@ -51,7 +51,8 @@ from tulle.bus import Bus, Change, Snapshot  # noqa: E402
 from tulle.codec import decode, encode  # noqa: E402
 from tulle.leader import LeaderElection  # noqa: E402
 from tulle.metrics import Registry  # noqa: E402
-from tulle.natsserver import NatsServer, free_port  # noqa: E402
+from bench.mesh import BenchMesh  # noqa: E402
+from tulle.natsserver import free_port  # noqa: E402
 from tulle.resources.parse import parse_object  # noqa: E402
 from tulle.sources.base import ResourceEvent  # noqa: E402
 
@@ -255,7 +256,7 @@ async def latency(url: str, services: int, processes: int, watches: int, changes
         state.apply(ResourceEvent("added", parse_object(d)))
     state.apply(ResourceEvent("synced"))
     registry = Registry()
-    election = LeaderElection(bus, f"bench-{os.getpid()}", registry=registry)
+    election = LeaderElection(bus, "destination", registry=registry)  # the lease its role may hold
     key = schemas.endpoints_key(*HOT, 80)
     acked: dict[int, float] = {}
 
@@ -346,6 +347,15 @@ async def latency(url: str, services: int, processes: int, watches: int, changes
 # --- main ----------------------------------------------------------------------------------------------
 
 
+def authenticated(directory: Path) -> BenchMesh:
+    """A nats-server with the mesh's authorization; this process and every one it starts
+    (watchers, `python -m services.destination`) use the destination role's credential, as
+    the destination service does (it may write and watch the buckets measured here)."""
+    mesh = BenchMesh(directory).start()
+    os.environ["TULLE_NATS_CREDS"] = str(mesh.nats.seed_file("destination"))
+    return mesh
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=10_000)
@@ -375,7 +385,7 @@ def main() -> None:
             manifests = tmp / "manifests"
             manifests.mkdir()
             write_manifests(manifests, args.services)
-            nats = NatsServer(tmp / "nats-process").start()
+            nats = authenticated(tmp / "nats-process")
             try:
                 result["process_cold_start_to_ready_s"] = process_start_to_ready(nats.url, manifests, tmp / "d1.log")
                 progress(f"process, empty KV: {result['process_cold_start_to_ready_s']:.1f} s")
@@ -383,13 +393,13 @@ def main() -> None:
                 progress(f"process, full KV: {result['process_warm_restart_to_ready_s']:.1f} s")
             finally:
                 nats.stop()
-        nats = NatsServer(tmp / "nats").start()
+        nats = authenticated(tmp / "nats")
         try:
             result["in_process"] = uvloop.run(in_process_resync(nats.url, args.services))
             progress(f"in-process resync: {result['in_process']}")
         finally:
             nats.stop()
-        nats = NatsServer(tmp / "nats-latency").start()
+        nats = authenticated(tmp / "nats-latency")
         try:
             result["lone_change"] = uvloop.run(latency(nats.url, args.services, args.processes, args.watches,
                                                        args.changes, args.spacing_ms / 1000, tmp))

@@ -32,7 +32,8 @@ if str(REPO) not in sys.path:
 
 from tulle import pki, schemas  # noqa: E402
 from tulle.codec import encode  # noqa: E402
-from tulle.natsserver import NatsServer, free_port  # noqa: E402
+from bench.mesh import AUDIENCE, BenchMesh  # noqa: E402
+from tulle.natsserver import free_port  # noqa: E402
 
 WORKLOADS = 256  # distinct (token, CSR) pairs, used round-robin
 
@@ -49,16 +50,16 @@ def make_payloads(secret: bytes, n: int) -> list[bytes]:
         ns, sa = "bench", f"sa-{i}"
         identity = schemas.identity_name(sa, ns)
         csr = pki.new_csr(identity, pki.new_key()).decode()
-        out.append(encode(schemas.CertifyRequest(identity, pki.make_local_token(secret, ns, sa), csr)))
+        token = pki.make_local_token(secret, ns, sa, f"{sa}-0", AUDIENCE)
+        out.append(encode(schemas.CertifyRequest(identity, token, csr)))
     return out
 
 
 class Replica:
-    def __init__(self, nats_url: str, issuer_dir: Path, secret_file: Path, log: Path):
+    def __init__(self, mesh: BenchMesh, log: Path):
         self.admin = free_port()
         self.log = log
-        self.cmd = [sys.executable, "-m", "services.identity", "--nats", nats_url, "--admin", f"127.0.0.1:{self.admin}",
-                    "--issuer-dir", str(issuer_dir), "--token-secret-file", str(secret_file), "--log-format", "json"]
+        self.cmd = mesh.identity_cmd(self.admin)  # its role's credential; it answers logins too
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Replica":
@@ -96,11 +97,16 @@ class Replica:
                 self.proc.kill()
 
 
-async def generate(nats_url: str, payloads: list[bytes], requests: int, concurrency: int) -> dict:
-    """Keep `concurrency` certify requests in flight until `requests` are answered."""
+async def generate(nats_url: str, payloads: list[bytes], requests: int, concurrency: int, token_file: str) -> dict:
+    """Keep `concurrency` certify requests in flight until `requests` are answered. The
+    generator logs in as a proxy does (its workload token, through identity's auth callout):
+    only proxies may ask for certificates; each request carries its own workload's token."""
     import nats
 
-    nc = await nats.connect(nats_url, max_reconnect_attempts=0)
+    from tulle.bus import BusCredentials
+
+    options = BusCredentials.for_workload(token_file, "bench", "load-0").connect_options(nats_url)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=0, connect_timeout=6, **options)
     latencies: list[float] = []
     errors = 0
     next_index = 0
@@ -126,16 +132,18 @@ async def generate(nats_url: str, payloads: list[bytes], requests: int, concurre
     return {"requests": requests, "elapsed_s": elapsed, "errors": errors, "latencies": latencies}
 
 
-def run_generators(nats_url: str, payload_file: Path, requests: int, concurrency: int, generators: int) -> dict:
+def run_generators(nats_url: str, payload_file: Path, requests: int, concurrency: int, generators: int,
+                   token_file: str) -> dict:
     """The load from `generators` processes at once (each with its share), merged."""
     if generators == 1:
         import uvloop
 
         payloads = orjson.loads(payload_file.read_bytes())
-        return uvloop.run(generate(nats_url, [p.encode() for p in payloads], requests, concurrency))
+        return uvloop.run(generate(nats_url, [p.encode() for p in payloads], requests, concurrency, token_file))
     share = requests // generators
     procs = [subprocess.Popen([sys.executable, "-m", "bench.identity", "--worker", nats_url, str(payload_file),
-                               str(share), str(max(1, concurrency // generators))], cwd=REPO, stdout=subprocess.PIPE,
+                               str(share), str(max(1, concurrency // generators)), token_file], cwd=REPO,
+                              stdout=subprocess.PIPE,
                               env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(generators)]
     results = [json.loads(p.communicate()[0]) for p in procs]
     return {"requests": sum(r["requests"] for r in results), "elapsed_s": max(r["elapsed_s"] for r in results),
@@ -168,49 +176,45 @@ def main() -> None:
     ap.add_argument("--generators", type=int, default=1, help="load generator processes")
     ap.add_argument("--replicas", default="1,2", help="replica counts to measure, e.g. 1,2")
     ap.add_argument("--repeat", type=int, default=3, help="measured runs per replica count (the median is shown)")
-    ap.add_argument("--worker", nargs=4, metavar=("URL", "PAYLOADS", "N", "CONCURRENCY"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=5, metavar=("URL", "PAYLOADS", "N", "CONCURRENCY", "TOKEN"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         import uvloop
 
-        url, payload_file, n, conc = args.worker
+        url, payload_file, n, conc, token_file = args.worker
         payloads = [p.encode() for p in orjson.loads(Path(payload_file).read_bytes())]
-        print(json.dumps(uvloop.run(generate(url, payloads, int(n), int(conc)))))
+        print(json.dumps(uvloop.run(generate(url, payloads, int(n), int(conc), token_file))))
         return
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="tulle-bench-identity-") as tmp:
         tmp = Path(tmp)
-        nats = NatsServer(tmp / "nats").start()
-        anchor = pki.new_trust_anchor()
-        issuer = pki.new_issuer(anchor)
-        issuer_dir = tmp / "issuer"
-        issuer_dir.mkdir()
-        (issuer_dir / "ca.crt").write_bytes(anchor.cert_pem)
-        (issuer_dir / "issuer.crt").write_bytes(issuer.cert_pem)
-        (issuer_dir / "issuer.key").write_bytes(issuer.key_pem)
-        secret = pki.new_token_secret()
-        (tmp / "token-secret").write_bytes(secret)
+        mesh = BenchMesh(tmp).start()
+        mesh.make_identity()
+        secret = mesh.token_secret
+        token_file = str(mesh.token_file("bench", "load-0", "load"))
         payload_file = tmp / "payloads.json"
         payload_file.write_bytes(orjson.dumps([p.decode() for p in make_payloads(secret, WORKLOADS)]))
         try:
             for n in [int(x) for x in args.replicas.split(",")]:
-                replicas = [Replica(nats.url, issuer_dir, tmp / "token-secret", tmp / f"identity-{n}-{i}.log").start()
-                            for i in range(n)]
+                replicas = [Replica(mesh, tmp / f"identity-{n}-{i}.log").start() for i in range(n)]
                 try:
                     for r in replicas:
                         r.wait_ready()
-                    run_generators(nats.url, payload_file, 500, args.concurrency, 1)  # warm-up
+                    run_generators(mesh.url, payload_file, 500, args.concurrency, 1, token_file)  # warm-up
                     runs = []
                     for _ in range(args.repeat):
                         before = [r.issued() for r in replicas]
                         cpu_before = [cpu_seconds(r.proc.pid) for r in replicas]
-                        result = run_generators(nats.url, payload_file, args.requests, args.concurrency, args.generators)
+                        result = run_generators(mesh.url, payload_file, args.requests, args.concurrency, args.generators,
+                                                token_file)
                         cpu = [cpu_seconds(r.proc.pid) - c for r, c in zip(replicas, cpu_before)]
                         shares = [r.issued() - b for r, b in zip(replicas, before)]
                         runs.append(summarize(result, cpu, shares))
                     # One request at a time: the round trip without queueing.
-                    alone = summarize(run_generators(nats.url, payload_file, args.requests // 4, 1, 1), [0.0], [0.0])
+                    alone = summarize(run_generators(mesh.url, payload_file, args.requests // 4, 1, 1, token_file), [0.0],
+                                      [0.0])
                 finally:
                     for r in replicas:
                         r.stop()
@@ -223,7 +227,7 @@ def main() -> None:
                                           "certs_per_s": alone["certs_per_s"]})
                 rows.append(row)
         finally:
-            nats.stop()
+            mesh.stop()
 
     print(f"identity certify through NATS ({os.cpu_count()} CPUs, {args.concurrency} in flight, "
           f"{args.generators} generator process(es), {args.requests} requests per run, median of {args.repeat} runs)\n")
