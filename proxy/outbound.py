@@ -2,12 +2,14 @@
 
 A connection arrives redirected by iptables (its original destination from
 SO_ORIGINAL_DST) or addressed directly, as to an HTTP proxy (absolute-form requests,
-CONNECT tunnels). HTTP/1 is routed per request by its authority: a mesh service name
-(`svc`, `svc.ns`, `svc.ns.svc[.<cluster-domain>]`) → its endpoint set; else, when
-redirected, the original destination's `_ip` endpoint set; else forwarded as is (to the
-original destination, or by DNS in proxy mode). Everything else is opaque TCP, balanced
-per connection. Endpoints with an identity are reached over mTLS with the transport
-header; others over plain TCP.
+CONNECT tunnels — inside which HTTP/2 is parsed too). HTTP/1 and HTTP/2 (prior-knowledge
+h2c) are routed per request by their authority: a mesh service name (`svc`, `svc.ns`,
+`svc.ns.svc[.<cluster-domain>]`) → its endpoint set; else, when redirected, the original
+destination's `_ip` endpoint set; else forwarded as is (to the original destination, or by
+DNS in proxy mode). Everything else is opaque TCP, balanced per connection. Endpoints with
+an identity are reached over mTLS with the transport header — HTTP/2 requests, and HTTP/1
+ones with TULLE_PROXY_MESH_PROTOCOL=h2, on one multiplexed HTTP/2 connection per peer;
+others over plain TCP (HTTP/2 stays h2c).
 
 Errors, as Linkerd's: known service without endpoints → 503; connect failure → 502;
 discovery silent for a new target → 504 after FAILFAST_S; opaque TCP: the connection closes.

@@ -145,6 +145,7 @@ class H2Client(asyncio.Protocol):
         self.touched: list = []  # exchanges whose caller got bytes this read
         self.write_paused = False
         self.flush_scheduled = False
+        self.pending = False  # the session may hold bytes to write
         self.closed = False
         self.ready = False  # set by the pool once the transport header (if any) went first
         self.going_away = False  # GOAWAY received or sent: no new streams
@@ -311,12 +312,21 @@ class H2Client(asyncio.Protocol):
     # --- writing ------------------------------------------------------------------------
 
     def dirty(self) -> None:
+        """Something waits in the session: written by the flush that ends the current read
+        event (the usual case: one write for everything it caused), or else on the loop's
+        next turn."""
+        self.pending = True
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.loop.call_soon(self.flush)
+            self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.flush_scheduled = False
+        if self.pending:
+            self.flush()
 
     def flush(self) -> None:
-        self.flush_scheduled = False
+        self.pending = False
         if self.closed or self.write_paused or not self.ready:
             return
         session = self.session

@@ -140,6 +140,7 @@ class H2Server(asyncio.Protocol):
         self.touched: list[Exchange] = []  # exchanges whose upstream got request bytes this read
         self.write_paused = False
         self.flush_scheduled = False
+        self.pending = False  # the session may hold bytes to write
         self.closed = False
         self.closing = False  # a GOAWAY is out: close once the session says it is done
         self.draining = False
@@ -291,13 +292,21 @@ class H2Server(asyncio.Protocol):
     # --- writing ------------------------------------------------------------------------
 
     def dirty(self) -> None:
-        """Something waits in the session: written at the end of this read, or soon."""
+        """Something waits in the session: written by the flush that ends the current read
+        event (the usual case: one write for everything it caused), or else on the loop's
+        next turn."""
+        self.pending = True
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.loop.call_soon(self.flush)
+            self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.flush_scheduled = False
+        if self.pending:
+            self.flush()
 
     def flush(self) -> None:
-        self.flush_scheduled = False
+        self.pending = False
         if self.closed:
             return
         if self.write_paused:
