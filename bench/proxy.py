@@ -7,8 +7,8 @@ the Tulle pair and the same job done by others.
 
 HTTP/1.1 paths (wrk at saturation, bench/openloop.py at 200 and 500 req/s):
   direct    client → server
-  tulle     client → tulle outbound → mTLS, HTTP/2 between the proxies → tulle inbound → server
-  tulle-h1  the same with HTTP/1.1 between the proxies (TULLE_PROXY_MESH_PROTOCOL=http1)
+  tulle     client → tulle outbound → mTLS → tulle inbound → server (the default: HTTP/1.1 between them)
+  tulle-h2  the same with one multiplexed HTTP/2 connection between the proxies (TULLE_PROXY_MESH_PROTOCOL=h2)
   nginx     client → nginx → mutual TLS (proxy_ssl_certificate + ssl_verify_client) → nginx → server
   haproxy   client → haproxy → mutual TLS (crt + verify required) → haproxy → server
 gRPC unary paths (bench/grpcload.py: a grpcio client, 32 calls in flight on its one HTTP/2
@@ -86,7 +86,7 @@ from bench.mesh import BenchMesh  # noqa: E402
 from tulle import pki, schemas  # noqa: E402
 from tulle.natsserver import free_port  # noqa: E402
 
-PATHS = ("direct", "tulle", "tulle-h1", "nginx", "haproxy")
+PATHS = ("direct", "tulle", "tulle-h2", "nginx", "haproxy")
 GRPC_PATHS = ("grpc-direct", "grpc-tulle", "grpc-nginx")
 GRPC_CONCURRENCY = 32
 RATES = (200, 500)
@@ -198,8 +198,8 @@ class Bench:
         self.proxies: dict[str, list[Proc]] = {}
         # Tulle pairs: (the code whose `proxy` package runs, extra environment).
         self.variants: dict[str, tuple[Path, dict]] = {
-            "tulle": (REPO, {"TULLE_PROXY_MESH_PROTOCOL": "h2"}),
-            "tulle-h1": (REPO, {"TULLE_PROXY_MESH_PROTOCOL": "http1"}),
+            "tulle": (REPO, {}),
+            "tulle-h2": (REPO, {"TULLE_PROXY_MESH_PROTOCOL": "h2"}),
         }
         for v in args.variant or ():
             name, _, d = v.partition("=")
@@ -482,7 +482,7 @@ backend peer
             if path in self.paths or (path == "tulle" and "grpc-tulle" in self.grpc_paths):
                 admins += self.start_tulle(path, code, extra_env)
         if "grpc-tulle" in self.grpc_paths:
-            # gRPC rides the (HTTP/2 between proxies) tulle pair: the same two processes.
+            # gRPC rides the tulle pair (the same two processes; gRPC is HTTP/2 between them).
             self.ports["grpc-tulle"] = self.ports["tulle"]
             self.hosts["grpc-tulle"] = f"origin-grpc.{NS}:{self.ports['grpc_origin']}"
             self.proxies["grpc-tulle"] = self.proxies["tulle"]

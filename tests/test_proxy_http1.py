@@ -67,9 +67,10 @@ class Pair:
         self.app.close()
 
 
-@pytest.fixture
-def pair(lt, mesh, kv, nats_server):
-    p = Pair(lt, mesh, kv, nats_server.url)
+@pytest.fixture(params=["http1", "h2"])
+def pair(request, lt, mesh, kv, nats_server):
+    """Both ways HTTP/1 travels between the proxies: on HTTP/1.1, and on HTTP/2 (orig-proto)."""
+    p = Pair(lt, mesh, kv, nats_server.url, client_cfg={"mesh_protocol": request.param})
     yield p
     p.close()
 
