@@ -23,7 +23,8 @@ from tulle.schemas import identity_name
 
 TULLE = str(REPO / ".venv" / "bin" / "tulle")
 DEMO = REPO / "examples" / "demo"
-ADDRESSES = {"web": "10.77.0.2", "books": "10.77.0.3", "authors": "10.77.0.4", "traffic": "10.77.0.5"}
+ADDRESSES = {"web": "10.77.0.2", "books": "10.77.0.3", "authors": "10.77.0.4", "traffic": "10.77.0.5",
+             "books-2": "10.77.0.6"}  # books runs two replicas
 WEB, TRAFFIC, AUTHORS = (identity_name(n, "demo") for n in ("web", "traffic", "authors"))
 
 

@@ -27,7 +27,7 @@ from tests.proxy_support import (
     KV, LoopThread, Mesh, Proxy, endpoint_set, meshed_endpoint, proxy_config, unique_ns, workload_policy,
 )
 from tests.bus_support import cli_bus_args
-from tests.test_proxy_profiles import TULLE
+from tests.local_support import TULLE
 from tulle import schemas
 from tulle.metrics import sample
 from tulle.policy import InboundPolicy
@@ -325,3 +325,57 @@ def test_grpc_through_the_proxy_as_an_http_proxy_is_still_balanced_per_request(g
         channel.close()
     assert served.count(b"books-a") >= 20 and served.count(b"books-b") >= 20
     assert gm.client.metric("protocol_detect_total", direction="outbound", protocol="h2") >= 1
+
+
+def test_a_stream_whose_reader_stalls_holds_back_only_itself(gm):
+    """Flow control is backpressure: a caller that stops reading one long response holds that
+    stream at its window (the proxy stops reading its upstream) while other calls on the same
+    connection go on; once it reads again, every byte arrives."""
+    import h2.events
+
+    from tests.h2_peers import H2Client
+
+    gm.replicas(Books("books-a"))
+    c = H2Client(gm.client.outbound)
+    conn = c.conn
+    conn.increment_flow_control_window(50_000_000)  # only the stalled stream's own window holds it
+    c.flush()
+
+    def call(method: str, message: bytes) -> int:
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", f"books.{gm.ns}:{PORT}".encode()),
+                                (b":path", f"/{SERVICE}/{method}".encode()), (b"content-type", b"application/grpc"),
+                                (b"te", b"trailers")])
+        conn.send_data(sid, b"\0" + len(message).to_bytes(4, "big") + message, end_stream=True)
+        c.flush()
+        return sid
+
+    stalled = call("ListBooks", b"20000")  # ~200 KB of messages: more than a stream window
+    received = {stalled: b""}
+    while len(received[stalled]) < 65_535:  # everything its window allows, never acknowledged
+        for e in c._events():
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == stalled:
+                received[stalled] += e.data
+    assert len(received[stalled]) == 65_535
+    for i in range(3):  # meanwhile, other calls on the same connection are answered
+        other = call("GetBook", b"%d" % i)
+        resp = c.response(other)
+        assert resp.status == 200 and resp.body.endswith(b"books-a:%d" % i) and resp.trailers[0] == (b"grpc-status", b"0")
+    conn.acknowledge_received_data(len(received[stalled]), stalled)  # read again
+    c.flush()
+    ended = False
+    while not ended:
+        for e in c._events():
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == stalled:
+                received[stalled] += e.data
+                conn.acknowledge_received_data(e.flow_controlled_length, stalled)
+            elif isinstance(e, h2.events.StreamEnded) and e.stream_id == stalled:
+                ended = True
+        c.flush()
+    data, messages = received[stalled], []
+    while data:
+        n = int.from_bytes(data[1:5], "big")
+        messages.append(data[5:5 + n])
+        data = data[5 + n:]
+    assert messages == [b"book %d" % i for i in range(20000)]
+    c.close()
