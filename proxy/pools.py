@@ -194,7 +194,7 @@ class H2Pool:
             pools.adopt(self)
         for on_ready, _ in waiters:
             on_ready(conn.stream())
-        conn.flush()
+        conn.write()  # the preface and SETTINGS, and the first requests
 
     def lost(self, conn: H2Client) -> None:
         """A connection takes no new streams (GOAWAY, closed): forget it."""

@@ -173,7 +173,7 @@ class H2Client(asyncio.Protocol):
                 self.session.goaway(NO_ERROR)
             except H2Error:
                 pass
-            self.flush()
+            self.write()
             self._close()
 
     # --- asyncio.Protocol --------------------------------------------------------------
@@ -191,7 +191,7 @@ class H2Client(asyncio.Protocol):
             self.transport.abort()
             return
         self._handle(events)
-        self.flush()
+        self.write()  # whatever the frames read called for
         touched = self.touched
         if touched:
             for x in touched:
@@ -206,7 +206,7 @@ class H2Client(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.flush()
+        self.write()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -326,6 +326,11 @@ class H2Client(asyncio.Protocol):
             self.flush()
 
     def flush(self) -> None:
+        """Write what the session holds, if anything was queued since the last write."""
+        if self.pending:
+            self.write()
+
+    def write(self) -> None:
         self.pending = False
         if self.closed or self.write_paused or not self.ready:
             return
@@ -346,7 +351,7 @@ class H2Client(asyncio.Protocol):
                 x.down.flush()
             touched.clear()
             if session.want_write and not self.write_paused:
-                self.flush()
+                self.write()
                 return
         if session.closed:
             self._close()

@@ -156,7 +156,7 @@ class H2Server(asyncio.Protocol):
         if preface:
             self.data_received(preface)
         else:
-            self.flush()
+            self.write()
 
     def data_received(self, data: bytes) -> None:
         self.idle_ticks = 0
@@ -176,7 +176,7 @@ class H2Server(asyncio.Protocol):
                 if up is not None:
                     up.flush()
             touched.clear()
-        self.flush()
+        self.write()  # whatever the frames read called for (ACKs, WINDOW_UPDATEs, answers)
 
     def eof_received(self):
         return False
@@ -186,7 +186,7 @@ class H2Server(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.flush()
+        self.write()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -306,6 +306,12 @@ class H2Server(asyncio.Protocol):
             self.flush()
 
     def flush(self) -> None:
+        """Write what the session holds, if anything was queued since the last write (the
+        other side's adapters call this once per read event, for every stream they touched)."""
+        if self.pending:
+            self.write()
+
+    def write(self) -> None:
         self.pending = False
         if self.closed:
             return
@@ -326,7 +332,7 @@ class H2Server(asyncio.Protocol):
         if events:
             self._handle(events)
             if session.want_write and not self.write_paused:
-                self.flush()
+                self.write()
                 return
         if (self.closing or self.draining) and session.closed:
             self._close()
@@ -372,14 +378,14 @@ class H2Server(asyncio.Protocol):
             self._goaway()
         else:
             self.session.shutdown_notice()
-            self.flush()
+            self.write()
 
     def _goaway(self) -> None:
         if self.closed:
             return
         self.closing = True
         self.session.goaway(NO_ERROR)
-        self.flush()
+        self.write()
         if not self.streams:
             self._close()
 
