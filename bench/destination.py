@@ -51,7 +51,16 @@ from tulle.bus import Bus, Change, Snapshot  # noqa: E402
 from tulle.codec import decode, encode  # noqa: E402
 from tulle.leader import LeaderElection  # noqa: E402
 from tulle.metrics import Registry  # noqa: E402
-from tulle.natsserver import NatsServer, free_port  # noqa: E402
+from bench.busauth import bench_nats, bench_seed  # noqa: E402
+from tulle.natsserver import free_port  # noqa: E402
+
+
+def start_nats(store: Path):
+    """A bus with the bench user, whose credential this process and its watcher processes
+    use (Bus reads TULLE_NATS_CREDS); the destination process gets its own role's."""
+    server = bench_nats(store).start()
+    os.environ["TULLE_NATS_CREDS"] = bench_seed(server)
+    return server
 from tulle.resources.parse import parse_object  # noqa: E402
 from tulle.sources.base import ResourceEvent  # noqa: E402
 
@@ -133,11 +142,12 @@ def _ready(port: int) -> bool:
         return False
 
 
-def process_start_to_ready(url: str, manifests: Path, log: Path) -> float:
+def process_start_to_ready(url: str, manifests: Path, log: Path, creds: str = "") -> float:
     port = free_port()
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "services.destination", "--nats", url, "--admin",
-                             f"127.0.0.1:{port}", "--manifests", str(manifests), "--log-format", "json"],
+                             f"127.0.0.1:{port}", "--manifests", str(manifests), "--log-format", "json",
+                             "--nats-creds", creds],
                             cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         while not _ready(port):
@@ -375,21 +385,22 @@ def main() -> None:
             manifests = tmp / "manifests"
             manifests.mkdir()
             write_manifests(manifests, args.services)
-            nats = NatsServer(tmp / "nats-process").start()
+            nats = start_nats(tmp / "nats-process")
+            creds = str(nats.seed_file("destination"))
             try:
-                result["process_cold_start_to_ready_s"] = process_start_to_ready(nats.url, manifests, tmp / "d1.log")
+                result["process_cold_start_to_ready_s"] = process_start_to_ready(nats.url, manifests, tmp / "d1.log", creds)
                 progress(f"process, empty KV: {result['process_cold_start_to_ready_s']:.1f} s")
-                result["process_warm_restart_to_ready_s"] = process_start_to_ready(nats.url, manifests, tmp / "d2.log")
+                result["process_warm_restart_to_ready_s"] = process_start_to_ready(nats.url, manifests, tmp / "d2.log", creds)
                 progress(f"process, full KV: {result['process_warm_restart_to_ready_s']:.1f} s")
             finally:
                 nats.stop()
-        nats = NatsServer(tmp / "nats").start()
+        nats = start_nats(tmp / "nats")
         try:
             result["in_process"] = uvloop.run(in_process_resync(nats.url, args.services))
             progress(f"in-process resync: {result['in_process']}")
         finally:
             nats.stop()
-        nats = NatsServer(tmp / "nats-latency").start()
+        nats = start_nats(tmp / "nats-latency")
         try:
             result["lone_change"] = uvloop.run(latency(nats.url, args.services, args.processes, args.watches,
                                                        args.changes, args.spacing_ms / 1000, tmp))

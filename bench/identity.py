@@ -32,7 +32,8 @@ if str(REPO) not in sys.path:
 
 from tulle import pki, schemas  # noqa: E402
 from tulle.codec import encode  # noqa: E402
-from tulle.natsserver import NatsServer, free_port  # noqa: E402
+from bench.busauth import bench_nats, bench_seed  # noqa: E402
+from tulle.natsserver import free_port  # noqa: E402
 
 WORKLOADS = 256  # distinct (token, CSR) pairs, used round-robin
 
@@ -49,16 +50,20 @@ def make_payloads(secret: bytes, n: int) -> list[bytes]:
         ns, sa = "bench", f"sa-{i}"
         identity = schemas.identity_name(sa, ns)
         csr = pki.new_csr(identity, pki.new_key()).decode()
-        out.append(encode(schemas.CertifyRequest(identity, pki.make_local_token(secret, ns, sa), csr)))
+        token = pki.make_local_token(secret, ns, sa, sa, "identity.tulle.cluster.local")
+        out.append(encode(schemas.CertifyRequest(identity, token, csr)))
     return out
 
 
 class Replica:
-    def __init__(self, nats_url: str, issuer_dir: Path, secret_file: Path, log: Path):
+    def __init__(self, nats_url: str, issuer_dir: Path, secret_file: Path, log: Path, creds: str = ""):
         self.admin = free_port()
         self.log = log
+        # No issuance rate limit: this measures what the service can sign (the limit is per
+        # identity, and the bench asks for the same few identities over and over).
         self.cmd = [sys.executable, "-m", "services.identity", "--nats", nats_url, "--admin", f"127.0.0.1:{self.admin}",
-                    "--issuer-dir", str(issuer_dir), "--token-secret-file", str(secret_file), "--log-format", "json"]
+                    "--issuer-dir", str(issuer_dir), "--token-secret-file", str(secret_file), "--log-format", "json",
+                    "--nats-creds", creds, "--certify-burst", "1e9", "--certify-rate", "1e9"]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Replica":
@@ -100,7 +105,10 @@ async def generate(nats_url: str, payloads: list[bytes], requests: int, concurre
     """Keep `concurrency` certify requests in flight until `requests` are answered."""
     import nats
 
-    nc = await nats.connect(nats_url, max_reconnect_attempts=0)
+    from tulle.bus import BusCredentials
+
+    nc = await nats.connect(nats_url, max_reconnect_attempts=0,
+                            **BusCredentials.from_env().connect_options(nats_url))  # the bench user (TULLE_NATS_CREDS)
     latencies: list[float] = []
     errors = 0
     next_index = 0
@@ -181,7 +189,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="tulle-bench-identity-") as tmp:
         tmp = Path(tmp)
-        nats = NatsServer(tmp / "nats").start()
+        nats = bench_nats(tmp / "nats").start()
+        os.environ["TULLE_NATS_CREDS"] = bench_seed(nats)  # the load generators' (inherited by workers)
         anchor = pki.new_trust_anchor()
         issuer = pki.new_issuer(anchor)
         issuer_dir = tmp / "issuer"
@@ -195,8 +204,8 @@ def main() -> None:
         payload_file.write_bytes(orjson.dumps([p.decode() for p in make_payloads(secret, WORKLOADS)]))
         try:
             for n in [int(x) for x in args.replicas.split(",")]:
-                replicas = [Replica(nats.url, issuer_dir, tmp / "token-secret", tmp / f"identity-{n}-{i}.log").start()
-                            for i in range(n)]
+                replicas = [Replica(nats.url, issuer_dir, tmp / "token-secret", tmp / f"identity-{n}-{i}.log",
+                                    str(nats.seed_file("identity"))).start() for i in range(n)]
                 try:
                     for r in replicas:
                         r.wait_ready()
