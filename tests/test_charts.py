@@ -312,13 +312,7 @@ def test_each_component_mounts_only_its_own_bus_credential():
 
 # Flags the chart passes that land with other issues (11: the authenticated bus; 14: the
 # injector's webhook). Merging those removes them from here, and the test then checks them too.
-PENDING_FLAGS = {
-    "destination": {"--nats-creds", "--nats-ca"},
-    "policy": {"--nats-creds", "--nats-ca"},
-    "identity": {"--nats-creds", "--nats-ca", "--callout-issuer-seed"},
-    "injector": {"--nats-creds", "--nats-ca", "--kubernetes", "--webhook-addr", "--tls-cert-file", "--tls-key-file",
-                 "--values"},
-}
+PENDING_FLAGS: dict[str, set[str]] = {c: set() for c in ("destination", "policy", "identity", "injector")}
 
 
 def _parser_arguments(component: str):
@@ -348,7 +342,7 @@ def test_every_service_accepts_the_flags_the_chart_gives_it():
             pytest.fail(f"python -m services.{component} refuses {args}")
         assert parsed.admin.startswith("0.0.0.0:")
     identity = parse_args("identity", [a for a in containers(objects)["tulle-identity/identity"]["args"]
-                                       if not a.startswith(("--nats-creds", "--nats-ca", "--callout"))],
+                                       ],
                           _parser_arguments("identity"))
     assert identity.lifetime.total_seconds() == 24 * 3600 and identity.clock_skew.total_seconds() == 20
 
