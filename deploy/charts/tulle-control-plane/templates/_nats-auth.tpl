@@ -4,6 +4,13 @@ permissions, and the auth callout — the same text local mode and the tests run
 regenerate with `python -m tulle.busauth --helm-template > <this file>`.
 */ -}}
 {{- define "tulle.natsAuth" -}}
+{{- $_ := required "nats.auth.destinationPublicKey is required: the public key of the destination role's nkey seed (tulle install generates it)" .Values.nats.auth.destinationPublicKey -}}
+{{- $_ := required "nats.auth.policyPublicKey is required: the public key of the policy role's nkey seed (tulle install generates it)" .Values.nats.auth.policyPublicKey -}}
+{{- $_ := required "nats.auth.identityPublicKey is required: the public key of the identity role's nkey seed (tulle install generates it)" .Values.nats.auth.identityPublicKey -}}
+{{- $_ := required "nats.auth.injectorPublicKey is required: the public key of the injector role's nkey seed (tulle install generates it)" .Values.nats.auth.injectorPublicKey -}}
+{{- $_ := required "nats.auth.observerPublicKey is required: the public key of the observer role's nkey seed (tulle install generates it)" .Values.nats.auth.observerPublicKey -}}
+{{- $_ := required "nats.auth.calloutPublicKey is required: the public key of the callout role's nkey seed (tulle install generates it)" .Values.nats.auth.calloutPublicKey -}}
+{{- $_ := required "nats.auth.calloutIssuerPublicKey is required: the public key of the auth-callout issuer's account seed (tulle install generates it)" .Values.nats.auth.calloutIssuerPublicKey -}}
 accounts {
   MESH {
     jetstream: enabled
