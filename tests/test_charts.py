@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
 import re
 import subprocess
 import sys
@@ -758,3 +760,64 @@ async def test_the_charts_nats_lets_the_observer_read_refuses_its_writes_and_ref
     finally:
         await observer.close()
         await destination.close()
+
+
+# --- the CNI chart's DaemonSet runs the real installer ------------------------------------------------
+
+
+def test_the_cni_daemonset_runs_the_installer_and_its_entry_is_what_the_plugin_reads(tmp_path):
+    """The rendered container's command and args, run for real against folders standing
+    for the node's (its hostPath mounts) and a service account mount, as the kubelet would."""
+    import signal
+
+    from tests.conftest import wait_until
+    from tulle.cni import decide
+
+    objects = render("tulle-cni", {}, namespace="tulle-cni")
+    installer = containers(objects)["tulle-cni/install-cni"]
+    plugin_json = find(objects, "ConfigMap", "tulle-cni-config")["data"]["plugin.json"]
+    node = tmp_path / "node"
+    (node / "etc/cni/net.d").mkdir(parents=True)
+    (node / "etc/cni/net.d/10-bridge.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [{"type": "bridge", "bridge": "cni0"}]}))
+    (tmp_path / "plugin.json").write_text(plugin_json)
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text("token-1\n")
+    (sa / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n")
+    mounts = {m["mountPath"]: m["name"] for m in installer["volumeMounts"]}
+    assert mounts["/etc/tulle-cni"] == "plugin-config" and mounts["/host/etc/cni/net.d"] == "cni-net-dir"
+    args = [a.replace("=/host/", f"={node}/").replace("=/etc/tulle-cni/", f"={tmp_path}/") for a in installer["args"]]
+    binary = Path(sys.executable).parent / installer["command"][0]
+    assert binary.is_file(), f"{installer['command'][0]} is not an entry point of the package"
+    proc = subprocess.Popen([str(binary), *installer["command"][1:], *args, "--service-account-dir", str(sa),
+                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": os.environ["PATH"], "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+                                 "KUBERNETES_SERVICE_PORT": "443"})
+    conflist = node / "etc/cni/net.d/10-bridge.conflist"
+    kubeconfig = node / "etc/cni/net.d/tulle-cni-kubeconfig"
+
+    def entry():
+        plugins = json.loads(conflist.read_text())["plugins"] if conflist.exists() else []
+        return next((p for p in plugins if p.get("type") == "tulle-cni"), None)
+
+    try:
+        tulle = wait_until(entry, timeout=30, what="the installer's entry in the conflist")
+        assert (node / "opt/cni/bin/tulle-cni").stat().st_mode & 0o111
+        # The plugin, run by the node's runtime, finds its kubeconfig at the node's path.
+        assert tulle["kubernetes"]["kubeconfig"] == "/etc/cni/net.d/tulle-cni-kubeconfig"
+        user = json.loads(kubeconfig.read_text())["users"][0]["user"]
+        assert user == {"token": "token-1"}  # inline: the pod's token file does not exist on the node
+        cfg = decide.proxy_init_config(tulle, {})
+        assert (cfg.inbound_port, cfg.outbound_port, cfg.proxy_uid) == (4143, 4140, 2102)
+        assert {p for r in cfg.inbound_ports_to_ignore for p in range(r.first, r.last + 1)} == {4190, 4191, 4567, 4568}
+        assert {p for r in cfg.outbound_ports_to_ignore for p in range(r.first, r.last + 1)} == {4567, 4568}
+        assert tulle["proxy"]["iptables_mode"] == "nft"
+        # A rotated projected token reaches the kubeconfig; SIGTERM takes everything away.
+        (sa / "token").write_text("token-2\n")
+        wait_until(lambda: '"token-2"' in kubeconfig.read_text(), timeout=30, what="the rotated token")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert entry() is None and not kubeconfig.exists() and not (node / "opt/cni/bin/tulle-cni").exists()
