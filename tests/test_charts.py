@@ -421,6 +421,9 @@ def test_the_injector_loads_the_values_document_the_chart_renders(tmp_path, name
     else:
         assert containers_["tulle-init"]["resources"] == {"requests": {"cpu": "10m", "memory": "10Mi"},
                                                           "limits": {"cpu": "100m", "memory": "20Mi"}}
+    for c in containers_.values():
+        if c["name"].startswith("tulle-"):
+            _accepted_by_the_cli(c["command"] + c.get("args", []))
     proxy_env = _resolved_env(pod, containers_["tulle-proxy"])
     assert "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD" not in proxy_env  # the chart's "": the proxy's own default
     from proxy.config import from_env
@@ -428,6 +431,38 @@ def test_the_injector_loads_the_values_document_the_chart_renders(tmp_path, name
     cfg = from_env(proxy_env)
     assert cfg.trust_anchors_pem.strip() == values["identityTrustAnchorsPEM"].strip().encode()
     assert (cfg.namespace, cfg.workload, cfg.shutdown_grace_s) == ("shop", "web-0", 120)
+
+
+def test_without_native_sidecars_the_proxys_await_hook_is_a_command_the_cli_accepts():
+    from services.injector.values import from_tree
+
+    objects = render_control_plane({"proxy": {"nativeSidecar": False}})
+    loaded = from_tree(yaml.safe_load(find(objects, "ConfigMap", "tulle-config")["data"]["values"]), "tulle-config")
+    proxy = _injected_pod(loaded)["spec"]["containers"][0]
+    assert proxy["name"] == "tulle-proxy"
+    _accepted_by_the_cli(proxy["lifecycle"]["postStart"]["exec"]["command"])
+
+
+def _accepted_by_the_cli(argv: list[str]) -> None:
+    """`argv` (a container's command and args, or a hook) names a `tulle` subcommand whose
+    options parse: what the image's `tulle` would accept (nothing is run)."""
+    import click
+
+    from tulle.cli import cli
+
+    assert argv[0] == "tulle", argv
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    cmd, ctx, i = cli, None, 1
+    while isinstance(cmd, click.Group):
+        ctx = click.Context(cmd, info_name=argv[i - 1], parent=ctx)
+        cmd = cmd.get_command(ctx, argv[i])
+        assert cmd is not None, f"tulle has no command {' '.join(argv[:i + 1])}"
+        i += 1
+    assert words[:i - 1] == argv[1:i]
+    try:
+        cmd.make_context(argv[i - 1], list(argv[i:]), parent=ctx)
+    except click.UsageError as e:
+        pytest.fail(f"{' '.join(argv)}: {e.format_message()}")
 
 
 def _injected_pod(values) -> dict:
