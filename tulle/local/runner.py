@@ -361,10 +361,28 @@ class Runner:
             elif ev.type in ("added", "modified"):
                 self._add_workload(obj)
 
+    def mesh_values(self) -> "plan.Values":
+        """The install values workloads are injected with. The anchors are read each time:
+        rotating them is "change ca.crt, restart the proxies"."""
+        return plan.install_values(
+            trust_anchors_pem=(self.state.identity / "ca.crt").read_text(), nats_url=self.nats_url,
+            trust_domain=self.opts.trust_domain, cluster_domain=self.opts.cluster_domain,
+            default_inbound_policy=self.opts.default_inbound_policy,
+            networks=plan.cluster_networks(self.isolation, self.n))
+
+    def injection(self, w: m.Workload) -> "plan.Injection":
+        return plan.inject(w, self.namespaces.get(w.meta.namespace), self.mesh_values())
+
     def _add_workload(self, w: m.Workload) -> None:
         key = plan.workload_key(w.meta.namespace, w.meta.name)
         index = plan.first_free_index(u.index for u in self.workloads.values())
         meshed = self.opts.meshed and w.injected
+        if meshed:
+            injection = self.injection(w)
+            if not injection.injected:  # as the webhook would: the pod runs without a proxy
+                self.log.warning("workload not meshed: the injector skips it", workload=key,
+                                 reason=injection.plan.reason)
+                meshed = False
         address = plan.workload_address(self.isolation, self.n, index)
         netns = plan.netns_name(self.n, w.meta.namespace, w.meta.name) if self.isolation == "netns" else ""
         unit = WorkloadUnit(self, w, index, plan.Placement(self.isolation, address, meshed, netns))
@@ -604,24 +622,18 @@ class WorkloadUnit:
         self._token_minted = time.monotonic()
 
     def _write_pod(self) -> None:
-        manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready)
+        injection = self.runner.injection(self.w) if self.placement.meshed else None
+        manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready, injection=injection)
         tmp = self.pod_file.with_name(f".{self.pod_file.name}.tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.pod_file)
 
     def _spawn_proxy(self) -> None:
         p, runner = self.placement, self.runner
-        # Read at every start: rotating the anchors is "change ca.crt, restart the proxies".
-        anchors = (runner.state.identity / "ca.crt").read_text()
-        policy = plan.effective_annotation(m.DEFAULT_POLICY_ANNOTATION, self.w,
-                                           runner.namespaces.get(self.w.meta.namespace),
-                                           runner.opts.default_inbound_policy)
         tls = runner.nats_server.tls if runner.nats_server else None
-        env = plan.proxy_env(runner._base_env, self.w, p, nats_url=runner.nats_url, token_file=str(self.token_file),
-                             trust_anchors_pem=anchors, default_inbound_policy=policy,
-                             nats_ca=tls.ca_file if tls else "",
-                             trust_domain=runner.opts.trust_domain, cluster_domain=runner.opts.cluster_domain,
-                             networks=plan.cluster_networks(p.isolation, runner.n))
+        # Injected afresh at every start: the anchors and the namespace may have changed.
+        env = plan.proxy_env(runner._base_env, self.w, p, runner.injection(self.w), token_file=str(self.token_file),
+                             nats_ca=tls.ca_file if tls else "")
         netns = p.isolation == "netns"
         self.proxy = procs.spawn(f"proxy {self.key}", [sys.executable, "-m", "proxy"], env=env, cwd="/",
                                  log=runner.state.log(plan.log_name("proxy", self.w.meta.namespace, self.w.meta.name)),
