@@ -82,7 +82,7 @@ function edgeLabel(e) {
   const parts = [];
   if (e.denied_total) parts.push(`DENIED ${e.denied_total}`);
   parts.push(e.mtls === true ? "mTLS" : e.mtls === "mixed" ? "partly mTLS" : "no mTLS");
-  if (e.protocol === "http") parts.push(`${pct(e.success)} · ${rps(e.rps)} rps`);
+  if (e.protocol === "http") parts.push(e.denied_total ? `${rps(e.rps)} rps` : `${pct(e.success)} · ${rps(e.rps)} rps`);
   else parts.push(`tcp ${e.tcp_open} open`);
   return parts.join(" · ");
 }
@@ -92,6 +92,34 @@ function nodeLabel(n) {
   if (!inb || (!inb.requests && !inb.tcp_open)) return name;
   return inb.requests ? `${name}\n${pct(inb.success)} · ${rps(inb.rps)} rps` : `${name}\ntcp ${inb.tcp_open} open`;
 }
+// Callers on the left, the called on the right: each node's column is the longest chain
+// of callers before it (cycles cut), its row its place among the column's nodes.
+function layered(elements) {
+  const nodes = elements.filter((e) => e.group === "nodes").map((e) => e.data.id).sort();
+  const into = new Map(nodes.map((n) => [n, []]));
+  for (const e of elements) if (e.group === "edges" && e.data.source !== e.data.target) into.get(e.data.target).push(e.data.source);
+  const depth = new Map();
+  const visit = (n, seen) => {
+    if (depth.has(n)) return depth.get(n);
+    if (seen.has(n)) return 0;
+    seen.add(n);
+    const d = Math.max(-1, ...into.get(n).map((m) => visit(m, seen))) + 1;
+    seen.delete(n);
+    depth.set(n, d);
+    return d;
+  };
+  nodes.forEach((n) => visit(n, new Set()));
+  const columns = new Map();
+  for (const n of nodes) {
+    const d = depth.get(n);
+    if (!columns.has(d)) columns.set(d, []);
+    columns.get(d).push(n);
+  }
+  const positions = new Map();
+  for (const [d, column] of columns) column.forEach((n, i) => positions.set(n, { x: d * 300, y: (i - (column.length - 1) / 2) * 140 }));
+  return positions;
+}
+
 function renderTopology() {
   const t = state.topology;
   if (!t) return;
@@ -120,7 +148,7 @@ function renderTopology() {
   const key = elements.map((el) => el.data.id).sort().join("|");
   if (!graph.cy) {
     graph.cy = cytoscape({
-      container: $("#graph"), elements,
+      container: $("#graph"), elements, maxZoom: 1.6, minZoom: 0.3,
       style: [
         { selector: "node", style: { "label": "data(label)", "text-wrap": "wrap", "text-valign": "bottom", "text-margin-y": 6,
             "font-size": 11, "background-color": "#2b6cb0", "width": 34, "height": 34, "color": "#1d2430" } },
@@ -142,9 +170,8 @@ function renderTopology() {
   if (key !== graph.nodeKey) {
     cy.elements().remove();
     cy.add(elements);
-    // Callers on the left, the called on the right: breadthfirst's levels, turned sideways.
-    cy.layout({ name: "breadthfirst", directed: true, padding: 40, spacingFactor: 1.6,
-                transform: (node, pos) => ({ x: pos.y * 1.8, y: pos.x }) }).run();
+    const positions = layered(elements);
+    cy.layout({ name: "preset", positions: (node) => positions.get(node.id()), fit: true, padding: 50 }).run();
     graph.nodeKey = key;
   } else {
     for (const el of elements) {
