@@ -154,13 +154,13 @@ class TrafficStats:
         self.samples.append((self.clock(), sample(self.registry)))
 
     def window(self, seconds: float) -> tuple[float, list[schemas.TrafficEdge]]:
-        """(the span really covered, the edges busy in it), from a fresh sample back to the
-        oldest sample no older than `seconds`."""
+        """(the span really covered, the edges busy in it): from a fresh sample back to the
+        newest sample at least `seconds` old (or the oldest kept)."""
         now = self.clock()
         current = sample(self.registry)
-        start_t, start = self.samples[0]
-        for t, s in self.samples:
-            if now - t <= seconds:
+        start_t, start = self.samples[0]  # a proxy younger than the window: all it has
+        for t, s in reversed(self.samples):
+            if now - t >= seconds:
                 start_t, start = t, s
                 break
         edges = [e for key, new in sorted(current.items()) if (e := _delta(new, start.get(key), key)) is not None]
