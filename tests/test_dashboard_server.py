@@ -231,3 +231,38 @@ async def test_explain_answers_from_the_published_policy(dashboard, nats_url):
         assert status == 400 and body["error"] == "no policy published for demo/nobody"
     await policy_bus.delete(schemas.POLICY_BUCKET, "demo.authors")
     await policy_bus.close()
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, tmp_path, env: dict | None = None):
+    import os
+    import subprocess
+
+    from tests.local_support import TULLE
+
+    full = dict(os.environ, TULLE_STATE_DIR=str(tmp_path / "no-run"), **(env or {}))
+    full.pop("TULLE_NATS_URL", None)
+    full.pop("TULLE_NATS_CREDS", None)
+    return subprocess.run([TULLE, "dashboard", *args], capture_output=True, text=True, timeout=60, env=full)
+
+
+def test_bad_flags_and_an_unreachable_mesh_are_one_line_each(tmp_path, nats_url):
+    from tests.bus_support import cli_bus_args
+
+    out = run_cli("--window", "5m", tmp_path=tmp_path)
+    assert out.returncode == 2 and out.stderr == "tulle: dashboard: --window '5m': must be from 2s to 1m " \
+                                                  "(proxies keep a minute of samples)\n"
+    out = run_cli("--nats", nats_url, tmp_path=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("tulle: dashboard: no credential for NATS at ")
+    assert len(out.stderr.splitlines()) == 1
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run_cli("--port", str(port), *cli_bus_args(nats_url), tmp_path=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith(f"tulle: dashboard: cannot listen on 127.0.0.1:{port}: ")
+    assert "Traceback" not in out.stderr
