@@ -149,8 +149,8 @@ def make_app(hub: Hub, *, hosts: frozenset[str]) -> web.Application:
                     await asyncio.wait_for(tab.wake.wait(), KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     await _write(response, b": keep-alive\n\n")
-        except (ConnectionResetError, asyncio.TimeoutError, asyncio.CancelledError, RuntimeError):
-            pass  # the tab went away (or stopped reading)
+        except (ConnectionResetError, asyncio.TimeoutError, RuntimeError):
+            pass  # the tab went away (or stopped reading); a shutdown's cancellation goes on up
         finally:
             hub.close_tab(tab)
         return response
