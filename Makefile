@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 # As root: the tools local mode's network namespaces and the tests need, when missing:
 # libnghttp2-14 (the proxy's HTTP/2 codec loads libnghttp2.so.14 through cffi), kubectl
 # (Debian's kubernetes-client) makes manifests for the inject round trip, the CNI reference
-# plugins (bridge, host-local) set up pod networks for the CNI plugin's tests.
+# plugins (bridge, host-local) set up pod networks for the CNI plugin's tests, Debian's
+# chromium is the real browser the dashboard's tests drive (playwright's own download is
+# not used).
 sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
@@ -27,6 +29,7 @@ sysdeps:
 	  command -v nsenter >/dev/null || missing="$$missing util-linux"; \
 	  command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	  [ -x /usr/lib/cni/bridge ] || missing="$$missing containernetworking-plugins"; \
+	  [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

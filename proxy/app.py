@@ -31,6 +31,7 @@ from proxy.inbound import Inbound
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
 from proxy.route_stats import stats_reply
+from proxy.traffic_stats import serve_traffic
 from proxy.policy import InboundPolicy
 from proxy.policy_metrics import DenialReporter
 from proxy.policy_watch import PolicyWatcher
@@ -139,6 +140,7 @@ class ProxyApp:
             self._tasks.append(asyncio.ensure_future(self.policy_watcher.run()))
         self._tasks.append(asyncio.ensure_future(self._tick()))
         self._tasks.append(asyncio.ensure_future(self._serve_route_stats()))
+        self._tasks.append(asyncio.ensure_future(serve_traffic(self)))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         log.info("proxy listening", outbound=_fmt(self.outbound.listener.address),
                  inbound=_fmt(self.inbound.listener.address), admin=self.admin.address, identity=cfg.identity,

@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "uninject": "tulle.cli.inject:uninject",
     "check": "tulle.cli.check:check",
     "logs": "tulle.cli.logs:logs",
+    "dashboard": "tulle.cli.dashboard:dashboard",
     "install": "tulle.cli.install:install",
     "upgrade": "tulle.cli.install:upgrade",
     "uninstall": "tulle.cli.install:uninstall",
