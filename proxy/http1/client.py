@@ -186,6 +186,10 @@ class Http1Client(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.status = status
+        if status < 100:
+            # Not a status (llhttp reads any 3 digits): taken as interim, its body would
+            # reach the caller with no head before it. A 502 instead (found by fuzz/).
+            raise _Broken()
         if status < 200:
             if status != 101:
                 self.interim = True
