@@ -185,6 +185,9 @@ def effective_annotation(key: str, w: m.Workload, namespace: Optional[m.Namespac
     return default
 
 
+PASSED_TO_PROXIES = ("TULLE_PROXY_IDENTITY_MIN_REFRESH", "TULLE_PROXY_IDENTITY_MAX_REFRESH")
+
+
 def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, *, nats_url: str, token_file: str,
               trust_anchors_pem: str, default_inbound_policy: str = "all-unauthenticated", nats_ca: str = "",
               trust_domain: str = "cluster.local", cluster_domain: str = "cluster.local",
@@ -192,6 +195,9 @@ def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, *, nats_url:
     """The proxy's environment, by proxy/config.py's contract (what the injector sets in a pod)."""
     env = {k: v for k, v in base.items() if k not in PROXY_ENV_VARS and not k.startswith("TULLE_PROXY_")
            and k not in ("TULLE_NATS_CREDS", "TULLE_NATS_CA")}
+    # Certificate renewal pacing is the one proxy setting `tulle up`'s own environment may
+    # pass on (short lifetimes for fault tests: TULLE_IDENTITY_LIFETIME reaches identity).
+    env.update({k: base[k] for k in PASSED_TO_PROXIES if base.get(k)})
     env.update({
         "TULLE_NATS_URL": nats_url,
         "TULLE_PROXY_IDENTITY_TRUST_ANCHORS": trust_anchors_pem,
