@@ -65,7 +65,8 @@ class _UpstreamBody:
         self.head_request = head_request
 
     def on_headers_complete(self):
-        self.final = self.parser.get_status_code() >= 200
+        # Only the first final response counts (what follows it is not an answer to the request).
+        self.final = self.parser.get_status_code() >= 200 and not self.complete
 
     def on_body(self, b):
         if self.final:
@@ -74,6 +75,7 @@ class _UpstreamBody:
     def on_message_complete(self):
         if self.final:
             self.complete = True
+            self.final = False
 
 
 def test_one_input(data: bytes) -> None:
