@@ -244,6 +244,22 @@ def test_killing_every_control_plane_service_at_once_fails_no_request(mesh):
     assert got["failed"] == 0, explain(mesh, got)
 
 
+def test_killing_nats_and_every_service_together_fails_no_request(mesh):
+    # No bus and no auth callout: proxies serve on what they know, then log in again once
+    # identity answers the callout for the new NATS.
+    w = Window(mesh, "kill NATS and every control-plane service together")
+    before = components(mesh)
+    for c in before.values():
+        signal_pid(c["pid"], signal.SIGKILL)
+    wait_until(lambda: all(components(mesh)[n].get("restarts", 0) > c.get("restarts", 0) for n, c in before.items())
+               and all_ready(mesh), timeout=90, interval=0.2, what="NATS and every service restarted and ready")
+    restarted = time.time()
+    wait_until(lambda: len(hb := heartbeats(mesh)) == 2 and all(t > restarted for t in hb.values()), timeout=60,
+               interval=0.5, what="every proxy back on the bus")
+    got = w.close()
+    assert got["failed"] == 0, explain(mesh, got)
+
+
 def test_freezing_nats_longer_than_a_heartbeat_ttl_fails_no_request(mesh):
     from tulle.schemas import PROXY_HEARTBEAT_TTL_S
 
