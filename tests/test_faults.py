@@ -142,8 +142,10 @@ class Window:
     def __init__(self, run, fault: str):
         self.run, self.fault = run, fault
         self.start = load_stats(run)
+        self.record = read_record(run["state"])
 
     def close(self) -> dict:
+        assert_nothing_left(self.record, read_record(self.run["state"]))
         target = load_stats(self.run)["ok"] + AFTER
         wait_until(lambda: load_stats(self.run)["ok"] >= target, timeout=90,
                    what=f"{AFTER} successful requests after {self.fault}")
@@ -153,6 +155,18 @@ class Window:
                if end["failed"] > self.start["failed"] else []}
         FIGURES[self.fault] = got
         return got
+
+
+def assert_nothing_left(before: dict, after: dict) -> None:
+    """Every process the run had before a fault and no longer has is gone (a killed NATS or
+    service, a restarted app, a stopped workload's proxy and app), and so is the network
+    namespace of every workload that left."""
+    current = set(recorded_pids(after))
+    stale = [(pid, start) for pid, start in recorded_pids(before) if (pid, start) not in current]
+    assert [pid for pid, start in stale if process_alive(pid, start)] == []
+    gone = {w["netns"] for w in before["workloads"]} - {w["netns"] for w in after["workloads"]}
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not gone & set(namespaces), gone & set(namespaces)
 
 
 def explain(run, got: dict) -> str:
