@@ -211,6 +211,10 @@ class Http1Client(asyncio.Protocol):
             raise _SkipBody()
 
     def on_body(self, body: bytes) -> None:
+        if self.status < 200:
+            # A 1xx response has no content (RFC 9110 15.2); llhttp frames one that declares a
+            # length, whose bytes would reach the caller with no head (found by fuzz/).
+            raise _Broken()
         self.server.on_upstream_body(body)
 
     def on_message_complete(self) -> None:
