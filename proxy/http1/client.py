@@ -191,6 +191,10 @@ class Http1Client(asyncio.Protocol):
             # reach the caller with no head before it. A 502 instead (found by fuzz/).
             raise _Broken()
         if status < 200:
+            if status != 101 and any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers):
+                # RFC 9110 8.6: never on a 1xx. Forwarded, it would make the caller read the
+                # next response as this one's body (found by fuzz/).
+                raise _Broken()
             if status != 101:
                 self.interim = True
                 self.server.on_upstream_interim(status, self.headers)
