@@ -617,6 +617,7 @@ def parse_object(data: Any, *, file: str = "", doc: Optional[int] = None, defaul
         api = o.str("apiVersion", required=True)
         meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
         name, ns = meta.get("name"), meta.get("namespace") or (default_namespace if kind != "Namespace" else "")
+        ns = ns if isinstance(ns, str) else ""  # a wrong type is reported by the kind's parser
         what = f"{kind} {ns + '/' if ns else ''}{name}" if isinstance(name, str) else kind
         parser = _PARSERS.get((api, kind))
         if parser is None or (kinds is not None and kind not in kinds):
