@@ -188,16 +188,15 @@ def all_ready(run) -> bool:
     return bool(record.get("ready")) and all(c["ready"] for c in record["components"])
 
 
-def proxy_metric(admin: str, name: str) -> float:
+def proxy_metric(admin: str, name: str, **labels: str) -> float:
+    """The sum of a proxy's samples of `name` that carry these labels (others free)."""
     with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as resp:
         samples = parse_text(resp.read().decode())
-    return sum(v for (n, _), v in samples.items() if n == name)
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def inbound_requests(admin: str) -> float:
-    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as resp:
-        samples = parse_text(resp.read().decode())
-    return sum(v for (n, labels), v in samples.items() if n == "request_total" and ("direction", "inbound") in labels)
+    return proxy_metric(admin, "request_total", direction="inbound")
 
 
 def heartbeats(run) -> dict[str, float]:
