@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: up down test bench sysdeps clean
+.PHONY: up down test bench fuzz sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ down: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Each fuzz target (fuzz/, atheris over libFuzzer) for FUZZ_SECONDS; new inputs go to
+# fuzz/.work/<target>/, crashes to fuzz/.work/<target>-found/ (fix, then keep the input in
+# fuzz/corpus/<target>/ as crash-<what>: tests/test_fuzz.py replays it).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@mkdir -p fuzz/.work
+	@for t in $$($(BIN)/python -m fuzz list); do \
+	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
+	  $(BIN)/python -m fuzz run $$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 >fuzz/.work/$$t.log 2>&1; \
+	  rc=$$?; grep -E '^(stat::number_of_executed_units|Done )' fuzz/.work/$$t.log; \
+	  if [ $$rc -ne 0 ]; then tail -40 fuzz/.work/$$t.log; exit 1; fi; \
+	done
 
 # Benchmarks print figures; they never pass or fail. nginx, HAProxy and the load
 # generators come from apt when root.

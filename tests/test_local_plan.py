@@ -167,6 +167,15 @@ def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
         assert cfg.admin_addr == (address, 4191)
 
 
+def test_only_the_renewal_pacing_of_the_invoking_environment_reaches_proxies():
+    env = plan.proxy_env({"PATH": "/bin", "TULLE_PROXY_IDENTITY_MIN_REFRESH": "1s",
+                          "TULLE_PROXY_IDENTITY_MAX_REFRESH": "4s", "TULLE_PROXY_INBOUND_ADDR": "0.0.0.0:1"},
+                         workload(), plan.Placement("none", "127.140.1.1", True), nats_url="nats://127.0.0.1:4222",
+                         token_file="/t", trust_anchors_pem="x")
+    assert env["TULLE_PROXY_IDENTITY_MIN_REFRESH"] == "1s" and env["TULLE_PROXY_IDENTITY_MAX_REFRESH"] == "4s"
+    assert env["TULLE_PROXY_INBOUND_ADDR"] == "127.140.1.1:4143"  # the runner's, never the caller's
+
+
 @pytest.mark.parametrize("pod,ns,expected", [
     ({}, {}, "all-authenticated"),  # the install's (cluster) default
     ({}, {m.DEFAULT_POLICY_ANNOTATION: "deny"}, "deny"),  # the namespace's

@@ -186,7 +186,15 @@ class Http1Client(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.status = status
+        if status < 100:
+            # Not a status (llhttp reads any 3 digits): taken as interim, its body would
+            # reach the caller with no head before it. A 502 instead (found by fuzz/).
+            raise _Broken()
         if status < 200:
+            if status != 101 and any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers):
+                # RFC 9110 8.6: never on a 1xx. Forwarded, it would make the caller read the
+                # next response as this one's body (found by fuzz/).
+                raise _Broken()
             if status != 101:
                 self.interim = True
                 self.server.on_upstream_interim(status, self.headers)
@@ -207,6 +215,10 @@ class Http1Client(asyncio.Protocol):
             raise _SkipBody()
 
     def on_body(self, body: bytes) -> None:
+        if self.status < 200:
+            # A 1xx response has no content (RFC 9110 15.2); llhttp frames one that declares a
+            # length, whose bytes would reach the caller with no head (found by fuzz/).
+            raise _Broken()
         self.server.on_upstream_body(body)
 
     def on_message_complete(self) -> None:

@@ -269,6 +269,9 @@ def field_value(pod: Mapping[str, Any], path: str) -> str:
     return str(node)
 
 
+PASSED_TO_PROXIES = ("TULLE_PROXY_IDENTITY_MIN_REFRESH", "TULLE_PROXY_IDENTITY_MAX_REFRESH")
+
+
 def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, injection: Injection, *, token_file: str,
               nats_ca: str = "") -> dict[str, str]:
     """The proxy's environment: the injected pod's `tulle-proxy` env (proxy/config.py's
@@ -284,6 +287,9 @@ def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, injection: I
         else:
             env[var["name"]] = field_value(injection.pod, var["valueFrom"]["fieldRef"]["fieldPath"])
     env["TULLE_PROXY_TOKEN_FILE"] = token_file
+    # Certificate renewal pacing is the one proxy setting `tulle up`'s own environment may
+    # pass on (short lifetimes for fault tests: TULLE_IDENTITY_LIFETIME reaches identity).
+    env.update({k: base[k] for k in PASSED_TO_PROXIES if base.get(k)})
     if nats_ca:
         env["TULLE_NATS_CA"] = nats_ca
     if p.isolation == "netns":

@@ -33,6 +33,9 @@ from tulle.sources.base import ResourceEvent
 from tulle.sources.folder import FolderSource
 
 SERVICES = ("identity", "destination", "policy", "injector")
+# How long a workload leaving the folder waits for its endpoints to be withdrawn before its
+# proxy drains (the rest of a rollout's zero-failure contract is the proxy's graceful shutdown).
+WITHDRAW_TIMEOUT_S = 10.0
 WATCHED_KINDS = {"Workload", "Service", "Namespace"}
 
 
@@ -136,6 +139,7 @@ class Runner:
         self.error = ""
         self.stopping = asyncio.Event()
         self._watch_task: Optional[asyncio.Task] = None
+        self._observer = None  # a bus connection (observer role) to see endpoints withdrawn
         self._base_env = _base_env()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._own_start = process_start(os.getpid())
@@ -351,7 +355,7 @@ class Runner:
             key = plan.workload_key(obj.meta.namespace, obj.meta.name)
             if ev.type in ("modified", "deleted") and key in self.workloads:
                 self.log.info("stopping workload", workload=key, reason=ev.type)
-                await self.workloads.pop(key).stop()
+                await self.workloads.pop(key).stop(drain=True)
                 self.save()
             if not self.synced:
                 if ev.type == "deleted":
@@ -390,6 +394,30 @@ class Runner:
         self.log.info("starting workload", workload=key, address=address, meshed=meshed)
         self.save()
         unit.begin()
+
+    async def wait_unlisted(self, address: str, timeout: float = WITHDRAW_TIMEOUT_S) -> bool:
+        """Wait until no endpoint set on the bus lists `address` (destination has taken a
+        not-ready pod out of its services); False after `timeout` (e.g. destination down)."""
+        from tulle import schemas
+        from tulle.bus import Bus, BusCredentials
+
+        deadline = time.monotonic() + timeout
+        try:
+            if self._observer is None:
+                tls = self.nats_server.tls
+                self._observer = Bus(self.nats_url, component="local", credentials=BusCredentials.for_seed(
+                    str(self.nats_server.seed_file("observer")), ca_file=tls.ca_file if tls else ""))
+                await asyncio.wait_for(self._observer.start(), timeout)
+            while time.monotonic() < deadline:
+                sets = await asyncio.wait_for(
+                    self._observer.items(schemas.ENDPOINTS_BUCKET, schemas.EndpointSet), timeout)
+                if not any(ep.address == address for es in sets.values() for ep in es.endpoints):
+                    return True
+                await asyncio.sleep(0.05)
+        except Exception as e:  # the bus is down: stop the workload anyway, after the timeout
+            self.log.warning("cannot see the endpoints on the bus", error=str(e) or type(e).__name__)
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        return False
 
     async def _rewrite_hosts(self) -> None:
         if self.isolation != "netns":
@@ -446,6 +474,8 @@ class Runner:
             await asyncio.gather(self._watch_task, return_exceptions=True)
         await asyncio.gather(*(u.stop() for u in self.workloads.values()), return_exceptions=True)
         self.workloads.clear()
+        if self._observer is not None:
+            await asyncio.gather(self._observer.close(), return_exceptions=True)
         await asyncio.gather(*(procs.terminate_async(c.child) for c in self.components.values()),
                              return_exceptions=True)
         if self.nats is not None:
@@ -621,9 +651,10 @@ class WorkloadUnit:
                                                      trust_domain=runner.opts.trust_domain)
         self._token_minted = time.monotonic()
 
-    def _write_pod(self) -> None:
+    def _write_pod(self, ready: Optional[bool] = None) -> None:
         injection = self.runner.injection(self.w) if self.placement.meshed else None
-        manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready, injection=injection)
+        manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready if ready is None else ready,
+                                     injection=injection)
         tmp = self.pod_file.with_name(f".{self.pod_file.name}.tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.pod_file)
@@ -685,10 +716,20 @@ class WorkloadUnit:
 
     # --- stop ---------------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop everything of this workload. With `drain` (it left the folder while the run
+        goes on), as Kubernetes ends a pod behind a Service: first out of its services (the
+        Pod turns not ready and destination withdraws its endpoints), then the proxy's
+        graceful shutdown (requests in flight finish), then the app."""
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        if drain and self.app is not None:
+            self._write_pod(ready=False)
+            if not await self.runner.wait_unlisted(self.placement.address):
+                self.log.warning("endpoints not withdrawn in time; stopping anyway")
+            if self.proxy is not None:
+                await procs.terminate_async(self.proxy)
         if self.app is not None:
             await procs.terminate_async(self.app)
         if self.proxy is not None:
