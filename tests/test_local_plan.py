@@ -168,10 +168,11 @@ def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
 
 
 def test_only_the_renewal_pacing_of_the_invoking_environment_reaches_proxies():
+    w = workload()
+    injection = plan.inject(w, None, values("deny", plan.cluster_networks("none", 140)))
     env = plan.proxy_env({"PATH": "/bin", "TULLE_PROXY_IDENTITY_MIN_REFRESH": "1s",
                           "TULLE_PROXY_IDENTITY_MAX_REFRESH": "4s", "TULLE_PROXY_INBOUND_ADDR": "0.0.0.0:1"},
-                         workload(), plan.Placement("none", "127.140.1.1", True), nats_url="nats://127.0.0.1:4222",
-                         token_file="/t", trust_anchors_pem="x")
+                         w, plan.Placement("none", "127.140.1.1", True), injection, token_file="/t")
     assert env["TULLE_PROXY_IDENTITY_MIN_REFRESH"] == "1s" and env["TULLE_PROXY_IDENTITY_MAX_REFRESH"] == "4s"
     assert env["TULLE_PROXY_INBOUND_ADDR"] == "127.140.1.1:4143"  # the runner's, never the caller's
 
