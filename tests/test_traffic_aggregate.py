@@ -100,7 +100,8 @@ def test_each_workload_is_judged_by_what_its_proxy_received():
     assert web.p50 is not None and 20 <= web.p50 <= 30 and web.p99 <= 30
     assert rows["authors"].success == pytest.approx(492 / 652)  # what went over the wire, retries included
     books = rows["books"]
-    assert (books.rps, books.success, books.tcp_open) == (0, None, 1)  # gRPC passes opaque: no HTTP figures
+    assert (books.rps, books.success, books.p50, books.tcp_open) == (None, None, None, 1)  # gRPC passes opaque
+    assert books.has_data
     assert books.read_bps == pytest.approx(50.0) and books.write_bps == pytest.approx(100.0)
 
 
@@ -224,6 +225,18 @@ def test_a_destination_without_a_proxy_is_an_unsecured_edge_and_unnamed_clients_
     rows = edges([reply("web", outbound("legacy", 5, 5, server=""), inbound("", 3, 3))], inventory=inv, namespace=NS)
     assert [(e.src, e.dst, e.secured, e.no_tls_reason) for e in rows] == [
         ("web", "legacy", False, NO_IDENTITY_FROM_DISCOVERY)]
+
+
+def test_calls_the_clients_proxy_failed_itself_do_not_make_an_edge_unsecured_but_plaintext_that_went_out_does():
+    # Before web's endpoints were known, traffic's proxy answered 503 itself (no server
+    # identity: nothing went on the wire); then every call went over mTLS.
+    early = outbound("web", 4, 0, 4, server="")
+    replies = [reply("traffic", early, outbound("web", 100, 100)), reply("web", inbound("traffic", 100, 100))]
+    [edge] = edges(replies, inventory=demo_inventory(), namespace=NS)
+    assert (edge.src, edge.dst, edge.secured, edge.no_tls_reason) == ("traffic", "web", True, "")
+    plaintext = outbound("web", 2, 2, server="")  # answered by someone, without mTLS
+    [edge] = edges([reply("traffic", plaintext, outbound("web", 100, 100))], inventory=demo_inventory(), namespace=NS)
+    assert (edge.secured, edge.no_tls_reason) == (False, NO_IDENTITY_FROM_DISCOVERY)
 
 
 def test_workloads_sharing_a_service_account_are_told_apart_by_whom_they_called():

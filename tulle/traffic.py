@@ -77,7 +77,7 @@ class Resource:
 def parse_resource(text: str, namespace: Optional[str], *, flag: str = "", default_kind: Optional[str] = None
                    ) -> Resource:
     """`TYPE`, `TYPE/NAME` (kubectl's type names accepted) or, with `default_kind`, a bare
-    NAME; UserError naming `flag` (e.g. "--from") on anything else."""
+    NAME; a one-line UserError starting with `flag` (e.g. "stat: --from") on anything else."""
     where = f"{flag} {text!r}" if flag else repr(text)
     kind_text, slash, name = text.partition("/")
     kind = KIND_ALIASES.get(kind_text.lower())
@@ -293,7 +293,8 @@ class StatRow:
 
     @property
     def has_data(self) -> bool:
-        return self.rps is not None
+        """Any traffic in the window (HTTP, or opaque TCP only: then `rps` and `success` are None)."""
+        return self.tcp_open is not None
 
     @property
     def meshed_text(self) -> str:
@@ -305,9 +306,10 @@ def _finish(row: StatRow, s: _Sum) -> StatRow:
     row.window_s = s.window_s
     if s.edges == 0:
         return row
-    row.rps = s.rps
-    row.success = s.successes / s.responses if s.responses else None
-    row.p50, row.p95, row.p99 = (quantile_ms(q, s.latency) for q in (0.5, 0.95, 0.99))
+    if s.responses:  # HTTP figures only for HTTP traffic: opaque TCP has connections and bytes alone
+        row.rps = s.rps
+        row.success = s.successes / s.responses
+        row.p50, row.p95, row.p99 = (quantile_ms(q, s.latency) for q in (0.5, 0.95, 0.99))
     row.tcp_open, row.read_bps, row.write_bps = s.tcp_open, s.read_bps, s.write_bps
     return row
 
@@ -546,7 +548,10 @@ def edges(replies: list[schemas.TrafficReply], *, by: str = "workload", inventor
     for (src, dst), sightings in seen.items():
         if namespace is not None and namespace not in (src[0], dst[0]):
             continue
-        secured = all(s.secured for s in sightings)
+        # Not secured when anything reached a server without mTLS. A call the client's proxy
+        # failed itself (no endpoints yet, a refused dial) carried nothing and does not count.
+        secured = all(s.secured for s in sightings if s.secured or _reached_a_server(s.edge)) and any(
+            s.secured for s in sightings)
         counted = [s for s in sightings if s.client_side] or sightings
         er = EdgeRow(src[0], src[1], dst[0], dst[1], secured,
                      client_id=next((s.client_id for s in sightings if s.client_id), ""),
@@ -561,6 +566,10 @@ def edges(replies: list[schemas.TrafficReply], *, by: str = "workload", inventor
         out.append(er)
     out.sort(key=lambda e: (e.src_namespace, e.dst_namespace, e.src, e.dst))
     return out
+
+
+def _reached_a_server(e: schemas.TrafficEdge) -> bool:
+    return bool(e.successes or e.tcp_opened or e.tcp_open or e.bytes_read or e.bytes_written)
 
 
 # --- output shapes shared by the CLI and the dashboard -------------------------------------------
