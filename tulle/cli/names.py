@@ -29,6 +29,7 @@ class Names:
     services: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> its ports
     servers: set[tuple[str, str]] = field(default_factory=set)
     containers: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # workload -> its containers
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)  # pod -> its workload, when not itself
 
 
 # --- where names come from -----------------------------------------------------------------------
@@ -78,6 +79,9 @@ def cluster_names(cluster: Cluster, want: set[str], namespace: Optional[str]) ->
         for p in pods.items:
             key = (p.metadata.namespace, p.metadata.name)
             names.workloads.add(key)
+            template_hash = (p.metadata.labels or {}).get("pod-template-hash")
+            if template_hash and f"-{template_hash}-" in p.metadata.name:  # a Deployment's pod
+                names.owners[key] = p.metadata.name.rsplit(f"-{template_hash}-", 1)[0]
             sidecars = [c.name for c in p.spec.init_containers or [] if getattr(c, "restart_policy", None) == "Always"]
             names.containers[key] = sidecars + [c.name for c in p.spec.containers or []]
     if "services" in want:
@@ -228,7 +232,8 @@ def _typed_names(ctx, kind_text: str, prefix: str) -> list[tuple[str, str]]:
     if kind == "workload":
         from tulle.traffic import owner_guess
 
-        return [(f"{prefix}{owner_guess(name)}", f"workload in {wns}") for wns, name in names.workloads if wns == ns]
+        return [(f"{prefix}{names.owners.get((wns, name)) or owner_guess(name)}", f"workload in {wns}")
+                for wns, name in names.workloads if wns == ns]
     return [(f"{prefix}{name}", f"pod in {wns}") for wns, name in names.workloads if wns == ns]
 
 
