@@ -116,7 +116,9 @@ class _Bucket:
         self.second = second  # for a coarse bucket: the first second of its slot
         self.requests = self.successes = self.failures = self.denied = 0
         self.tcp_opened = self.bytes_read = self.bytes_written = 0
-        self.latency: Optional[dict[int, int]] = None  # sparse: bucket index -> count
+        # Sparse and flat, (index, count, index, count, …): a second's responses mostly fall
+        # in one or two latency buckets, and thousands of these may be kept.
+        self.latency: tuple[int, ...] = ()
 
     def add(self, other: "_Bucket") -> None:
         self.requests += other.requests
@@ -127,11 +129,26 @@ class _Bucket:
         self.bytes_read += other.bytes_read
         self.bytes_written += other.bytes_written
         if other.latency:
-            mine = self.latency
-            if mine is None:
-                mine = self.latency = {}
-            for i, n in other.latency.items():
-                mine[i] = mine.get(i, 0) + n
+            if not self.latency:
+                self.latency = other.latency
+            else:
+                merged = dict(zip(self.latency[::2], self.latency[1::2]))
+                for i, n in zip(other.latency[::2], other.latency[1::2]):
+                    merged[i] = merged.get(i, 0) + n
+                self.latency = tuple(x for pair in sorted(merged.items()) for x in pair)
+
+    def add_to(self, totals: list[int], latency: list[int]) -> None:
+        """Add this bucket into a window's running totals (see `_totals`)."""
+        totals[0] += self.requests
+        totals[1] += self.successes
+        totals[2] += self.failures
+        totals[3] += self.denied
+        totals[4] += self.tcp_opened
+        totals[5] += self.bytes_read
+        totals[6] += self.bytes_written
+        lat = self.latency
+        for j in range(0, len(lat), 2):
+            latency[lat[j]] += lat[j + 1]
 
 
 class _Edge:
@@ -186,7 +203,7 @@ def _delta(now: Reading, before: Optional[Reading], second: int) -> Optional[_Bu
     b.bytes_read = max(0, now.bytes_read - before.bytes_read)
     b.bytes_written = max(0, now.bytes_written - before.bytes_written)
     if now.latency != before.latency:
-        b.latency = {i: n - m for i, (n, m) in enumerate(zip(now.latency, before.latency)) if n > m}
+        b.latency = tuple(x for i, (n, m) in enumerate(zip(now.latency, before.latency)) if n > m for x in (i, n - m))
     if not (b.requests or b.successes or b.failures or b.denied or b.tcp_opened or b.bytes_read
             or b.bytes_written or b.latency):
         return None
@@ -284,34 +301,30 @@ class TrafficWindows:
         out = []
         for edge in [*self._edges.values(), *self._overflow.values()]:
             edge.compact(now_s, self.fine_s, self.coarse_s, self.retention_s)
-            total = _Bucket(first)
+            totals, latency = [0] * 7, [0] * _N_LATENCY
             for b in reversed(edge.fine):
                 if b.second < first:
                     break
-                total.add(b)
+                b.add_to(totals, latency)
             if coarse:
                 for b in reversed(edge.coarse):
                     if b.second + self.coarse_s <= first:
                         break
-                    total.add(b)
-            if not (total.requests or total.successes or total.failures or total.denied or total.tcp_opened
-                    or total.bytes_read or total.bytes_written or edge.tcp_open):
+                    b.add_to(totals, latency)
+            if not (any(totals) or edge.tcp_open):
                 continue
-            out.append(_edge_message(edge, total))
+            out.append(_edge_message(edge, totals, latency))
         return out
 
 
-def _edge_message(edge: _Edge, total: _Bucket) -> schemas.TrafficEdge:
+def _edge_message(edge: _Edge, totals: list[int], latency: list[int]) -> schemas.TrafficEdge:
     direction, peer_ns, peer_name, peer_identity, secured = edge.key
-    counts = [0] * _N_LATENCY
-    for i, n in (total.latency or {}).items():
-        counts[i] = n
+    requests, successes, failures, denied, tcp_opened, bytes_read, bytes_written = totals
     return schemas.TrafficEdge(
         direction=direction, peer_namespace=peer_ns, peer_name=peer_name, peer_identity=peer_identity,
-        secured=secured, requests=total.requests, successes=total.successes, failures=total.failures,
-        denied=total.denied, latency_buckets_ms=_BOUNDS_LIST, latency_counts=counts,
-        tcp_opened=total.tcp_opened, tcp_open=edge.tcp_open, bytes_read=total.bytes_read,
-        bytes_written=total.bytes_written)
+        secured=secured, requests=requests, successes=successes, failures=failures, denied=denied,
+        latency_buckets_ms=_BOUNDS_LIST, latency_counts=latency, tcp_opened=tcp_opened, tcp_open=edge.tcp_open,
+        bytes_read=bytes_read, bytes_written=bytes_written)
 
 
 def traffic_reply(namespace: str, workload: str, identity: str, windows: TrafficWindows,
