@@ -373,8 +373,9 @@ def stat_rows(replies: list[schemas.TrafficReply], by: str = "workload", *, inve
               namespace: Optional[str] = None, name: str = "", from_: Optional[Resource] = None,
               to: Optional[Resource] = None, unmeshed: bool = False) -> list[StatRow]:
     """One row per resource of kind `by` (in `namespace`, or every one when None — namespaces
-    themselves are not narrowed by it; only `name` when given), as `linkerd viz stat`. Pods, workloads and namespaces without a proxy are
-    left out (they have no figures) unless `unmeshed`; services are listed when known."""
+    themselves are not narrowed by it; only `name` when given), as `linkerd viz stat`. Pods,
+    workloads and namespaces without a proxy are left out (they have no figures) unless
+    `unmeshed`; services are listed when known."""
     by = KIND_ALIASES.get(by, by)
     if by not in KINDS:
         raise ValueError(f"stat_rows: by={by!r}")
@@ -427,7 +428,7 @@ def stat_rows(replies: list[schemas.TrafficReply], by: str = "workload", *, inve
     for key in sorted(set(pods) | set(sums)):
         flags = pods.get(key, [])
         meshed = sum(flags)
-        if meshed == 0 and not unmeshed and from_ is None:
+        if meshed == 0 and not unmeshed:
             continue
         row = StatRow(by, key[0], key[1], meshed=meshed, total=len(flags))
         rows.append(_finish(row, sums.get(key) or _Sum()))
@@ -442,7 +443,6 @@ def _service_rows(replies: list[schemas.TrafficReply], inv: Inventory, namespace
             not name or svc == name)
 
     sums: dict[tuple[str, str], _Sum] = {key: _Sum() for key in inv.services if wanted(*key)}
-    touched: set[tuple[str, str]] = set()
     for r in replies:
         if from_ is not None and not _matches(from_, r.namespace, r.workload, inv):
             continue
@@ -451,12 +451,7 @@ def _service_rows(replies: list[schemas.TrafficReply], inv: Inventory, namespace
             if e.direction != "outbound" or not wanted(*key):
                 continue
             sums.setdefault(key, _Sum()).add(e, r.window_s)
-            touched.add(key)
-    rows = []
-    for key in sorted(sums):
-        s = sums[key] if key in touched else _Sum()
-        rows.append(_finish(StatRow("service", key[0], key[1]), s))
-    return rows
+    return [_finish(StatRow("service", ns, svc), sums[(ns, svc)]) for ns, svc in sorted(sums)]
 
 
 # --- pure: edges -------------------------------------------------------------------------------------
