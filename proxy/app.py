@@ -31,7 +31,7 @@ from proxy.inbound import Inbound
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
 from proxy.route_stats import stats_reply
-from proxy.traffic_stats import serve_traffic
+from proxy.traffic_stats import TrafficWindows, read_edges, traffic_reply
 from proxy.policy import InboundPolicy
 from proxy.policy_metrics import DenialReporter
 from proxy.policy_watch import PolicyWatcher
@@ -42,6 +42,8 @@ from tulle.log import get_logger, setup_logging
 from tulle.metrics import REGISTRY, Registry
 
 log = get_logger()
+
+TRAFFIC_SAMPLE_S = 1.0  # how often the traffic windows read the proxy's counters
 
 
 def production_identity(bus: Bus, cfg: ProxyConfig, registry: Registry):
@@ -76,6 +78,7 @@ class ProxyApp:
         self._tasks: list[asyncio.Task] = []
         self._ready_announced = False
         self.ready_checks: dict[str, Callable[[], bool]] = {}
+        self.traffic = TrafficWindows()  # golden metrics per edge, for `tulle stat` / `tulle edges`
 
     # --- readiness ---------------------------------------------------------------------
 
@@ -140,7 +143,8 @@ class ProxyApp:
             self._tasks.append(asyncio.ensure_future(self.policy_watcher.run()))
         self._tasks.append(asyncio.ensure_future(self._tick()))
         self._tasks.append(asyncio.ensure_future(self._serve_route_stats()))
-        self._tasks.append(asyncio.ensure_future(serve_traffic(self)))
+        self._tasks.append(asyncio.ensure_future(self._sample_traffic()))
+        self._tasks.append(asyncio.ensure_future(self._serve_traffic()))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         log.info("proxy listening", outbound=_fmt(self.outbound.listener.address),
                  inbound=_fmt(self.inbound.listener.address), admin=self.admin.address, identity=cfg.identity,
@@ -184,6 +188,39 @@ class ProxyApp:
                 return
             except Exception as e:  # disconnected again between the wait and the subscribe
                 log.debug("cannot serve route stats yet", error=str(e) or type(e).__name__)
+                await asyncio.sleep(0.5)
+
+    def sample_traffic(self) -> None:
+        """Fold the proxy's cumulative counters into the traffic windows (the request path
+        itself does nothing for them)."""
+        self.traffic.sample(read_edges(self.shared.metrics, (self.inbound, self.outbound), self.inbound.authz))
+
+    async def _sample_traffic(self) -> None:
+        while True:
+            await asyncio.sleep(TRAFFIC_SAMPLE_S)
+            try:
+                self.sample_traffic()
+            except Exception:  # a bug here must not stop the proxy, nor the next samples
+                log.exception("sampling traffic figures failed")
+
+    async def _serve_traffic(self) -> None:
+        """Answer `tulle stat` / `tulle edges` / the dashboard (PROXY_TRAFFIC_SUBJECT) with this
+        proxy's edges over the window asked for; no answer when the request names others."""
+        cfg = self.cfg
+
+        async def answer(request: schemas.TrafficRequest) -> schemas.TrafficReply | None:
+            if request.workloads and schemas.proxy_key(cfg.namespace, cfg.workload) not in request.workloads:
+                return None
+            self.sample_traffic()  # up to this moment, not to the last whole second
+            return traffic_reply(cfg.namespace, cfg.workload, cfg.identity, self.traffic, request)
+
+        while True:
+            await self.bus.wait_connected()
+            try:
+                await self.bus.serve(schemas.PROXY_TRAFFIC_SUBJECT, schemas.TrafficRequest, answer)
+                return
+            except Exception as e:  # disconnected again between the wait and the subscribe
+                log.debug("cannot serve traffic figures yet", error=str(e) or type(e).__name__)
                 await asyncio.sleep(0.5)
 
     async def _announce_ready(self) -> None:

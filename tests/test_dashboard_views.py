@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.metrics import ProxyMetrics
-from proxy.policy import Decision
-from proxy.policy_metrics import PolicyMetrics
-from proxy.traffic_stats import TrafficStats, traffic_reply
 from tulle import schemas
 from tulle.dashboard import views
 from tulle.dashboard.server import allowed_hosts, host_name
 from tulle.errors import UserError
-from tulle.metrics import LATENCY_BUCKETS_MS, Registry
+from tulle.metrics import LATENCY_BUCKETS_MS
 
 NOW = 1_800_000_000.0
 BOUNDS = [float(b) for b in LATENCY_BUCKETS_MS]
@@ -218,57 +214,6 @@ def test_an_event_that_is_not_json_is_dropped_and_a_good_one_keeps_its_fields():
                             b'"source":"/tulle/proxy/demo.web","data":{"port":8080}}', 7)
     assert (item["type"], item["seq"], item["data"]) == ("proxy.denied", 7, {"port": 8080})
     assert views.event_time(item, 0) == pytest.approx(1767323045.678)
-
-
-# --- the proxy's traffic windows ---------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_the_proxy_answers_the_window_of_its_counters_per_peer():
-    registry, clock = Registry(), Clock()
-    m, authz = ProxyMetrics(registry), PolicyMetrics(registry)
-    stats = TrafficStats(registry, clock=clock)
-    web = ident("web")
-    inbound = m.labels("inbound", "demo", tls="true", client_id=web)
-    out = m.labels("outbound", "demo", "authors", "true", server_id=ident("authors"))
-    for _ in range(5):  # before the window
-        inbound.requests.value += 1
-    for s in range(1, 31):
-        clock.t += 1
-        stats.tick()
-    for _ in range(10):
-        inbound.requests.value += 1
-        counter, latency = inbound.response(200)
-        counter.inc()
-        latency.observe(3.0)
-        out.requests.value += 1
-        out.response(503)[0].inc()
-    deny = Decision(False, "authors-http", "", "no authorization")
-    for _ in range(3):
-        authz.count("http", 8080, deny, web)
-    clock.t += 0.5
-    got = traffic_reply("demo", "authors", ident("authors"), stats, schemas.TrafficRequest(window_s=10))
-    assert got.window_s == pytest.approx(10.5)
-    edges = {(e.direction, e.peer_name): e for e in got.edges}
-    i = edges[("inbound", "web")]
-    assert (i.requests, i.successes, i.failures, i.denied, i.secured, i.peer_identity) == (10, 10, 0, 3, True, web)
-    assert sum(i.latency_counts) == 10
-    o = edges[("outbound", "authors")]
-    assert (o.requests, o.failures, o.secured, o.peer_namespace) == (10, 10, True, "demo")
-    # Another workload's request gets no answer; an idle proxy answers with no edges.
-    assert traffic_reply("demo", "authors", "", stats, schemas.TrafficRequest(workloads=["demo.web"])) is None
-    for _ in range(70):
-        clock.t += 1
-        stats.tick()
-    idle = traffic_reply("demo", "authors", "", stats, schemas.TrafficRequest(window_s=600))
-    assert idle.edges == [] and idle.window_s == pytest.approx(60.0)  # a minute kept
 
 
 # --- the web side's pure parts -----------------------------------------------------------------

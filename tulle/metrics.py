@@ -58,6 +58,10 @@ class _Metric:
             child = self._children[values] = self._new_child()
         return child
 
+    def items(self) -> list[tuple[tuple[str, ...], object]]:
+        """(label values, child) of every child, for readers other than the exposition."""
+        return list(self._children.items())
+
     def remove(self, *values: str) -> None:
         self._children.pop(values, None)
 

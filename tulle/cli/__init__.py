@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "identity": "tulle.cli.identity:identity",
     "endpoints": "tulle.cli.endpoints:endpoints",
     "routes": "tulle.cli.routes:routes",
+    "stat": "tulle.cli.stat:stat",
+    "edges": "tulle.cli.edges:edges",
     "profile": "tulle.cli.profile:profile",
     "policy": "tulle.cli.policy:policy",
     "proxy": "tulle.cli.proxy:proxy",

@@ -1,7 +1,7 @@
 """The dashboard's one door to traffic statistics (`tulle.proxy.v1.traffic`).
 
-Kept deliberately small so it can be switched to the shared client (tulle/traffic.py,
-which `tulle stat` / `tulle edges` use) without touching the rest of the dashboard:
+Gathering goes through the shared client (tulle/traffic.py, which `tulle stat` /
+`tulle edges` use); this module adds what only the dashboard draws:
 
     gather_traffic(bus, window_s, expected, timeout_s) -> list[TrafficReply]
     merge_histograms(edges) -> (bounds, counts)
@@ -15,16 +15,13 @@ import math
 from typing import Iterable, Optional
 
 from tulle import schemas
+from tulle import traffic as shared_traffic
 
 
 async def gather_traffic(bus, window_s: float, expected: set[str], timeout_s: float) -> list[schemas.TrafficReply]:
-    """Scatter one TrafficRequest; gather replies until every expected proxy (`ns.workload`)
-    answered or the timeout."""
-    def everyone(replies: list[schemas.TrafficReply]) -> bool:
-        return bool(expected) and expected <= {schemas.proxy_key(r.namespace, r.workload) for r in replies}
-
-    return await bus.gather(schemas.PROXY_TRAFFIC_SUBJECT, schemas.TrafficRequest(window_s=window_s),
-                            schemas.TrafficReply, timeout_s, until=everyone)
+    """Every expected proxy's (`ns.workload`) edges over `window_s`, through the client
+    `tulle stat` / `tulle edges` use, so both see the same numbers."""
+    return await shared_traffic.gather_traffic(bus, window_s, timeout_s=timeout_s, expected=expected)
 
 
 def merge_histograms(edges: Iterable[schemas.TrafficEdge]) -> tuple[list[float], list[int]]:
