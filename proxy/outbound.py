@@ -34,7 +34,8 @@ from proxy.authority import is_ip, mesh_service, split_authority
 from proxy.context import Shared
 from proxy.discovery import Watched
 from proxy.http1.headers import CHUNKED, HeadError, serialize
-from proxy.http1.server import IDEMPOTENT, Http1Server, Limits, Request
+from proxy.http1.server import IDEMPOTENT, Http1Server, Request
+from proxy.limits import Limits
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.profiles import (
@@ -155,6 +156,11 @@ class Exchange:
     def is_failure(self, status: int, grpc_status: int | None = None) -> bool:
         return self.route.is_failure(status, grpc_status)
 
+    @property
+    def has_timeout(self) -> bool:
+        """The route bounds the request's time itself (the response-head timeout steps aside)."""
+        return self.route.timeout_s is not None
+
 
 class Outbound(Side):
     direction = "outbound"
@@ -166,8 +172,9 @@ class Outbound(Side):
         self.discovery = shared.discovery
         self.pools = pools
         self.loop = asyncio.get_event_loop()
-        self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
-        Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound")
+        self.limits = Limits.from_config(cfg)
+        Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound", max_connections=cfg.max_connections,
+                      on_refused=lambda: self.metrics.tcp_error("outbound", "connection_limit"))
         self.default_labels = self.metrics.labels("outbound")
         self._targets: dict[tuple, Target] = {}
         self._errors = self.metrics.http_errors["outbound"]
