@@ -6,11 +6,13 @@ adapter acts)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
+from proxy import transport as tph
 from tests.conftest import wait_until
 from tests.proxy_support import (
     KV, AppServer, KeepAlive, Mesh, Proxy, RawServer, endpoint_set, exchange, proxy_config, read_response, unique_ns,
@@ -405,3 +407,147 @@ def test_the_admin_server_at_its_connection_cap_accepts_and_closes_the_next_one(
         for s in held:
             s.close()
         proxy.stop()
+
+
+# --- between proxies, and opaque connections ------------------------------------------------
+
+
+class Peer:
+    """client → client proxy → mTLS → server proxy (short handshake, preamble and opaque idle
+    timeouts) → app; the server proxy also passes an echo port opaque."""
+
+    def __init__(self, lt, nats_url):
+        self.mesh = Mesh()
+        self.ns = unique_ns()
+        self.app = AppServer("web")
+        self.echo = RawServer(_echo)
+        self.server_id = self.mesh.identity("web", self.ns)
+        self.server = Proxy(lt, proxy_config(
+            nats_url, self.ns, "web-1", "web", app_default_port=self.app.port, tls_handshake_timeout_s=TIMEOUT,
+            preamble_timeout_s=TIMEOUT, opaque_idle_timeout_s=TIMEOUT, opaque_ports=frozenset({self.echo.port})),
+            self.server_id)
+        self.client_id = self.mesh.identity("client", self.ns)
+        self.client = Proxy(lt, proxy_config(nats_url, self.ns, "client-1", "client"), self.client_id)
+        self.kv = KV(lt, nats_url)
+        self.kv.put(schemas.endpoints_key(self.ns, "web", self.app.port), endpoint_set(self.ns, "web", self.app.port, [
+            schemas.Endpoint(address="127.0.0.1", port=self.app.port, identity=self.server_id.identity,
+                             proxy_port=self.server.inbound)]))
+
+    def close(self):
+        self.kv.close()
+        self.client.stop()
+        self.server.stop()
+        self.app.close()
+        self.echo.close()
+
+
+def _echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+@pytest.fixture(scope="module")
+def peer(lt, nats_server):
+    p = Peer(lt, nats_server.url)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def meshed_other(peer):
+    """A well-behaved caller whose requests cross both proxies over mTLS."""
+    client = KeepAlive(peer.client.outbound, f"web.{peer.ns}:{peer.app.port}")
+    client.check()
+    yield client
+    client.check()
+    client.close()
+
+
+def _client_hello(server_name: str) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    got = b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_a_tls_handshake_that_stalls_after_its_client_hello_is_closed_at_the_timeout(peer, meshed_other):
+    before = peer.server.metric("inbound_tcp_errors_total", error="tls_handshake_timeout")
+    with socket.create_connection(("127.0.0.1", peer.server.inbound), timeout=10) as s:
+        s.sendall(_client_hello(peer.server_id.identity))  # then nothing more
+        answer = _until_closed(s)
+    assert answer[:1] == b"\x16"  # the server's handshake came, then the close
+    assert peer.server.metric("inbound_tcp_errors_total", error="tls_handshake_timeout") == before + 1
+
+
+def test_a_peer_that_sends_no_transport_header_after_the_handshake_is_closed_at_the_timeout(peer, meshed_other):
+    before = peer.server.metric("inbound_tcp_errors_total", error="preamble_timeout")
+    ctx = peer.client_id.client_context  # a real peer's certificate and ALPN tulle/1
+    with socket.create_connection(("127.0.0.1", peer.server.inbound), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=peer.server_id.identity) as s:
+            assert s.selected_alpn_protocol() == "tulle/1"
+            s.settimeout(10)
+            try:
+                assert s.recv(100) == b""  # nothing, then the proxy closes
+            except (ssl.SSLError, ConnectionResetError):
+                pass
+    assert peer.server.metric("inbound_tcp_errors_total", error="preamble_timeout") == before + 1
+
+
+def _opaque_to_echo(peer: Peer) -> ssl.SSLSocket:
+    """What a peer proxy opens for an opaque stream: mTLS, then the transport header naming
+    the echo port."""
+    raw = socket.create_connection(("127.0.0.1", peer.server.inbound), timeout=10)
+    s = peer.client_id.client_context.wrap_socket(raw, server_hostname=peer.server_id.identity)
+    s.sendall(tph.encode(peer.echo.port, tph.OPAQUE))
+    return s
+
+
+def _echoes(s: ssl.SSLSocket, data: bytes) -> bool:
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += s.recv(65536)
+    return got == data
+
+
+def test_an_idle_opaque_connection_is_closed_and_a_busy_one_is_not(peer):
+    before = peer.server.metric("inbound_tcp_errors_total", error="idle_timeout")
+    busy, idle = _opaque_to_echo(peer), _opaque_to_echo(peer)
+    stop = threading.Event()
+    failures = []
+
+    def keep_busy():
+        while not stop.is_set():
+            try:
+                if not _echoes(busy, b"ping"):
+                    failures.append("wrong echo")
+            except OSError as e:
+                failures.append(repr(e))
+                return
+            time.sleep(TIMEOUT / 10)
+    worker = threading.Thread(target=keep_busy)
+    try:
+        assert _echoes(idle, b"hello")
+        worker.start()
+        assert _until_closed(idle) == b""  # then nothing moves: closed by the proxy
+        assert peer.server.metric("inbound_tcp_errors_total", error="idle_timeout") == before + 1
+        stop.set()
+        worker.join(10)
+        assert failures == [] and _echoes(busy, b"still here")
+    finally:
+        stop.set()
+        busy.close()
+        idle.close()
