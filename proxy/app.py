@@ -101,7 +101,9 @@ class ProxyApp:
         self.bus.on_connection_change(self._on_bus)
         self.identity = self._identity if self._identity is not None else production_identity(self.bus, cfg, self.registry)
         metrics = ProxyMetrics(self.registry)
-        discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile)
+        discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile,
+                              max_watches=cfg.discovery_max_watches, absent_ttl_s=cfg.discovery_absent_ttl_s,
+                              registry=self.registry)
         self.shared = Shared(cfg, self.identity, discovery, metrics, self.ready_checks, self._on_profile)
         limits = Limits.from_config(cfg)
         out_pools = Pools(client_context=self.shared.client_context, connect_timeout=cfg.connect_timeout_s,

@@ -10,7 +10,9 @@ per connection. Endpoints with an identity are reached over mTLS with the transp
 header; others over plain TCP.
 
 Errors, as Linkerd's: known service without endpoints → 503; connect failure → 502;
-discovery silent for a new target → 504 after FAILFAST_S; opaque TCP: the connection closes.
+discovery silent for a new target → 504 after the fail-fast timeout; opaque TCP: the
+connection closes. Only names and addresses in the mesh's scope are looked up in
+discovery (proxy/authority.py MeshScope); the rest are forwarded as they are.
 
 Service profiles (proxy/profiles.py decides, this room acts): a request to a mesh service
 that has a profile becomes an `Exchange` on its first matching route (`req.route`). The
@@ -30,12 +32,12 @@ import socket
 
 from proxy import detect
 from proxy import transport as tph
-from proxy.authority import is_ip, mesh_service, split_authority
+from proxy.authority import MeshScope, is_ip, split_authority
 from proxy.context import Shared
 from proxy.discovery import Watched
+from proxy.limits import Limits
 from proxy.http1.headers import CHUNKED, HeadError, serialize
 from proxy.http1.server import IDEMPOTENT, Http1Server, Request
-from proxy.limits import Limits
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.profiles import (
@@ -48,7 +50,6 @@ from proxy.http1.client import Pools
 from tulle import schemas
 from tulle.log import get_logger
 
-FAILFAST_S = 3.0
 MAX_TARGETS = 10000  # cached authorities; the cache is cleared when it grows past this
 
 log = get_logger(part="outbound")
@@ -173,6 +174,8 @@ class Outbound(Side):
         self.pools = pools
         self.loop = asyncio.get_event_loop()
         self.limits = Limits.from_config(cfg)
+        self.failfast_s = cfg.outbound_failfast_timeout_s
+        self.scope = MeshScope(cfg.namespace, cfg.cluster_domain, cfg.profile_suffixes, cfg.profile_networks)
         Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound", max_connections=cfg.max_connections,
                       on_refused=lambda: self.metrics.tcp_error("outbound", "connection_limit"))
         self.default_labels = self.metrics.labels("outbound")
@@ -249,17 +252,25 @@ class Outbound(Side):
             if parsed is None:
                 raise HeadError(400, "invalid authority")
             host, port = parsed
-            name = mesh_service(host, self.cfg.namespace, self.cfg.cluster_domain)
+            name = self.scope.service(host)
+            if name is None and not is_ip(host):
+                d.skipped("outside_mesh_name")
         watches: list[Watched] = []
         if name is not None:
             watches.append(d.endpoints(schemas.endpoints_key(name[0], name[1], port)))
         fallback = None
         if orig is not None:
-            watches.append(d.endpoints(schemas.ip_endpoints_key(*orig)))
+            if self.scope.address(orig[0]):
+                watches.append(d.endpoints(schemas.ip_endpoints_key(*orig)))
+            else:
+                d.skipped("outside_mesh_address")
             fallback = Dest(orig[0], orig[1])
         elif host is not None:
             if is_ip(host):
-                watches.append(d.endpoints(schemas.ip_endpoints_key(host, port)))
+                if self.scope.address(host):
+                    watches.append(d.endpoints(schemas.ip_endpoints_key(host, port)))
+                else:
+                    d.skipped("outside_mesh_address")
             fallback = Dest(host, port)
             if self._is_self(host, port):
                 raise HeadError(508, "request loops back to this proxy")
@@ -272,12 +283,8 @@ class Outbound(Side):
             raise HeadError(400, "no authority to route by")
         t = Target(authority or b"", name, port, watches, fallback, d.generation)
         if name is not None:
-            t.profile = d.profile(*name)
-            key = schemas.profile_key(*name)
-            routes = self._services.get(key)
-            if routes is None:
-                routes = self._services[key] = ServiceRoutes(key, self.route_stats)
-            t.routes = routes
+            # Watched only when the service exists: a name that resolves to nothing costs no watch.
+            t.profile = d.profile(*name, after=watches[0])
         return t
 
     def _is_self(self, host: str, port: int) -> bool:
@@ -425,6 +432,12 @@ class Outbound(Side):
         """The first route of the target's profile matching (method, path), as an Exchange
         that carries the request's deadline, retries and figures from here on."""
         sr = t.routes
+        if sr is None:  # made only for services that have a profile (never for a stranger's name)
+            key = schemas.profile_key(*t.name)
+            sr = self._services.get(key)
+            if sr is None:
+                sr = self._services[key] = ServiceRoutes(key, self.route_stats)
+            t.routes = sr
         profile = t.profile.value
         if sr.profile is not profile:
             sr.refresh(profile)
@@ -577,22 +590,19 @@ class Outbound(Side):
             ex.timer = None
 
     def _wait(self, server: Http1Server, req: Request, t: Target, w: Watched) -> None:
-        """Discovery has not answered for this target yet: wait for it, up to FAILFAST_S."""
+        """Discovery has not answered for this target yet: wait for it, up to the fail-fast timeout."""
         def ready() -> None:
             timer.cancel()
             if req is server.active and not req.done:
                 self._route(server, req, t)
 
         def too_late() -> None:
-            try:
-                w._waiters.remove(ready)
-            except ValueError:
-                pass
+            w.forget_waiter(ready)
             self._count_request(req, self.default_labels)
-            self._fail(server, req, 504, f"no answer from discovery for {w.key} in {FAILFAST_S:g}s",
+            self._fail(server, req, 504, f"no answer from discovery for {w.key} in {self.failfast_s:g}s",
                        "discovery_timeout")
 
-        timer = self.loop.call_later(FAILFAST_S, too_late)
+        timer = self.loop.call_later(self.failfast_s, too_late)
         w.when_known(ready)
 
     # --- CONNECT tunnels ------------------------------------------------------------------
@@ -622,7 +632,7 @@ class Outbound(Side):
                 fut = self.loop.create_future()
                 w.when_known(lambda: fut.done() or fut.set_result(None))
                 try:
-                    await asyncio.wait_for(fut, FAILFAST_S)
+                    await asyncio.wait_for(fut, self.failfast_s)
                 except asyncio.TimeoutError:
                     raise _NoRoute(504, f"no answer from discovery for {w.key}", "discovery_timeout") from None
             es = w.value

@@ -507,10 +507,16 @@ class DnsServer:
     """A real DNS server on a loopback address that answers every query with `rcode`
     (3 NXDOMAIN, 2 SERVFAIL) after `delay` seconds, and counts the queries and answers."""
 
-    def __init__(self, rcode: int = 3, delay: float = 0.0, address: str = "127.77.0.1"):
-        self.rcode, self.delay, self.address = rcode, delay, address
+    def __init__(self, rcode: int = 3, delay: float = 0.0):
+        self.rcode, self.delay = rcode, delay
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((address, 53))
+        for _ in range(20):  # a loopback address of its own: port 53 is what resolv.conf can name
+            self.address = f"127.77.{uuid.uuid4().int % 250 + 1}.{uuid.uuid4().int % 250 + 1}"
+            try:
+                self.sock.bind((self.address, 53))
+                break
+            except OSError:
+                continue
         self.queries = 0
         self.answered = 0
         threading.Thread(target=self._serve, daemon=True).start()
