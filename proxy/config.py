@@ -93,7 +93,7 @@ class ProxyConfig:
     # suffixes ("." = every name; default: svc.<cluster-domain>.); other names go by DNS.
     destination_suffixes: tuple[str, ...] = ()
     # Addresses (original destinations, IP authorities) looked up in discovery; others are
-    # forwarded as they are (default: the cluster networks).
+    # forwarded as they are (default: the private ranges of DEFAULT_CLUSTER_NETWORKS).
     destination_networks: tuple[str, ...] = ()
     # --- fail-fast (Linkerd's semantics) ---
     # A request to a service without an available endpoint waits this long for one, then 503.
@@ -116,7 +116,9 @@ class ProxyConfig:
 
     @property
     def profile_networks(self) -> tuple[str, ...]:
-        return self.destination_networks or self.cluster_networks
+        # Not the policy's cluster networks, which local mode narrows to its pod bridge:
+        # service IPs live elsewhere. Linkerd's default is the private ranges too.
+        return self.destination_networks or DEFAULT_CLUSTER_NETWORKS
 
 
 def _addr(value: str, name: str) -> tuple[str, int]:
