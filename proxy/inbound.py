@@ -101,6 +101,7 @@ class Inbound(Side):
         self.limits = Limits.from_config(cfg)
         Side.__init__(self, cfg.inbound_addr, self._on_socket, "inbound", max_connections=cfg.max_connections,
                       on_refused=lambda: self.metrics.tcp_error("inbound", "connection_limit"))
+        self.waiting_for_app = 0  # requests waiting for the app to accept connections (fail-fast)
         self.default_labels = self.metrics.labels("inbound", cfg.namespace)
         self._errors = self.metrics.http_errors["inbound"]
 
@@ -407,7 +408,38 @@ class Inbound(Side):
         if client is not None:  # the common keep-alive case: no closures, no waiting
             server.forward(req, client)
             return
-        pool.acquire(lambda c: server.forward(req, c), lambda e: server.fail(req, 502, e.reason, e.error))
+        pool.acquire(lambda c: server.forward(req, c), lambda e: self._app_unavailable(server, req, e))
+
+    def _app_unavailable(self, server: Http1Server, req: Request, e: DialError, waited: list | None = None) -> None:
+        """The app did not take a connection. Refused — it is starting or restarting: the
+        request waits for it up to the inbound fail-fast timeout, trying again, then 503
+        (Linkerd's inbound fail-fast). Any other failure: 502 at once."""
+        if waited is None:
+            if e.error != "connect_refused" or self.cfg.inbound_failfast_timeout_s <= 0:
+                server.fail(req, 502, e.reason, e.error)
+                return
+            if self.waiting_for_app >= self.cfg.inbound_queue_capacity:
+                server.fail(req, 503, f"{e.reason}; {self.cfg.inbound_queue_capacity} requests already wait for the "
+                                      f"app", "queue_full")
+                return
+            self.waiting_for_app += 1
+            waited = [0.025]  # the next pause between attempts
+        left = req.start + self.cfg.inbound_failfast_timeout_s - self.loop.time()
+        if req is not server.active or req.done or server.closed or left <= 0 or e.error != "connect_refused":
+            self.waiting_for_app -= 1
+            if left <= 0 and e.error == "connect_refused":
+                server.fail(req, 503, f"{e.reason} for {self.cfg.inbound_failfast_timeout_s:g}s (fail-fast)", "failfast")
+            else:
+                server.fail(req, 502, e.reason, e.error)  # does nothing when the caller is gone
+            return
+        waited[0] = min(waited[0] * 2, 0.25)
+
+        def again() -> None:
+            def ready(c) -> None:
+                self.waiting_for_app -= 1
+                server.forward(req, c)
+            server.conn.pool.acquire(ready, lambda e2: self._app_unavailable(server, req, e2, waited))
+        self.loop.call_later(min(waited[0], left), again)
 
     def answered(self, req: Request, status: int, now: float, ok: bool = True) -> None:
         req.ep = None  # nothing is balanced inbound

@@ -9,9 +9,10 @@ original destination, or by DNS in proxy mode). Everything else is opaque TCP, b
 per connection. Endpoints with an identity are reached over mTLS with the transport
 header; others over plain TCP.
 
-Errors, as Linkerd's: known service without endpoints → 503; connect failure → 502;
-discovery silent for a new target → 504 after the fail-fast timeout; opaque TCP: the
-connection closes. Only names and addresses in the mesh's scope are looked up in
+Errors, as Linkerd's: known service without endpoints → the request waits in the service's
+fail-fast queue (proxy/failfast.py) up to the fail-fast timeout for one, then 503; connect
+failure → 502; discovery silent for a new target → 504 after the fail-fast timeout; opaque
+TCP: the connection closes. Only names and addresses in the mesh's scope are looked up in
 discovery (proxy/authority.py MeshScope); the rest are forwarded as they are.
 
 Service profiles (proxy/profiles.py decides, this room acts): a request to a mesh service
@@ -35,6 +36,7 @@ from proxy import transport as tph
 from proxy.authority import MeshScope, is_ip, split_authority
 from proxy.context import Shared
 from proxy.discovery import Watched
+from proxy.failfast import FAILING, WAIT, Gate
 from proxy.limits import Limits
 from proxy.http1.headers import CHUNKED, HeadError, serialize
 from proxy.http1.server import IDEMPOTENT, Http1Server, Request
@@ -387,9 +389,7 @@ class Outbound(Side):
             ex.balancer = w.balancer
             st = w.balancer.pick() if ex.avoid is None else w.balancer.pick_other(ex.avoid)
         if st is None:
-            labels = self.metrics.labels("outbound", es.namespace, es.service)
-            self._count_request(req, labels)
-            self._fail(server, req, 503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints")
+            self._no_endpoint(server, req, t, w, es)
             return
         h = st.handle
         if h is None:
@@ -398,6 +398,42 @@ class Outbound(Side):
         st.pending += 1
         req.ep = st
         self._send(server, req, h.pool)
+
+    # --- fail-fast queueing (proxy/failfast.py decides) ----------------------------------------
+
+    def _no_endpoint(self, server: Http1Server, req: Request, t: Target, w: Watched, es: schemas.EndpointSet) -> None:
+        """The service has no available endpoint: wait for one in its fail-fast queue."""
+        def go() -> None:
+            if req is server.active and not req.done and not server.closed:
+                self._route(server, req, t)
+
+        def give_up(why: str, error: str) -> None:
+            if req is server.active and not req.done and not server.closed:
+                self._count_request(req, self.metrics.labels("outbound", es.namespace, es.service))
+                self._fail(server, req, 503, f"no endpoints for {es.namespace}/{es.service}:{es.port}: {why}", error)
+
+        verdict = self._gate(w).admit((go, give_up))
+        if verdict != WAIT:
+            give_up(*self._refusal(verdict))
+
+    def _gate(self, w: Watched) -> Gate:
+        gate = w.queue
+        if gate is None:
+            gate = w.queue = Gate(self.failfast_s, self.cfg.outbound_queue_capacity,
+                                  lambda waiter: waiter[1](f"none became available in {self.failfast_s:g}s", "no_endpoints"))
+            w.listeners.append(self._endpoints_changed)
+        return gate
+
+    def _refusal(self, verdict: str) -> tuple[str, str]:
+        if verdict == FAILING:
+            return f"in fail-fast (none for {self.failfast_s:g}s)", "failfast"
+        return f"{self.cfg.outbound_queue_capacity} requests already wait for one", "queue_full"
+
+    @staticmethod
+    def _endpoints_changed(w: Watched) -> None:
+        if w.queue is not None and len(w.balancer) > 0:
+            for go, _ in w.queue.available():
+                go()
 
     def _handle(self, ep: schemas.Endpoint, es: schemas.EndpointSet, protocol: int) -> EndpointHandle:
         gauge = self._pending_gauge.labels(es.namespace, es.service)
@@ -638,9 +674,16 @@ class Outbound(Side):
             es = w.value
             if es is not None and es.exists:
                 st = w.balancer.pick()
-                if st is None:
-                    raise _NoRoute(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints",
-                                   self.metrics.labels("outbound", es.namespace, es.service))
+                if st is None:  # wait in the service's fail-fast queue, as a request would
+                    ready = self.loop.create_future()
+                    verdict = self._gate(w).admit((lambda: ready.done() or ready.set_result(None),
+                                                   lambda why, error: ready.done() or ready.set_result((why, error))))
+                    refused = self._refusal(verdict) if verdict != WAIT else await ready
+                    st = w.balancer.pick() if refused is None else None
+                    if st is None:
+                        why, error = refused or ("none available", "no_endpoints")
+                        raise _NoRoute(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}: {why}", error,
+                                       self.metrics.labels("outbound", es.namespace, es.service))
                 ep = st.endpoint
                 if ep.identity:
                     dest = Dest(ep.address, ep.proxy_port or ep.port, ep.identity, ep.port, tph.OPAQUE)
