@@ -209,10 +209,10 @@ class Http1Client(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
-        self.head_bytes += len(name) + len(value) + 4
-        error = bounds.response_head_error(len(headers) + 1, self.head_bytes, self.limits)
-        if error is not None:
-            raise _Broken(error)
+        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+        limits = self.limits
+        if len(headers) >= limits.max_headers or size > limits.max_head_bytes:  # (the hot path: inline)
+            raise _Broken(bounds.response_head_error(len(headers) + 1, size, limits))
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
