@@ -28,6 +28,7 @@ from proxy.discovery import Discovery
 from proxy.heartbeat import ProxyHeartbeat
 from proxy.http1.client import Pools
 from proxy.inbound import Inbound
+from proxy.limits import Limits, expired, sweep_interval
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
 from proxy.route_stats import stats_reply
@@ -104,12 +105,16 @@ class ProxyApp:
         self.bus.on_connection_change(self._on_bus)
         self.identity = self._identity if self._identity is not None else production_identity(self.bus, cfg, self.registry)
         metrics = ProxyMetrics(self.registry)
-        discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile)
+        discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile,
+                              max_watches=cfg.discovery_max_watches, absent_ttl_s=cfg.discovery_absent_ttl_s,
+                              registry=self.registry)
         self.shared = Shared(cfg, self.identity, discovery, metrics, self.ready_checks, self._on_profile)
+        limits = Limits.from_config(cfg)
         out_pools = Pools(client_context=self.shared.client_context, connect_timeout=cfg.connect_timeout_s,
-                          idle_timeout=cfg.pool_idle_timeout_s, mesh_idle_timeout=cfg.mesh_pool_idle_timeout_s)
+                          idle_timeout=cfg.pool_idle_timeout_s, mesh_idle_timeout=cfg.mesh_pool_idle_timeout_s,
+                          limits=limits)
         in_pools = Pools(client_context=lambda: None, connect_timeout=cfg.connect_timeout_s,
-                         idle_timeout=cfg.pool_idle_timeout_s)
+                         idle_timeout=cfg.pool_idle_timeout_s, limits=limits)
         self.pools = (out_pools, in_pools)
         self.outbound = Outbound(self.shared, out_pools)
         self.policy = self._policy if self._policy is not None else InboundPolicy(cfg.default_inbound_policy,
@@ -123,7 +128,8 @@ class ProxyApp:
                                policy_received=self.policy_watcher.first if self.policy_watcher else None)
         host, port = cfg.admin_addr
         self.admin = make_admin(host, port, ready=self.is_ready, registry=self.registry,
-                                shutdown_enabled=cfg.shutdown_endpoint, on_shutdown=self.stopping.set)
+                                shutdown_enabled=cfg.shutdown_endpoint, on_shutdown=self.stopping.set,
+                                max_connections=cfg.admin_max_connections)
         # Listeners first: a port in use is a start-up error the operator must see.
         self.outbound.start()
         self.inbound.start()
@@ -163,14 +169,20 @@ class ProxyApp:
         return self.admin.port
 
     async def _tick(self) -> None:
-        """Header-read and idle timeouts of HTTP connections, without a timer per request."""
+        """The time bounds of every connection (proxy/limits.py), without a timer per request:
+        HTTP heads, bodies and keep-alive; opaque connections gone idle."""
         cfg = self.cfg
-        interval = max(min(1.0, cfg.header_read_timeout_s / 4, cfg.idle_timeout_s / 4), 0.01)
+        interval = sweep_interval(*Limits.from_config(cfg).timeouts(), cfg.opaque_idle_timeout_s)
         while True:
             await asyncio.sleep(interval)
             for room in (self.outbound, self.inbound):
                 for server in list(room.conns):
                     server.tick(interval)
+                for pair in list(room.splices):
+                    pair.idle_ticks += 1
+                    if expired(pair.idle_ticks, interval, cfg.opaque_idle_timeout_s):
+                        self.shared.metrics.tcp_error(room.direction, "idle_timeout")
+                        pair.close()
 
     async def _serve_route_stats(self) -> None:
         """Answer `tulle routes` (PROXY_STATS_SUBJECT) with this proxy's outbound route windows;

@@ -3,7 +3,8 @@
 `splice(a, b, ...)` takes over two connected transports (their current protocols are
 replaced) and copies bytes both ways until both sides are done. A half-close (EOF) is
 passed on where the other side can signal it (plain TCP); over TLS it closes that side.
-Byte counts land in the metrics when the pair closes, as Linkerd does.
+Byte counts land in the metrics when the pair closes, as Linkerd does. `idle_ticks` counts
+the proxy's sweeps since a byte last moved either way (the opaque idle timeout).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _End(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.read += len(data)
+        self.pair.idle_ticks = 0
         if self.pair.guard is not None and self is self.pair.client:
             data = self.pair._guarded(data)
             if not data:
@@ -79,7 +81,7 @@ class _End(asyncio.Protocol):
 class Splice:
     """A pair of joined transports; `client` is the side that connected to the proxy."""
 
-    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held")
+    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held", "idle_ticks")
 
     def __init__(self, labels: Labels | None, on_close: Callable[["Splice"], None] | None = None,
                  guard: Callable[["Splice", bytes], Optional[bool]] | None = None):
@@ -95,6 +97,7 @@ class Splice:
         # over (refused it, or handed it elsewhere with `release_client`).
         self.guard = guard
         self._held = b""
+        self.idle_ticks = 0
 
     def _guarded(self, data: bytes) -> bytes:
         held = self._held + data

@@ -6,6 +6,11 @@ its pool only when the request was sent whole and the response read whole with
 keep-alive; otherwise it is closed. Idle connections expire after `idle_timeout`
 (Linkerd's HTTP/1 pool keeps them 3 s).
 
+Response heads get the bounds request heads have (proxy/limits.py): bytes counted across
+reads, header count, an HTTP/1.x status line, at most `max_interim` 1xx responses. A
+response past them is a 502 for the caller and its connection is dropped, never reused.
+`ticks` is the exchange's clock, run by the server's `tick` (response head and body timeouts).
+
 Requests on a service-profile route (`req.route` set, outbound only) are shown to the
 room before anything reaches the caller: `room.attempt_answered` when a response head
 arrives, `room.attempt_lost` when the connection fails first. When the room sends the
@@ -21,13 +26,14 @@ from typing import TYPE_CHECKING, Callable
 
 import httptools
 
+from proxy import limits as bounds
+from proxy.limits import Limits
 from proxy.upstream import DialError, Dest, dial
 from tulle.log import get_logger
 
 if TYPE_CHECKING:
     from proxy.http1.server import Http1Server, Request
 
-MAX_RESPONSE_HEADERS = 500
 # A dropped (retried) response is read to its end so its connection can be reused, but
 # no further than this many body bytes and no longer than this: then it is closed.
 DROP_MAX_BODY = 64 * 1024
@@ -42,10 +48,17 @@ class _SkipBody(Exception):
 
 class Http1Client(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "server", "req", "out", "headers", "reused", "closed",
-                 "idle_since", "started", "status", "keep_alive", "until_close", "read_paused", "interim")
+                 "idle_since", "started", "status", "keep_alive", "until_close", "read_paused", "interim",
+                 "limits", "ticks", "in_head", "head_bytes", "head_raw", "interims")
 
     def __init__(self, pool: "Pool"):
         self.pool = pool
+        self.limits: Limits = pool.pools.limits
+        self.ticks = 0  # the exchange's clock (Http1Server.tick)
+        self.in_head = False
+        self.head_bytes = 0  # of the response head being read, by the parser's account
+        self.head_raw = 0  # bytes read while a head was still incomplete, across reads
+        self.interims = 0  # 1xx responses to this exchange
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.server: Http1Server | None = None
@@ -72,6 +85,8 @@ class Http1Client(asyncio.Protocol):
         self.status = 0
         self.until_close = False
         self.interim = False
+        self.interims = 0
+        self.ticks = 0
         out = self.out
         out.append(req.head)
         if req.body:
@@ -135,12 +150,20 @@ class Http1Client(asyncio.Protocol):
             else:
                 if not isinstance(err, _Broken):
                     log.error("upstream response handling failed", error=repr(err))
-                self._broken(self.server, "upstream response could not be handled")
+                self._broken(self.server, err.reason if isinstance(err, _Broken)
+                             else "upstream response could not be handled")
         except httptools.HttpParserError:
             if self.server is None:
                 self._close()
             else:
                 self._broken(self.server, "upstream sent a malformed response")
+        else:
+            if self.in_head and self.server is not None:
+                # A head not complete yet, counted across reads: an upstream may not grow
+                # one header (or the status line) without bound.
+                self.head_raw += len(data)
+                if self.head_raw > self.limits.max_head_bytes:
+                    self._broken(self.server, bounds.response_head_error(0, self.head_raw, self.limits))
         if srv.out:
             srv.flush()
 
@@ -153,6 +176,7 @@ class Http1Client(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         if self.server is not None:
+            self.ticks = 0  # the upstream takes the request again: progress
             self.server.resume_for_upstream()
 
     def connection_lost(self, exc) -> None:
@@ -173,29 +197,40 @@ class Http1Client(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.server is None:
-            raise _Broken()  # a second response to one request
+            raise _Broken("a second response to one request")
         self.headers = []
         self.started = True
+        self.in_head = True
+        self.head_bytes = 0
+        self.head_raw = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
-        if len(headers) >= MAX_RESPONSE_HEADERS:
-            raise _Broken()
+        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+        limits = self.limits
+        if len(headers) >= limits.max_headers or size > limits.max_head_bytes:  # (the hot path: inline)
+            raise _Broken(bounds.response_head_error(len(headers) + 1, size, limits))
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         status = self.parser.get_status_code()
+        error = bounds.response_line_error(self.parser.get_http_version(), status)
+        if error is not None:
+            raise _Broken(error)
         self.status = status
-        if status < 100:
-            # Not a status (llhttp reads any 3 digits): taken as interim, its body would
-            # reach the caller with no head before it. A 502 instead (found by fuzz/).
-            raise _Broken()
         if status < 200:
             if status != 101 and any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers):
                 # RFC 9110 8.6: never on a 1xx. Forwarded, it would make the caller read the
                 # next response as this one's body (found by fuzz/).
-                raise _Broken()
+                raise _Broken("upstream sent an interim response with content")
             if status != 101:
+                self.interims += 1
+                if bounds.too_many_interim(self.interims, self.limits):
+                    raise _Broken(f"upstream sent more than {self.limits.max_interim} interim responses")
                 self.interim = True
                 self.server.on_upstream_interim(status, self.headers)
             return
@@ -218,7 +253,8 @@ class Http1Client(asyncio.Protocol):
         if self.status < 200:
             # A 1xx response has no content (RFC 9110 15.2); llhttp frames one that declares a
             # length, whose bytes would reach the caller with no head (found by fuzz/).
-            raise _Broken()
+            raise _Broken("upstream sent an interim response with content")
+        self.ticks = 0
         self.server.on_upstream_body(body)
 
     def on_message_complete(self) -> None:
@@ -262,14 +298,15 @@ class Http1Client(asyncio.Protocol):
         self.req = None
         self.closed = True
         self.transport.abort()
-        self._lost(srv, req, reason)
+        self._lost(srv, req, reason, "bad_response")
 
-    def _lost(self, srv: "Http1Server", req: "Request | None", reason: str | None) -> None:
+    def _lost(self, srv: "Http1Server", req: "Request | None", reason: str | None,
+              error: str = "upstream_closed") -> None:
         """The exchange ended without a (whole) response: a profile route's room may send
         the request again; otherwise the server answers the caller."""
         if req is not None and req.route is not None and srv.room.attempt_lost(srv, self, req, reason):
             return
-        srv.on_upstream_lost(self, self.started, reason)
+        srv.on_upstream_lost(self, self.started, reason, error)
 
     def _drop(self) -> None:
         """Read the rest of this response into nothing, then serve the pool again."""
@@ -281,7 +318,11 @@ class Http1Client(asyncio.Protocol):
 
 
 class _Broken(Exception):
-    """The upstream response exceeds what the proxy accepts."""
+    """The upstream response exceeds what the proxy accepts (`reason`: for tulle-proxy-error)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Dropped:
@@ -313,7 +354,8 @@ class _Dropped:
     def on_upstream_end(self, client: Http1Client) -> None:
         self.timer.cancel()
 
-    def on_upstream_lost(self, client: Http1Client, started: bool, reason: str | None = None) -> None:
+    def on_upstream_lost(self, client: Http1Client, started: bool, reason: str | None = None,
+                         error: str = "") -> None:
         self.timer.cancel()
 
     def on_upstream_interim(self, status: int, headers: list) -> None:
@@ -432,7 +474,8 @@ class Pools:
     """Every upstream pool of one proxy direction, and the sweeper that expires idle connections."""
 
     def __init__(self, *, client_context: Callable[[], object], connect_timeout: float, idle_timeout: float = 3.0,
-                 mesh_idle_timeout: float | None = None, max_idle: int = 256):
+                 mesh_idle_timeout: float | None = None, max_idle: int = 256, limits: Limits | None = None):
+        self.limits = limits if limits is not None else Limits()  # what responses may be
         self.client_context = client_context
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout

@@ -9,7 +9,10 @@ small request or response costs one syscall. Nothing here awaits: the keep-alive
 has no task or coroutine per request.
 
 Requests are answered in order: later pipelined requests wait in a queue (reading pauses
-when it grows). A request body is kept (up to REPLAY_LIMIT) until the response starts, so
+when it grows); a client that sends more than `limits.max_pipeline` of them ahead in one go
+gets those answered, the last with `connection: close`, and the rest dropped unread (it
+must send them again, as RFC 9112 §9.3.2 has clients do). The bounds and their verdicts
+are proxy/limits.py's; `tick` runs the clocks. A request body is kept (up to REPLAY_LIMIT) until the response starts, so
 a failed attempt can be sent again — the place where retries plug in.
 """
 
@@ -25,6 +28,8 @@ from proxy.http1.headers import (
     CHUNKED, LAST_CHUNK, LENGTH, NO_BODY, UNTIL_CLOSE, HeadError, error_response, request_head, response_has_body,
     response_head, serialize, status_line,
 )
+from proxy import limits as bounds
+from proxy.limits import Limits
 from proxy.metrics import Labels
 from proxy.tcp import splice
 from tulle.log import get_logger
@@ -33,7 +38,6 @@ if TYPE_CHECKING:
     from proxy.http1.client import Http1Client
 
 REPLAY_LIMIT = 64 * 1024  # request bodies up to this size may be sent again (Linkerd's cap)
-MAX_PIPELINE = 16
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Why reading from the client is paused (any bit set: paused).
@@ -58,17 +62,6 @@ class Room(Protocol):
     def abandoned(self, req: "Request") -> None: ...
 
     def track(self, s) -> None: ...
-
-
-class Limits:
-    __slots__ = ("max_headers", "max_head_bytes", "header_timeout_s", "idle_timeout_s")
-
-    def __init__(self, max_headers: int = 100, max_head_bytes: int = 65536, header_timeout_s: float = 10.0,
-                 idle_timeout_s: float = 300.0):
-        self.max_headers = max_headers
-        self.max_head_bytes = max_head_bytes
-        self.header_timeout_s = header_timeout_s
-        self.idle_timeout_s = idle_timeout_s
 
 
 class Request:
@@ -176,7 +169,9 @@ class Http1Server(asyncio.Protocol):
             self._parser_upgraded(data, e.args[0])
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
-            if isinstance(err, HeadError):
+            if isinstance(err, _PipelineFull):
+                self._pipeline_full()
+            elif isinstance(err, HeadError):
                 self.refuse(err.status, err.reason, _ERROR_LABEL.get(err.status, "bad_request"))
             else:
                 log.error("http1 request handling failed", error=repr(err))
@@ -211,6 +206,9 @@ class Http1Server(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        q = self.queue
+        if q and bounds.pipeline_full(len(q), self.limits):
+            raise _PipelineFull()  # stops the parser here: the rest of the read is never parsed
         self.in_head = True
         self.head_ticks = 0
         self.url = b""
@@ -258,7 +256,7 @@ class Http1Server(asyncio.Protocol):
             if q is None:
                 q = self.queue = deque()
             q.append(req)
-            if len(q) >= MAX_PIPELINE:
+            if bounds.pipeline_full(len(q), self.limits):
                 self._pause(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
@@ -327,7 +325,7 @@ class Http1Server(asyncio.Protocol):
         # After CONNECT or an upgrade request the parser has stopped: the connection ends.
         # A request without a body is whole once its head is read (it is dispatched then).
         keep = (req.keep_alive and not self.draining and (req.complete or req.framing == NO_BODY)
-                and req.upgrade is None and req.method != b"CONNECT")
+                and req.upgrade is None and req.method != b"CONNECT" and not req.close_after)
         self.out.append(error_response(status, reason, close=not keep))
         if not keep:
             req.close_after = True
@@ -431,8 +429,9 @@ class Http1Server(asyncio.Protocol):
         req.resp_counter.value += 1
         self._finish(req)
 
-    def on_upstream_lost(self, client: "Http1Client", started: bool, reason: str | None = None) -> None:
-        """The upstream connection failed mid-exchange."""
+    def on_upstream_lost(self, client: "Http1Client", started: bool, reason: str | None = None,
+                         error: str = "upstream_closed") -> None:
+        """The upstream connection failed mid-exchange (or sent what the proxy refuses: `error`)."""
         self.upstream = None
         req = self.active
         if req is None or self.closed:
@@ -447,7 +446,7 @@ class Http1Server(asyncio.Protocol):
                     and req.body is not None):
                 self.room.dispatch(self, req)
                 return
-            self.fail(req, 502, reason or "upstream closed the connection before responding", "upstream_closed")
+            self.fail(req, 502, reason or "upstream closed the connection before responding", error)
             return
         # Part of the response went out already: all we can do is end the connection.
         req.done = True
@@ -506,19 +505,69 @@ class Http1Server(asyncio.Protocol):
     # --- timers (driven by the room's sweeper) -------------------------------------------
 
     def tick(self, interval: float) -> None:
-        """Called every `interval` seconds: header read timeout (408) and idle timeout."""
-        if self.closed or self.refused:
+        """Called every `interval` seconds: the clocks of proxy/limits.py — request head
+        (408), request body gone idle (408, or close once answered), response head (504),
+        response body gone idle (close), keep-alive idle (close)."""
+        if self.closed:
+            return
+        req, up = self.active, self.upstream
+        if up is not None and req is not None and up.req is req:
+            self._tick_upstream(req, up, interval)
+            if self.closed:
+                return
+        if self.refused:
             return
         if self.in_head:
             self.head_ticks += 1
             if self.head_ticks * interval >= self.limits.header_timeout_s:
                 self.refuse(408, "request headers not received in time", "header_timeout")
             return
-        if self.active is None and self.cur is None:
+        if self.cur is not None:  # a request body is being read
+            if self.paused:
+                self.idle_ticks = 0  # the proxy stopped reading: not the client's delay
+            else:
+                self.idle_ticks += 1
+                if bounds.expired(self.idle_ticks, interval, self.limits.body_idle_timeout_s):
+                    self.refuse(408, "request body not received in time", "body_timeout")
+            return
+        if self.active is None:
             self.idle_ticks += 1
             if self.draining or self.idle_ticks * interval >= self.limits.idle_timeout_s:
                 self.closed = True
                 self.transport.close()
+
+    def _tick_upstream(self, req: Request, up: "Http1Client", interval: float) -> None:
+        """The upstream's clocks. Before the response head: time since the request was sent
+        whole (or since the upstream last took request bytes, when it stopped taking them),
+        not reset by head bytes — a head trickled a byte at a time still times out. After it:
+        time since the last response bytes, while the caller reads what it gets."""
+        limits = self.limits
+        if req.resp_status == 0:
+            if not req.complete and not self.paused & PAUSE_UPSTREAM:
+                up.ticks = 0  # the client is still sending: its own clock runs
+                return
+            route = req.route
+            timeout = bounds.response_head_timeout(route is not None and route.has_timeout, limits)
+            up.ticks += 1
+            if bounds.expired(up.ticks, interval, timeout):
+                self.upstream = None
+                up.abandon()  # dropped, never reused
+                self.fail(req, 504, f"no response from the upstream in {timeout:g}s", "response_head_timeout")
+            return
+        if up.read_paused or not req.complete:
+            up.ticks = 0  # the caller (or the rest of its request) holds the exchange up
+            return
+        up.ticks += 1
+        if bounds.expired(up.ticks, interval, limits.response_idle_timeout_s):
+            # Part of the response went out already: all that can be done is end both.
+            self.room.http_error("response_idle_timeout")
+            self.upstream = None
+            up.abandon()
+            req.done = True
+            self.active = None
+            self.flush()
+            self.closed = True
+            self.transport.close()
 
     def drain(self) -> None:
         """Graceful shutdown: finish what is in flight, then close; idle connections close now."""
@@ -550,7 +599,7 @@ class Http1Server(asyncio.Protocol):
         q = self.queue
         while q:
             nxt = q.popleft()
-            if len(q) < MAX_PIPELINE // 2 and self.paused & PAUSE_PIPELINE:
+            if len(q) < self.limits.max_pipeline // 2 and self.paused & PAUSE_PIPELINE:
                 self._resume(PAUSE_PIPELINE)
             if isinstance(nxt, _Refusal):
                 self.out.append(nxt.data)
@@ -561,6 +610,14 @@ class Http1Server(asyncio.Protocol):
             self.active = nxt
             self.room.dispatch(self, nxt)
             return
+
+    def _pipeline_full(self) -> None:
+        """More requests came ahead than the pipeline holds: those read are answered, the
+        last with `connection: close`; the rest were never parsed and are not read."""
+        self.refused = True
+        self._pause(PAUSE_DEAD)
+        self.room.http_error("pipeline_limit")
+        self.queue[-1].close_after = True
 
     def _parser_upgraded(self, data: bytes, offset: int) -> None:
         req = self.last
@@ -583,6 +640,10 @@ class Http1Server(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+
+
+class _PipelineFull(Exception):
+    """Raised from the parser's callback to stop it before the request past the cap."""
 
 
 class _Refusal:
