@@ -94,6 +94,19 @@ class Room:
         return False
 
 
+class UpstreamPool:
+    """What an Http1Client asks of its pool: the limits, and somewhere to go when done."""
+
+    class pools:
+        limits = LIMITS
+
+    def give(self, c):
+        pass
+
+    def discard(self, c):
+        pass
+
+
 def new_server(answer=None) -> tuple[Http1Server, Room, Transport]:
     room = Room(answer)
     server = Http1Server(room, LIMITS, STRIP, conn=None)

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import httptools
 
-from fuzz.http1_harness import Transport, feed_split, new_server, split_points
+from fuzz.http1_harness import UpstreamPool, Transport, feed_split, new_server, split_points
 from proxy.http1.client import Http1Client
 
 INSTRUMENT = ("proxy.http1",)
 
 HEAD = b"POST /up HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n"
-
-
-class _Pool:
-    def give(self, c):
-        pass
-
-    def discard(self, c):
-        pass
 
 
 class _Body:
@@ -57,7 +49,7 @@ class _Body:
 def test_one_input(data: bytes) -> None:
     body, cuts = split_points(data)
     up_transport = Transport()
-    upstream = Http1Client(_Pool())
+    upstream = Http1Client(UpstreamPool())
     upstream.connection_made(up_transport)
 
     def answer(server, req):

@@ -16,8 +16,8 @@ import httptools
 
 import proxy.http1.client as client_mod
 import proxy.http1.server as server_mod
-from fuzz.http1_harness import ResponseReader, Transport, feed_split, new_server, split_points
-from proxy.http1.client import MAX_RESPONSE_HEADERS, Http1Client
+from fuzz.http1_harness import LIMITS, UpstreamPool, ResponseReader, Transport, feed_split, new_server, split_points
+from proxy.http1.client import Http1Client
 
 INSTRUMENT = ("proxy.http1",)
 
@@ -36,14 +36,6 @@ class _RaisingLog:
 
 client_mod.log = _RaisingLog()
 server_mod.log = _RaisingLog()
-
-
-class _Pool:
-    def give(self, c):
-        pass
-
-    def discard(self, c):
-        pass
 
 
 REQUESTS = (
@@ -84,7 +76,7 @@ def test_one_input(data: bytes) -> None:
     method, raw_request = REQUESTS[data[0] % len(REQUESTS)]
     payload, cuts = split_points(data[1:])
     up_transport = Transport()
-    upstream = Http1Client(_Pool())
+    upstream = Http1Client(UpstreamPool())
     upstream.connection_made(up_transport)
 
     def answer(server, req):
@@ -112,7 +104,7 @@ def test_one_input(data: bytes) -> None:
         return
     final = finals[0]
     names = [n.lower() for n, _ in final["headers"]]
-    assert len(names) <= MAX_RESPONSE_HEADERS + 3, len(names)
+    assert len(names) <= LIMITS.max_headers + 3, len(names)
     for hop in (b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"):
         assert hop not in names, (hop, final["headers"])
     assert names.count(b"transfer-encoding") <= 1 and names.count(b"connection") <= 1
