@@ -39,6 +39,8 @@ from tulle.metrics import REGISTRY, Registry
 T = TypeVar("T")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# The largest replica count JetStream allows a stream (and so a KV bucket).
+MAX_REPLICAS = 5
 
 # Settings of each bucket. History 1: readers want the latest value only.
 BUCKETS: dict[str, dict[str, Any]] = {
@@ -57,6 +59,36 @@ SHARED_STORES = busauth.SHARED_BUCKETS
 
 def nats_url() -> str:
     return os.environ.get("TULLE_NATS_URL", DEFAULT_URL)
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a bus URL: one URL, or the comma-separated URLs of a cluster's nodes
+    (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`). A client that knows every node
+    reconnects to another when its own dies; the nodes also tell connected clients about
+    each other, but a client that has never connected knows only what it was given."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"no NATS URL in {url!r}")
+    return urls
+
+
+def replicas_from_env(env: Optional[Mapping[str, str]] = None) -> int:
+    """TULLE_NATS_REPLICAS: how many copies of each bucket and of the event stream a
+    cluster keeps (its node count; 1 for one server)."""
+    env = os.environ if env is None else env
+    text = env.get("TULLE_NATS_REPLICAS", "") or "1"
+    try:
+        return check_replicas(int(text))
+    except ValueError:
+        from tulle.errors import UserError
+
+        raise UserError(f"TULLE_NATS_REPLICAS: expected a number from 1 to {MAX_REPLICAS}, got {text!r}") from None
+
+
+def check_replicas(n: int) -> int:
+    if not 1 <= n <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be from 1 to {MAX_REPLICAS}, not {n}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -107,6 +139,7 @@ class BusCredentials:
         return not self.seed_file and not self.token_file
 
     def connect_options(self, url: str) -> dict[str, Any]:
+        """nats-py's connect options for these credentials; `url` is one URL or a cluster's list."""
         opts: dict[str, Any] = {}
         if self.seed_file:
             opts["nkeys_seed"] = self.seed_file
@@ -121,7 +154,7 @@ class BusCredentials:
             opts["token"] = token
         if self.inbox_prefix:
             opts["inbox_prefix"] = self.inbox_prefix
-        if self.ca_file or url.startswith("tls://"):
+        if self.ca_file or any(u.startswith("tls://") for u in server_urls(url)):
             import ssl
 
             ctx = ssl.create_default_context(cafile=self.ca_file or None)
@@ -161,9 +194,19 @@ class BusError(Exception):
 
 
 class Bus:
+    """`url`: one NATS URL, or every node of a cluster, comma-separated.
+
+    `replicas`: how many copies the buckets and the event stream this client creates keep
+    (the cluster's node count, so that losing a node loses nothing); None: TULLE_NATS_REPLICAS,
+    else 1. Only creation uses it: a client that opens an existing bucket takes it as it is.
+    """
+
     def __init__(self, url: str | None = None, *, component: str, instance: str | None = None,
-                 registry: Registry = REGISTRY, credentials: BusCredentials | None = None):
+                 registry: Registry = REGISTRY, credentials: BusCredentials | None = None,
+                 replicas: int | None = None):
         self.url = url or nats_url()
+        self.servers = server_urls(self.url)
+        self.replicas = check_replicas(replicas) if replicas is not None else replicas_from_env()
         # None: from the environment (TULLE_NATS_CREDS, TULLE_NATS_CA).
         self.credentials = credentials if credentials is not None else BusCredentials.from_env()
         self.auth_error = ""  # why the server refused us, when it did: the last refusal
@@ -176,6 +219,7 @@ class Bus:
         self._kvs: dict[str, KeyValue] = {}
         self._connected = asyncio.Event()
         self._generation = 0  # bumped on every (re)connect; watches resync when it moves
+        self._connections = 0  # connections made by _connect_loop: the first, and each after nats-py gave up
         self._generation_changed = asyncio.Condition()
         self._closed = False
         self._on_change: list[Callable[[bool], None]] = []
@@ -212,7 +256,7 @@ class Bus:
         while not self._closed:
             try:
                 self.nc = await nats.connect(
-                    self.url,
+                    self.servers,
                     **self.credentials.connect_options(self.url),
                     name=f"{self.component}/{self.instance}",
                     allow_reconnect=True,
@@ -241,6 +285,11 @@ class Bus:
         self.js = self.nc.jetstream()
         self._kvs.clear()
         self.auth_error = ""
+        self._connections += 1
+        if self._connections > 1:
+            # Back after nats-py gave up on a connection (e.g. a login refused while a
+            # cluster node failed over): a reconnection too, as far as anyone watching can tell.
+            self.m_reconnects.inc()
         self._subs = []
         for subject, queue, cb in self._wanted_subs:
             self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=cb))
@@ -338,7 +387,7 @@ class Bus:
                 raise
             settings = BUCKETS.get(bucket, {"history": 1})
             kv = await self.js.create_key_value(jsapi.KeyValueConfig(
-                bucket=bucket, storage=jsapi.StorageType.FILE, **settings))
+                bucket=bucket, storage=jsapi.StorageType.FILE, replicas=self.replicas, **settings))
         self._kvs[bucket] = kv
         return kv
 
@@ -607,7 +656,8 @@ class Bus:
                 await self.js.add_stream(jsapi.StreamConfig(
                     name=schemas.EVENTS_STREAM, subjects=[f"{schemas.EVENTS_PREFIX}.>"],
                     retention=jsapi.RetentionPolicy.LIMITS, storage=jsapi.StorageType.FILE,
-                    max_age=24 * 3600, max_msgs=200_000, discard=jsapi.DiscardPolicy.OLD))
+                    max_age=24 * 3600, max_msgs=200_000, discard=jsapi.DiscardPolicy.OLD,
+                    num_replicas=self.replicas))
             except nats.js.errors.BadRequestError:
                 pass  # another process created it first
 
