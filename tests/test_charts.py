@@ -347,10 +347,22 @@ def test_every_service_accepts_the_flags_the_chart_gives_it():
         except SystemExit:
             pytest.fail(f"python -m services.{component} refuses {args}")
         assert parsed.admin.startswith("0.0.0.0:")
+        # Buckets and the event stream get a copy on each NATS server: losing one loses nothing.
+        assert parsed.nats_replicas == 3
     identity = parse_args("identity", [a for a in containers(objects)["tulle-identity/identity"]["args"]
                                        if not a.startswith(("--nats-creds", "--nats-ca", "--callout"))],
                           _parser_arguments("identity"))
     assert identity.lifetime.total_seconds() == 24 * 3600 and identity.clock_skew.total_seconds() == 20
+
+
+@pytest.mark.parametrize("servers, copies", [(1, 1), (3, 3), (7, 5)])
+def test_services_replicate_the_buckets_on_as_many_nats_servers_as_the_chart_runs(servers, copies):
+    """--nats-replicas follows nats.replicas: a copy of each bucket and of the event stream on
+    every server, so losing one loses nothing (JetStream keeps at most 5 copies)."""
+    objects = render_control_plane({"nats": {"replicas": servers}})
+    for name, c in containers(objects).items():
+        if name.startswith(("tulle-destination/", "tulle-identity/", "tulle-proxy-injector/")):
+            assert f"--nats-replicas={copies}" in c["args"], name
 
 
 def test_custom_images_reach_every_container_and_the_injectors_config():
