@@ -19,7 +19,7 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Mapping, Optional, TypeVar
@@ -99,13 +99,20 @@ class BusCredentials:
     - token_file: a workload proxy's token, read again at every (re)connect because
       projected tokens rotate; NATS auth callout has identity check it;
     - inbox_prefix: this client's own reply subjects (derived from the key or workload);
-    - ca_file: the CA to verify NATS's TLS certificate with (TLS when set, or with tls://).
+    - ca_file: the CA to verify NATS's TLS certificate with (TLS when set, or with tls://);
+    - seed, ca_pem: the same two in memory (the CLI reads a cluster's from its Secrets and
+      keeps them off the disk);
+    - tls_hostname: the name to expect in NATS's certificate when the URL cannot say it
+      (a port-forward to 127.0.0.1).
     """
 
     seed_file: str = ""
     token_file: str = ""
     inbox_prefix: str = ""
     ca_file: str = ""
+    seed: str = field(default="", repr=False)
+    ca_pem: str = ""
+    tls_hostname: str = ""
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "BusCredentials":
@@ -129,6 +136,21 @@ class BusCredentials:
         return cls(seed_file=seed_file, inbox_prefix=prefix, ca_file=ca_file)
 
     @classmethod
+    def for_seed_text(cls, seed: str, *, ca_pem: str = "", tls_hostname: str = "", what: str = "NATS credential") \
+            -> "BusCredentials":
+        """A static role's credential held in memory (its nkey seed), with NATS's CA."""
+        from tulle import natsjwt
+        from tulle.busauth import inbox_for_user
+
+        try:
+            prefix = inbox_for_user(natsjwt.public_key(seed.strip().encode()))
+        except Exception as e:  # nkeys raises its own errors for a malformed seed
+            from tulle.errors import UserError
+
+            raise UserError(f"{what}: not an nkey seed ({e})") from None
+        return cls(seed=seed.strip(), inbox_prefix=prefix, ca_pem=ca_pem, tls_hostname=tls_hostname)
+
+    @classmethod
     def for_workload(cls, token_file: str, namespace: str, workload: str, *, ca_file: str = "") -> "BusCredentials":
         from tulle.busauth import inbox_for_workload
 
@@ -136,12 +158,14 @@ class BusCredentials:
 
     @property
     def anonymous(self) -> bool:
-        return not self.seed_file and not self.token_file
+        return not self.seed_file and not self.token_file and not self.seed
 
     def connect_options(self, url: str) -> dict[str, Any]:
         """nats-py's connect options for these credentials; `url` is one URL or a cluster's list."""
         opts: dict[str, Any] = {}
-        if self.seed_file:
+        if self.seed:
+            opts["nkeys_seed_str"] = self.seed
+        elif self.seed_file:
             opts["nkeys_seed"] = self.seed_file
         elif self.token_file:
             path = self.token_file
@@ -154,12 +178,14 @@ class BusCredentials:
             opts["token"] = token
         if self.inbox_prefix:
             opts["inbox_prefix"] = self.inbox_prefix
-        if self.ca_file or any(u.startswith("tls://") for u in server_urls(url)):
+        if self.ca_file or self.ca_pem or any(u.startswith("tls://") for u in server_urls(url)):
             import ssl
 
-            ctx = ssl.create_default_context(cafile=self.ca_file or None)
+            ctx = ssl.create_default_context(cafile=self.ca_file or None, cadata=self.ca_pem or None)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             opts["tls"] = ctx
+            if self.tls_hostname:
+                opts["tls_hostname"] = self.tls_hostname
         return opts
 
 
@@ -228,6 +254,7 @@ class Bus:
         # re-subscribes by itself after a reconnect, but not after it closed for good).
         self._wanted_subs: list[tuple[str, str, Callable[[Msg], Awaitable[None]]]] = []
         self._watchers: set[Any] = set()  # live nats-py KeyWatchers, told to resync on reconnect
+        self._on_close: list[Callable[[], None]] = []
         self.m_decode_errors = registry.counter(
             "tulle_bus_decode_errors_total", "Bus messages dropped because they did not decode", ("subject", "reason"))
         self.m_connected = registry.gauge("tulle_bus_connected", "1 while connected to NATS")
@@ -241,6 +268,11 @@ class Bus:
 
     def on_connection_change(self, fn: Callable[[bool], None]) -> None:
         self._on_change.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the bus is closed: what the connection needed and outlives it
+        (the CLI's port-forward to a cluster's NATS)."""
+        self._on_close.append(fn)
 
     async def start(self, *, wait: bool = True) -> None:
         """Connect; keep trying with backoff until it works. With wait=False, return at once."""
@@ -367,6 +399,12 @@ class Bus:
         for watcher in list(self._watchers):
             _put_dropping_oldest(watcher._updates, _RESYNC)
         await self._set_connected(False)
+        for fn in self._on_close:
+            try:
+                fn()
+            except Exception:
+                self.log.exception("close listener failed")
+        self._on_close.clear()
 
     def _require(self) -> None:
         if self.nc is None or not self.connected:
