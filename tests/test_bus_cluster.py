@@ -64,6 +64,21 @@ def test_a_bus_url_may_list_every_node_of_a_cluster():
         server_urls(" , ")
 
 
+def test_replicas_are_a_flag_and_a_variable_from_1_to_5(capsys):
+    from tulle.bus import replicas_from_env
+    from tulle.errors import UserError
+    from tulle.service import parse_args
+
+    assert parse_args("policy", ["--nats-replicas", "3"]).nats_replicas == 3
+    assert parse_args("policy", []).nats_replicas == int(os.environ.get("TULLE_NATS_REPLICAS") or 1)
+    with pytest.raises(SystemExit) as e:
+        parse_args("policy", ["--nats-replicas", "7"])
+    assert e.value.code == 2 and "--nats-replicas: expected a number from 1 to 5, got '7'" in capsys.readouterr().err
+    assert replicas_from_env({"TULLE_NATS_REPLICAS": "3"}) == 3 and replicas_from_env({}) == 1
+    with pytest.raises(UserError, match="TULLE_NATS_REPLICAS: expected a number from 1 to 5, got 'three'"):
+        replicas_from_env({"TULLE_NATS_REPLICAS": "three"})
+
+
 def test_cluster_routes_require_the_nodes_certificate(tmp_path):
     keys = busauth.ensure_keys(tmp_path / "keys")
     spec = busauth.ClusterSpec("tulle", "127.0.0.1:6222", ("nats-route://127.0.0.1:6222",),

@@ -111,7 +111,14 @@ class Service:
                     await self.bus.kv(bucket)
                 return
             except Exception as e:  # NATS gone again: the next connection tries again
-                self.log.debug("could not ensure the shared stores", error=str(e) or type(e).__name__)
+                import nats.js.errors
+
+                # JetStream refusing (not merely busy electing) is a configuration to fix, such as
+                # --nats-replicas above the servers NATS has: say so where an operator looks.
+                refused = isinstance(e, nats.js.errors.APIError) and getattr(e, "code", None) != 503
+                (self.log.warning if refused else self.log.debug)(
+                    "could not ensure the shared stores", error=str(e) or type(e).__name__,
+                    replicas=self.bus.replicas)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
