@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tulle.bus import MAX_REPLICAS
 from tulle.local import identity as local_identity
 from tulle.local import netns as nets
 from tulle.local import plan, procs
-from tulle.local.probe import http_ready, tcp_ready
-from tulle.bus import MAX_REPLICAS
+from tulle.local.probe import http_ready, split_addr, tcp_ready
 from tulle.local.state import RECORD_VERSION, StateDir, process_start, write_record
 from tulle.log import get_logger
 from tulle.natsserver import NatsCluster, NatsServer, free_port, nats_server_binary
@@ -64,17 +64,13 @@ class Component:
     cmd: list[str]
     env: dict[str, str]
     admin: str = ""  # host:port of its admin server ("" for NATS)
-    listen: str = ""  # NATS: host:port it accepts clients on (ready when it does)
+    url: str = ""  # NATS: where it accepts clients (ready when it does)
     health: str = ""  # a cluster's NATS node: host:port of its monitoring server (ready when /healthz is 200)
     ready: bool = False
     restarts: int = 0
     failures: int = 0
     started: float = 0.0
     restart_at: Optional[float] = None
-
-
-def _scheme(url: str) -> str:
-    return url.split("://", 1)[0] + "://"
 
 
 class StartError(Exception):
@@ -188,7 +184,7 @@ class Runner:
                # What `tulle` commands read the bus with (tulle/local/discover.py).
                "observer_creds": str(self.nats_server.seed_file("observer")),
                "ca": self.nats_server.tls.ca_file if self.nats_server.tls else ""}
-        nodes = [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "url": f"{_scheme(self.nats_url)}{c.listen}",
+        nodes = [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "url": c.url,
                   "log": str(c.child.log), "restarts": c.restarts, "health": c.health} for c in self.nats_nodes]
         if isinstance(self.nats_server, NatsCluster):
             out["nodes"] = nodes
@@ -254,7 +250,7 @@ class Runner:
             name = "nats" if len(servers) == 1 else f"nats-{servers.index(server)}"
             self.nats_nodes.append(Component(
                 name, procs.spawn(name, cmd, env=self._base_env, log=server.log_file), cmd, self._base_env,
-                listen=f"{server.address[0]}:{server.port}",
+                url=server.url,
                 health=f"127.0.0.1:{server.monitor_port}" if server.monitor_port else "", started=time.monotonic()))
             self.save()
         deadline = time.monotonic() + 15 + 15 * (len(servers) > 1)
@@ -267,7 +263,7 @@ class Runner:
                 # find the buckets they make and write answered from their first connection.
                 c.ready = await self._nats_node_ready(c, 0.5)
             if time.monotonic() > deadline:
-                waiting = ", ".join(f"{c.name} ({c.listen})" for c in self.nats_nodes if not c.ready)
+                waiting = ", ".join(f"{c.name} ({c.url})" for c in self.nats_nodes if not c.ready)
                 raise StartError(f"nats-server not ready in {deadline - self.nats_nodes[0].started:.0f} s: {waiting}; "
                                  f"see {self.state.logs}")
             await asyncio.sleep(0.05)
@@ -279,8 +275,8 @@ class Runner:
         if c.health:
             host, _, port = c.health.rpartition(":")
             return await http_ready(host, int(port), "/healthz", timeout)
-        host, _, port = c.listen.rpartition(":")
-        return await tcp_ready(host, int(port), timeout)
+        host, port = split_addr(c.url.split("://", 1)[-1])
+        return await tcp_ready(host, port, timeout)
 
     def _service_args(self, name: str) -> list[str]:
         manifests = ["--manifests", str(self.opts.manifests), "--manifests", str(self.state.runtime)]
