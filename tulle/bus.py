@@ -246,7 +246,10 @@ class Bus:
         self._connected = asyncio.Event()
         self._generation = 0  # bumped on every (re)connect; watches resync when it moves
         self._connections = 0  # connections made by _connect_loop: the first, and each after nats-py gave up
-        self._generation_changed = asyncio.Condition()
+        # Set, then replaced by a fresh one, whenever the generation moves or the bus closes.
+        # An Event and not a Condition: a waiter cancelled under wait_for must not have to
+        # take a lock back, which hung watches being cancelled while others waited too.
+        self._generation_moved = asyncio.Event()
         self._closed = False
         self._on_change: list[Callable[[bool], None]] = []
         self._subs: list[Any] = []
@@ -332,9 +335,8 @@ class Bus:
         if up:
             self._connected.set()
             self.m_connected.set(1)
-            async with self._generation_changed:
-                self._generation += 1
-                self._generation_changed.notify_all()
+            self._generation += 1
+            self._announce_generation()
             for watcher in list(self._watchers):
                 _put_dropping_oldest(watcher._updates, _RESYNC)
         else:
@@ -394,8 +396,7 @@ class Bus:
                     await asyncio.wait_for(self.nc.close(), 2)
                 except Exception as e:
                     self.log.debug("nats close failed", error=str(e) or type(e).__name__)
-        async with self._generation_changed:
-            self._generation_changed.notify_all()  # watches waiting for a reconnect end now
+        self._announce_generation()  # watches waiting for a reconnect end now
         for watcher in list(self._watchers):
             _put_dropping_oldest(watcher._updates, _RESYNC)
         await self._set_connected(False)
@@ -498,6 +499,9 @@ class Bus:
 
     async def _watch(self, bucket: str, pattern: str, cls: type[T]):
         while not self._closed:
+            # A watch cancelled while it waited for a bucket or a reconnect must end, even
+            # when a nats-py request swallowed the cancellation (proxies hung in shutdown).
+            raise_if_cancelled()
             await self._connected.wait()
             generation = self._generation
             watcher = None
@@ -574,13 +578,21 @@ class Bus:
             raise _Resync()
         return item
 
+    def _announce_generation(self) -> None:
+        moved, self._generation_moved = self._generation_moved, asyncio.Event()
+        moved.set()
+
     async def _wait_generation_change(self, generation: int, timeout: float | None) -> None:
-        async with self._generation_changed:
-            try:
-                await asyncio.wait_for(
-                    self._generation_changed.wait_for(lambda: self._generation != generation or self._closed), timeout)
-            except asyncio.TimeoutError:
-                pass
+        moved = self._generation_moved
+        if self._generation != generation or self._closed:
+            return
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
+        # arrives as its timeout fires, and the cancelled watch then runs on for ever.
+        try:
+            async with asyncio.timeout(timeout):
+                await moved.wait()
+        except TimeoutError:
+            pass
 
     # --- request / reply, subscriptions ---------------------------------------------------
 
@@ -725,6 +737,14 @@ class Bus:
             self.log.debug("event not published", type=type_, error=str(e))
             return None
         return event
+
+
+def raise_if_cancelled() -> None:
+    """Python 3.11's wait_for (inside nats-py requests) can swallow a cancellation that
+    lands just as the reply arrives; the task still counts it, so honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def _is_auth_error(e: BaseException) -> bool:
