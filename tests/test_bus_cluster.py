@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
