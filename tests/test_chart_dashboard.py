@@ -51,13 +51,21 @@ def test_the_dashboard_reads_the_bus_as_the_observer_and_no_secret_through_the_a
     assert {v for r in rules for v in r["verbs"]} <= {"get", "list"}
 
 
-def test_the_real_command_accepts_the_charts_flags(objects):
-    from tulle.cli.dashboard import dashboard
+def test_the_real_command_accepts_the_charts_flags(objects, monkeypatch):
+    from tulle.cli.dashboard import choose_targets, dashboard
+    from tulle.cli.target import Cluster
 
     c = containers(objects)["tulle-dashboard/dashboard"]
     assert c["command"] == ["tulle", "dashboard"]
     ctx = dashboard.make_context("dashboard", list(c["args"]))
     assert ctx.params["address"] == "0.0.0.0" and ctx.params["port"] == 8084 and ctx.params["kubernetes"] is True
+    # In the pod: the bus is the NATS Service named by --nats, the checks look at the cluster.
+    monkeypatch.delenv("TULLE_NATS_URL", raising=False)
+    p = ctx.params
+    bus, checks = choose_targets(p["nats_url"], p["nats_creds"], kubeconfig=p["kubeconfig"], context=p["context"],
+                                 kubernetes=p["kubernetes"], namespace=p["namespace"], state_dir=p["state_dir"])
+    assert bus.url == f"tls://tulle-nats.{NAMESPACE}.svc.cluster.local:4222" and bus.cluster is None
+    assert bus.creds_file == "/var/run/tulle/nats/creds" and isinstance(checks, Cluster)
     assert set(ctx.params["allowed"]) == {"tulle.example.com", f"tulle-dashboard.{NAMESPACE}.svc.cluster.local"}
     assert {"name": "TULLE_NATS_CA", "value": "/var/run/tulle/nats-ca/ca.crt"} in c["env"]
 

@@ -366,6 +366,8 @@ def test_every_service_accepts_the_flags_the_chart_gives_it():
     assert sorted(parsed) == ["destination", "identity", "injector", "policy"]
     for args in parsed.values():
         assert args.admin.startswith("0.0.0.0:") and args.kubernetes
+        # Buckets and the event stream get a copy on each NATS server: losing one loses nothing.
+        assert args.nats_replicas == 3
         assert (args.nats_creds, args.nats_ca) == ("/var/run/tulle/nats/creds", "/var/run/tulle/nats-ca/ca.crt")
     identity = parsed["identity"]
     assert identity.lifetime.total_seconds() == 24 * 3600 and identity.clock_skew.total_seconds() == 20
@@ -485,6 +487,16 @@ def _resolved_env(pod: dict, container: dict) -> dict[str, str]:
               "spec.serviceAccountName": pod["spec"]["serviceAccountName"]}
     return {e["name"]: e["value"] if "value" in e else fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
             for e in container["env"]}
+
+
+@pytest.mark.parametrize("servers, copies", [(1, 1), (3, 3), (7, 5)])
+def test_services_replicate_the_buckets_on_as_many_nats_servers_as_the_chart_runs(servers, copies):
+    """--nats-replicas follows nats.replicas: a copy of each bucket and of the event stream on
+    every server, so losing one loses nothing (JetStream keeps at most 5 copies)."""
+    objects = render_control_plane({"nats": {"replicas": servers}})
+    for name, c in containers(objects).items():
+        if name.startswith(("tulle-destination/", "tulle-identity/", "tulle-proxy-injector/")):
+            assert f"--nats-replicas={copies}" in c["args"], name
 
 
 def test_custom_images_reach_every_container_and_the_injectors_config():

@@ -199,16 +199,26 @@ def proxy_permissions(namespace: str, workload: str) -> Permissions:
 class TLSFiles:
     cert_file: str
     key_file: str
-    ca_file: str = ""  # given to clients; the server does not ask clients for certificates
+    # Client TLS: given to clients (the server asks them for no certificate). Route TLS:
+    # what each node verifies its peers' certificates with.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """A JetStream cluster: this node's route listener and every node's route URL."""
+    """A JetStream cluster: this node's route listener, every node's route URL, and how
+    the nodes prove themselves to each other.
+
+    Routes are authenticated as clients are: a server that could join the cluster would see
+    every message of every account, around the bus's authorization. As in the Helm chart,
+    each route presents the nodes' certificate and verifies its peer's (mutual TLS): a
+    route from anything without a certificate of `route_tls.ca_file` is refused.
+    """
 
     name: str
     listen: str  # host:port of this node's route listener
     routes: tuple[str, ...]  # nats-route://host:port of every node (this one may be included)
+    route_tls: TLSFiles  # the nodes' certificate (serverAuth and clientAuth) and its CA
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,9 @@ class ServerOptions:
     server_name: str
     tls: Optional[TLSFiles] = None
     cluster: Optional[ClusterSpec] = None
+    # host:port of the monitoring server (`/healthz` says when JetStream is current); "" none.
+    # It shows no message contents or credentials.
+    http_listen: str = ""
     max_memory_store: str = "256MB"
     max_file_store: str = "2GB"
     # Seconds a connecting client has to authenticate, callout round trip included
@@ -311,9 +324,15 @@ def server_config(keys: BusPublicKeys, opts: ServerOptions) -> str:
     if opts.tls is not None:
         lines += ["tls {", f"  cert_file: {_q(opts.tls.cert_file)}", f"  key_file: {_q(opts.tls.key_file)}",
                   "  timeout: 5", "}"]
+    if opts.http_listen:
+        lines.append(f"http: {_q(opts.http_listen)}")
     if opts.cluster is not None:
-        lines += ["cluster {", f"  name: {_q(opts.cluster.name)}", f"  listen: {_q(opts.cluster.listen)}",
-                  f"  routes: {_list(opts.cluster.routes)}", "}"]
+        c = opts.cluster
+        if not c.route_tls.ca_file:
+            raise ValueError("cluster routes need the CA their certificates are verified with")
+        lines += ["cluster {", f"  name: {_q(c.name)}", f"  listen: {_q(c.listen)}", f"  routes: {_list(c.routes)}",
+                  "  tls {", f"    cert_file: {_q(c.route_tls.cert_file)}", f"    key_file: {_q(c.route_tls.key_file)}",
+                  f"    ca_file: {_q(c.route_tls.ca_file)}", "    verify: true", "    timeout: 5", "  }", "}"]
     lines += list(opts.extra)
     auth = authorization_config(keys, opts.extra_users, opts.auth_timeout_s)
     return "\n".join(line for line in lines if line) + "\n" + auth

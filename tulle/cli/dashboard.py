@@ -14,10 +14,12 @@ that address, localhost or an --allowed-host name (DNS rebinding protection).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+
 import click
 
-from tulle.cli.common import nats_option
+from tulle.cli.common import CREDS_HELP, NATS_HELP, resolve_target
 from tulle.cli.target import Cluster, resolve, target_options
 from tulle.errors import UserError
 
@@ -101,7 +103,7 @@ async def serve(bus_target, *, address: str, port: int, settings, hosts: frozens
     from tulle.dashboard.server import make_app
 
     bus = await connect_bus(bus_target, what="dashboard")
-    hub = Hub(bus, settings, url=bus_target.url,
+    hub = Hub(bus, settings, url=bus_target.url or str(bus_target),
               check=check_gatherer(bus, check_target, bus_target.url, namespace))
     runner = web.AppRunner(make_app(hub, hosts=hosts), access_log=None, handle_signals=False,
                            shutdown_timeout=1.0)
@@ -124,6 +126,18 @@ async def serve(bus_target, *, address: str, port: int, settings, hosts: frozens
         await hub.stop()
         await runner.cleanup()
         await bus.close()
+
+
+def choose_targets(nats_url, nats_creds, *, kubeconfig, context, kubernetes, namespace, state_dir):
+    """(the bus to read, where the extensions page's checks look). The cluster flags choose
+    the checks' mesh; the bus is that mesh's too unless --nats names one (in the chart: the
+    NATS Service, with the checks in-cluster)."""
+    direct = bool(nats_url or os.environ.get("TULLE_NATS_URL"))
+    bus_target = resolve_target(nats_url, nats_creds, kubeconfig=None if direct else kubeconfig,
+                                context=None if direct else context, kubernetes=kubernetes and not direct,
+                                namespace=namespace)
+    check_target = resolve(kubeconfig=kubeconfig, context=context, kubernetes=kubernetes, state_dir=state_dir)
+    return _state_dir_bus(bus_target, state_dir), check_target
 
 
 def _state_dir_bus(bus_target, state_dir):
@@ -156,10 +170,11 @@ def _state_dir_bus(bus_target, state_dir):
 @click.option("-n", "--namespace", default="tulle", show_default=True,
               help="a cluster: the control plane's namespace (for the extensions page)")
 @click.option("--open", "open_browser", is_flag=True, help="open the dashboard in a web browser")
-@nats_option("bus_target")
+@click.option("--nats", "nats_url", default=None, metavar="URL", help=NATS_HELP)
+@click.option("--nats-creds", default=None, metavar="FILE", help=CREDS_HELP)
 @target_options
-def dashboard(address, port, allowed, window, max_tabs, namespace, open_browser, bus_target, kubeconfig, context,
-              kubernetes, state_dir):
+def dashboard(address, port, allowed, window, max_tabs, namespace, open_browser, nats_url, nats_creds, kubeconfig,
+              context, kubernetes, state_dir):
     """Serve the mesh's dashboard: topology, golden metrics, policy, identity, events, components.
 
     Read-only, from the bus (the observer credential of the running `tulle up`, or
@@ -169,12 +184,12 @@ def dashboard(address, port, allowed, window, max_tabs, namespace, open_browser,
     from tulle.dashboard.server import allowed_hosts
 
     settings = Settings(window_s=parse_window(window), max_streams=max_tabs)
-    bus_target = _state_dir_bus(bus_target, state_dir)
+    bus_target, check_target = choose_targets(nats_url, nats_creds, kubeconfig=kubeconfig, context=context,
+                                              kubernetes=kubernetes, namespace=namespace, state_dir=state_dir)
     hosts = allowed_hosts(address, allowed)
-    check_target = resolve(kubeconfig=kubeconfig, context=context, kubernetes=kubernetes, state_dir=state_dir)
 
     def announce(url: str) -> None:
-        click.echo(f"Tulle dashboard: {url} (reading {bus_target.url}; Ctrl-C stops)")
+        click.echo(f"Tulle dashboard: {url} (reading {bus_target}; Ctrl-C stops)")
         if open_browser:
             import webbrowser
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tulle.bus import MAX_REPLICAS
 from tulle.local import identity as local_identity
 from tulle.local import netns as nets
 from tulle.local import plan, procs
-from tulle.local.probe import http_ready, tcp_ready
+from tulle.local.probe import http_ready, split_addr, tcp_ready
 from tulle.local.state import RECORD_VERSION, StateDir, process_start, write_record
 from tulle.log import get_logger
-from tulle.natsserver import NatsServer, free_port, nats_server_binary
+from tulle.natsserver import NatsCluster, NatsServer, free_port, nats_server_binary
 from tulle.resources import model as m
 from tulle.sources.base import ResourceEvent
 from tulle.sources.folder import FolderSource
@@ -52,6 +53,9 @@ class RunOptions:
     # The cluster-wide default inbound policy (a namespace or pod annotation overrides it).
     default_inbound_policy: str = "all-unauthenticated"
     nats_tls: bool = False  # TLS on the bus (always on in a cluster; optional on one machine)
+    # NATS servers: 1, or a JetStream cluster of that many on this machine (`--nats-cluster 3`:
+    # buckets and events replicated, any one server may die), as the Helm chart runs it.
+    nats_cluster: int = 1
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Component:
     cmd: list[str]
     env: dict[str, str]
     admin: str = ""  # host:port of its admin server ("" for NATS)
+    url: str = ""  # NATS: where it accepts clients (ready when it does)
+    health: str = ""  # a cluster's NATS node: host:port of its monitoring server (ready when /healthz is 200)
     ready: bool = False
     restarts: int = 0
     failures: int = 0
@@ -123,14 +129,14 @@ class Runner:
         self.log = get_logger(component="local")
         self.n: Optional[int] = None
         self._subnet_fd: Optional[int] = None
-        self.nats: Optional[Component] = None
-        self.nats_url = ""
+        self.nats_nodes: list[Component] = []  # one NATS server, or each node of the cluster
+        self.nats_url = ""  # every node's URL, comma-separated
         self.components: dict[str, Component] = {}  # the services, by name
         self.workloads: dict[str, WorkloadUnit] = {}
         self.services: dict[tuple[str, str], m.Service] = {}
         self.namespaces: dict[str, m.Namespace] = {}
         self._pending: dict[str, m.Workload] = {}  # Workloads read before the folder was synced
-        self.nats_server: Optional[NatsServer] = None
+        self.nats_server: Optional[NatsServer | NatsCluster] = None
         self.host_rules: list[list[str]] = []
         self.token_secret = b""
         self.proxy_uid: Optional[int] = plan.PROXY_UID  # None: proxies keep uid 0 (with gid 2102)
@@ -166,17 +172,29 @@ class Runner:
             "error": self.error,
             "ready": self.phase == "running" and self.synced and services_ready and all(ready.values()),
             "net": self._net_record(),
-            "nats": ({"pid": self.nats.child.pid, "start": self.nats.child.start, "url": self.nats_url,
-                      "log": str(self.nats.child.log), "restarts": self.nats.restarts,
-                      # What `tulle` commands read the bus with (tulle/local/discover.py).
-                      "observer_creds": str(self.nats_server.seed_file("observer")),
-                      "ca": self.nats_server.tls.ca_file if self.nats_server.tls else ""} if self.nats else None),
+            "nats": self._nats_record(),
             "components": [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "admin": c.admin,
                             "log": str(c.child.log), "ready": c.ready, "restarts": c.restarts}
                            for c in self.components.values()],
             "workloads": [u.record() for u in units],
             "services": plan.services_view(self.services.values(), [u.w for u in units], ready),
         }
+
+    def _nats_record(self) -> Optional[dict]:
+        """One server as its pid, log ...; a cluster as its `nodes` (tulle.local.state.nats_nodes reads both)."""
+        if not self.nats_nodes:
+            return None
+        out = {"url": self.nats_url,
+               # What `tulle` commands read the bus with (tulle/local/discover.py).
+               "observer_creds": str(self.nats_server.seed_file("observer")),
+               "ca": self.nats_server.tls.ca_file if self.nats_server.tls else ""}
+        nodes = [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "url": c.url,
+                  "log": str(c.child.log), "restarts": c.restarts, "health": c.health} for c in self.nats_nodes]
+        if isinstance(self.nats_server, NatsCluster):
+            out["nodes"] = nodes
+        else:
+            out.update({k: nodes[0][k] for k in ("pid", "start", "log", "restarts")})
+        return out
 
     def _net_record(self) -> dict:
         if self.n is None:
@@ -218,33 +236,59 @@ class Runner:
         tls = None
         if self.opts.nats_tls:
             tls = await asyncio.to_thread(local_identity.ensure_bus_tls, self.state.nats_dir / "tls", host)
-        server = NatsServer(self.state.nats_dir, host=host, port=free_port(host), log_file=self.state.log("nats"),
-                            keys_dir=self.state.nats_dir / "keys", tls=tls)
-        self.nats_server = server
-        conf = self.state.nats_dir / "nats-server.conf"
-        conf.write_text(server.config_text())
-        cmd = [nats_server_binary(), "-c", str(conf)]
-        self.nats = Component("nats", procs.spawn("nats", cmd, env=self._base_env, log=self.state.log("nats")),
-                              cmd, self._base_env, started=time.monotonic())
-        self.nats_url = server.url
-        self.save()
-        deadline = time.monotonic() + 15
-        child = self.nats.child
-        self.save()
-        while not await tcp_ready(host, server.port, 0.5):
-            if child.exited() is not None:
-                raise StartError(f"nats-server {child.describe_exit()}; see {child.log}: {procs.log_tail(child.log, 1)}")
+        keys = self.state.nats_dir / "keys"
+        if self.opts.nats_cluster > 1:
+            cluster = await asyncio.to_thread(NatsCluster, self.state.nats_dir / "cluster", size=self.opts.nats_cluster,
+                                              host=host, keys_dir=keys, tls=tls, log_dir=self.state.logs)
+            self.nats_server, servers = cluster, cluster.nodes
+        else:
+            server = NatsServer(self.state.nats_dir, host=host, port=free_port(host), log_file=self.state.log("nats"),
+                                keys_dir=keys, tls=tls)
+            self.nats_server, servers = server, [server]
+        self.nats_url = self.nats_server.url
+        for server in servers:
+            server.store_dir.mkdir(parents=True, exist_ok=True)
+            conf = server.store_dir / "nats-server.conf"
+            conf.write_text(server.config_text())
+            cmd = [nats_server_binary(), "-c", str(conf)]
+            name = "nats" if len(servers) == 1 else f"nats-{servers.index(server)}"
+            self.nats_nodes.append(Component(
+                name, procs.spawn(name, cmd, env=self._base_env, log=server.log_file), cmd, self._base_env,
+                url=server.url,
+                health=f"127.0.0.1:{server.monitor_port}" if server.monitor_port else "", started=time.monotonic()))
+            self.save()
+        deadline = time.monotonic() + 15 + 15 * (len(servers) > 1)
+        while not all(c.ready for c in self.nats_nodes):
+            for c in self.nats_nodes:
+                if c.child.exited() is not None:
+                    raise StartError(f"nats-server ({c.name}) {c.child.describe_exit()}; see {c.child.log}: "
+                                     f"{procs.log_tail(c.child.log, 1)}")
+                # A cluster's node is ready once its JetStream has its leaders: services then
+                # find the buckets they make and write answered from their first connection.
+                c.ready = await self._nats_node_ready(c, 0.5)
             if time.monotonic() > deadline:
-                raise StartError(f"nats-server did not listen on {host}:{server.port} in 15 s; see {child.log}")
+                waiting = ", ".join(f"{c.name} ({c.url})" for c in self.nats_nodes if not c.ready)
+                raise StartError(f"nats-server not ready in {deadline - self.nats_nodes[0].started:.0f} s: {waiting}; "
+                                 f"see {self.state.logs}")
             await asyncio.sleep(0.05)
-        self.nats.ready = True
+        self.save()
         self.log.info("nats ready", url=self.nats_url)
+
+    @staticmethod
+    async def _nats_node_ready(c: Component, timeout: float) -> bool:
+        if c.health:
+            host, _, port = c.health.rpartition(":")
+            return await http_ready(host, int(port), "/healthz", timeout)
+        host, port = split_addr(c.url.split("://", 1)[-1])
+        return await tcp_ready(host, port, timeout)
 
     def _service_args(self, name: str) -> list[str]:
         manifests = ["--manifests", str(self.opts.manifests), "--manifests", str(self.state.runtime)]
         bus = ["--nats-creds", str(self.nats_server.seed_file(name))]
         if self.nats_server.tls:
             bus += ["--nats-ca", self.nats_server.tls.ca_file]
+        if self.opts.nats_cluster > 1:
+            bus += ["--nats-replicas", str(min(self.opts.nats_cluster, MAX_REPLICAS))]
         return bus + self._own_args(name, manifests)
 
     def _own_args(self, name: str, manifests: list[str]) -> list[str]:
@@ -432,7 +476,7 @@ class Runner:
         while True:
             await asyncio.sleep(1)
             changed = False
-            for c in [self.nats, *self.components.values()]:
+            for c in [*self.nats_nodes, *self.components.values()]:
                 now = time.monotonic()
                 if c.restart_at is None and c.child.exited() is not None:
                     if now - c.started > 30:
@@ -452,8 +496,7 @@ class Runner:
                         host, _, port = c.admin.rpartition(":")
                         ok = await http_ready(host, int(port), "/ready", 1.0)
                     else:
-                        host, port = self.nats_url.split("://", 1)[-1].rsplit(":", 1)
-                        ok = await tcp_ready(host, int(port), 1.0)
+                        ok = await self._nats_node_ready(c, 1.0)
                     if ok != c.ready:
                         c.ready, changed = ok, True
             if changed:
@@ -478,8 +521,7 @@ class Runner:
             await asyncio.gather(self._observer.close(), return_exceptions=True)
         await asyncio.gather(*(procs.terminate_async(c.child) for c in self.components.values()),
                              return_exceptions=True)
-        if self.nats is not None:
-            await procs.terminate_async(self.nats.child)
+        await asyncio.gather(*(procs.terminate_async(c.child) for c in self.nats_nodes), return_exceptions=True)
         problems = []
         if self.isolation == "netns" and self.n is not None:
             problems = await asyncio.to_thread(nets.teardown, self.n, [], self.host_rules)
