@@ -162,11 +162,12 @@ class Http1Server(asyncio.Protocol):
             if sum(map(len, last.tail)) > REPLAY_LIMIT:
                 self._pause(PAUSE_TUNNEL)
             return
+        upgrade_at = -1
         self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._parser_upgraded(data, e.args[0])
+            upgrade_at = e.args[0]
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
             if isinstance(err, _PipelineFull):
@@ -180,6 +181,10 @@ class Http1Server(asyncio.Protocol):
             self.refuse(400, f"malformed request: {e}", "parse")
         finally:
             self.feeding = False
+        if upgrade_at >= 0:
+            # Not inside the except clause: raising there would make the upgrade the cause
+            # of any callback error of the parser fed next (found by fuzz/).
+            self._parser_upgraded(data, upgrade_at)
         if self.in_head:
             # Bytes of a head not yet complete, counted across reads: a client may not
             # grow one header (or the request line) without bound.
