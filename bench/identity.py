@@ -59,7 +59,10 @@ class Replica:
     def __init__(self, mesh: BenchMesh, log: Path):
         self.admin = free_port()
         self.log = log
-        self.cmd = mesh.identity_cmd(self.admin)  # its role's credential; it answers logins too
+        # Its role's credential (it answers logins too), and no issuance rate limit: this measures
+        # what the service can sign (the limit is per identity, and the bench asks for the same
+        # few identities over and over).
+        self.cmd = mesh.identity_cmd(self.admin) + ["--certify-burst", "1e9", "--certify-rate", "1e9"]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Replica":

@@ -5,8 +5,9 @@
 #
 # The image's build stage runs exactly this (deploy/Dockerfile), and so does
 # tests/test_image.py, in a fresh folder, on every test run. Everything comes from the
-# lock files, as wheels only (--only-binary): nothing is compiled, so neither this step
-# nor the image needs a compiler. Regenerate the locks as deploy/README.md says.
+# lock files, as wheels only (--only-binary) but for one pure-Python sdist: nothing is
+# compiled, so neither this step nor the image needs a compiler. Regenerate the locks as
+# deploy/README.md says.
 set -eu
 
 PREFIX=${1:?usage: deploy/install.sh PREFIX}
@@ -18,7 +19,10 @@ pip() { "$PREFIX/bin/python" -m pip --disable-pip-version-check --no-input --qui
 
 # The build tools for tulle's own wheel, then every runtime dependency, all by hash.
 pip install --require-hashes --no-deps --only-binary=:all: -r "$SRC/deploy/build-requirements.lock"
-pip install --require-hashes --no-deps --only-binary=:all: -r "$SRC/deploy/requirements.lock"
+# nkeys (the nats-io project's library for the bus's credentials) is published as a source
+# distribution only. It is pure Python: building it needs the pinned build tools, no compiler.
+pip install --require-hashes --no-deps --only-binary=:all: --no-binary=nkeys --no-build-isolation \
+  -r "$SRC/deploy/requirements.lock"
 # Tulle itself, from this source tree, against those pinned tools and nothing fetched.
 pip install --no-deps --no-build-isolation --no-index "$SRC"
 pip check

@@ -14,8 +14,8 @@ from tulle.metrics import Registry
 
 
 def make_admin(host: str, port: int, *, ready: Callable[[], bool], registry: Registry, shutdown_enabled: bool,
-               on_shutdown: Callable[[], None]) -> AdminServer:
-    admin = AdminServer(host, port, ready=ready, registry=registry)
+               on_shutdown: Callable[[], None], max_connections: int = 64) -> AdminServer:
+    admin = AdminServer(host, port, ready=ready, registry=registry, max_connections=max_connections)
 
     async def shutdown(req: AdminRequest) -> AdminResponse:
         if not shutdown_enabled:

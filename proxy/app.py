@@ -27,8 +27,10 @@ from proxy.context import Shared
 from proxy.discovery import Discovery
 from proxy.heartbeat import ProxyHeartbeat
 from proxy.inbound import Inbound
+from proxy.limits import Limits, expired, sweep_interval
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
+from proxy.traffic_stats import TrafficWindows, read_edges, traffic_reply
 from proxy.policy_metrics import DenialReporter
 from proxy.policy_watch import PolicyWatcher
 from proxy.pools import Pools
@@ -41,6 +43,8 @@ from tulle.metrics import REGISTRY, Registry
 from tulle.policy import InboundPolicy
 
 log = get_logger()
+
+TRAFFIC_SAMPLE_S = 1.0  # how often the traffic windows read the proxy's counters
 
 
 def production_identity(bus: Bus, cfg: ProxyConfig, registry: Registry):
@@ -75,6 +79,7 @@ class ProxyApp:
         self._tasks: list[asyncio.Task] = []
         self._ready_announced = False
         self.ready_checks: dict[str, Callable[[], bool]] = {}
+        self.traffic = TrafficWindows()  # golden metrics per edge, for `tulle stat` / `tulle edges`
 
     # --- readiness ---------------------------------------------------------------------
 
@@ -100,14 +105,17 @@ class ProxyApp:
         self.bus.on_connection_change(self._on_bus)
         self.identity = self._identity if self._identity is not None else production_identity(self.bus, cfg, self.registry)
         metrics = ProxyMetrics(self.registry)
-        discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile)
+        discovery = Discovery(self.bus, idle_s=cfg.discovery_idle_timeout_s, on_profile=self._on_profile,
+                              max_watches=cfg.discovery_max_watches, absent_ttl_s=cfg.discovery_absent_ttl_s,
+                              registry=self.registry)
         self.shared = Shared(cfg, self.identity, discovery, metrics, self.ready_checks, self._on_profile)
+        limits = Limits.from_config(cfg)
         out_pools = Pools(client_context=self.shared.client_context, connect_timeout=cfg.connect_timeout_s,
                           idle_timeout=cfg.pool_idle_timeout_s, mesh_idle_timeout=cfg.mesh_pool_idle_timeout_s,
-                          count_h2_error=lambda reason: metrics.http2_error("outbound", "dst", reason))
+                          count_h2_error=lambda reason: metrics.http2_error("outbound", "dst", reason), limits=limits)
         in_pools = Pools(client_context=lambda: None, connect_timeout=cfg.connect_timeout_s,
                          idle_timeout=cfg.pool_idle_timeout_s,
-                         count_h2_error=lambda reason: metrics.http2_error("inbound", "dst", reason))
+                         count_h2_error=lambda reason: metrics.http2_error("inbound", "dst", reason), limits=limits)
         self.pools = (out_pools, in_pools)
         self.outbound = Outbound(self.shared, out_pools)
         self.policy = self._policy if self._policy is not None else InboundPolicy(cfg.default_inbound_policy,
@@ -121,7 +129,8 @@ class ProxyApp:
                                policy_received=self.policy_watcher.first if self.policy_watcher else None)
         host, port = cfg.admin_addr
         self.admin = make_admin(host, port, ready=self.is_ready, registry=self.registry,
-                                shutdown_enabled=cfg.shutdown_endpoint, on_shutdown=self.stopping.set)
+                                shutdown_enabled=cfg.shutdown_endpoint, on_shutdown=self.stopping.set,
+                                max_connections=cfg.admin_max_connections)
         # Listeners first: a port in use is a start-up error the operator must see.
         self.outbound.start()
         self.inbound.start()
@@ -141,6 +150,8 @@ class ProxyApp:
             self._tasks.append(asyncio.ensure_future(self.policy_watcher.run()))
         self._tasks.append(asyncio.ensure_future(self._tick()))
         self._tasks.append(asyncio.ensure_future(self._serve_route_stats()))
+        self._tasks.append(asyncio.ensure_future(self._sample_traffic()))
+        self._tasks.append(asyncio.ensure_future(self._serve_traffic()))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         log.info("proxy listening", outbound=_fmt(self.outbound.listener.address),
                  inbound=_fmt(self.inbound.listener.address), admin=self.admin.address, identity=cfg.identity,
@@ -159,14 +170,20 @@ class ProxyApp:
         return self.admin.port
 
     async def _tick(self) -> None:
-        """Header-read and idle timeouts of HTTP connections, without a timer per request."""
+        """The time bounds of every connection (proxy/limits.py), without a timer per request:
+        HTTP heads, bodies and keep-alive; opaque connections gone idle."""
         cfg = self.cfg
-        interval = max(min(1.0, cfg.header_read_timeout_s / 4, cfg.idle_timeout_s / 4), 0.01)
+        interval = sweep_interval(*Limits.from_config(cfg).timeouts(), cfg.opaque_idle_timeout_s)
         while True:
             await asyncio.sleep(interval)
             for room in (self.outbound, self.inbound):
                 for server in list(room.conns):
                     server.tick(interval)
+                for pair in list(room.splices):
+                    pair.idle_ticks += 1
+                    if expired(pair.idle_ticks, interval, cfg.opaque_idle_timeout_s):
+                        self.shared.metrics.tcp_error(room.direction, "idle_timeout")
+                        pair.close()
 
     async def _serve_route_stats(self) -> None:
         """Answer `tulle routes` (PROXY_STATS_SUBJECT) with this proxy's outbound route windows;
@@ -184,6 +201,39 @@ class ProxyApp:
                 return
             except Exception as e:  # disconnected again between the wait and the subscribe
                 log.debug("cannot serve route stats yet", error=str(e) or type(e).__name__)
+                await asyncio.sleep(0.5)
+
+    def sample_traffic(self) -> None:
+        """Fold the proxy's cumulative counters into the traffic windows (the request path
+        itself does nothing for them)."""
+        self.traffic.sample(read_edges(self.shared.metrics, (self.inbound, self.outbound), self.inbound.authz))
+
+    async def _sample_traffic(self) -> None:
+        while True:
+            await asyncio.sleep(TRAFFIC_SAMPLE_S)
+            try:
+                self.sample_traffic()
+            except Exception:  # a bug here must not stop the proxy, nor the next samples
+                log.exception("sampling traffic figures failed")
+
+    async def _serve_traffic(self) -> None:
+        """Answer `tulle stat` / `tulle edges` / the dashboard (PROXY_TRAFFIC_SUBJECT) with this
+        proxy's edges over the window asked for; no answer when the request names others."""
+        cfg = self.cfg
+
+        async def answer(request: schemas.TrafficRequest) -> schemas.TrafficReply | None:
+            if request.workloads and schemas.proxy_key(cfg.namespace, cfg.workload) not in request.workloads:
+                return None
+            self.sample_traffic()  # up to this moment, not to the last whole second
+            return traffic_reply(cfg.namespace, cfg.workload, cfg.identity, self.traffic, request)
+
+        while True:
+            await self.bus.wait_connected()
+            try:
+                await self.bus.serve(schemas.PROXY_TRAFFIC_SUBJECT, schemas.TrafficRequest, answer)
+                return
+            except Exception as e:  # disconnected again between the wait and the subscribe
+                log.debug("cannot serve traffic figures yet", error=str(e) or type(e).__name__)
                 await asyncio.sleep(0.5)
 
     async def _announce_ready(self) -> None:

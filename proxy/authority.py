@@ -82,3 +82,39 @@ def mesh_service(host: str, namespace: str, cluster_domain: str = "cluster.local
     if not _LABEL.match(svc) or not _LABEL.match(ns):
         return None
     return ns, svc
+
+
+class MeshScope:
+    """Which names and addresses the proxy looks up in discovery — Linkerd's profile
+    suffixes and networks (LINKERD2_PROXY_DESTINATION_PROFILE_SUFFIXES / _NETWORKS).
+
+    A name is looked up when it is a mesh service name (`mesh_service`) whose fully
+    qualified form — short names completed the way a pod's DNS search path completes them
+    — ends with one of `suffixes` ("." matches every name). An address is looked up when
+    it lies in one of `networks`. Everything else goes straight to DNS or to the address:
+    no KV lookup, no watch, whatever an app asks for.
+    """
+
+    __slots__ = ("namespace", "cluster_domain", "suffixes", "networks")
+
+    def __init__(self, namespace: str, cluster_domain: str, suffixes: tuple[str, ...], networks: tuple[str, ...]):
+        self.namespace = namespace
+        self.cluster_domain = cluster_domain.strip(".")
+        self.suffixes = tuple("." + s.strip(".") + "." if s.strip(".") else "." for s in suffixes)
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def service(self, host: str) -> tuple[str, str] | None:
+        """(namespace, service) when `host` names a mesh service in scope, else None."""
+        name = mesh_service(host, self.namespace, self.cluster_domain)
+        if name is None:
+            return None
+        fqdn = f".{name[1]}.{name[0]}.svc.{self.cluster_domain}."
+        return name if any(s == "." or fqdn.endswith(s) for s in self.suffixes) else None
+
+    def address(self, host: str) -> bool:
+        """Whether an IP address is one discovery may know (a cluster IP, a pod IP)."""
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return any(ip.version == n.version and ip in n for n in self.networks)

@@ -73,6 +73,44 @@ class ProxyConfig:
     mesh_protocol: str = "http1"
     max_header_bytes: int = 65536
     max_headers: int = 100
+    # --- bounds (proxy/limits.py decides; docs/ARCHITECTURE.md "Bounds") ---
+    # Requests read ahead of the one being answered on a connection (HTTP/1 pipelining).
+    max_pipelined_requests: int = 16
+    # 1xx responses passed on for one request before its final response.
+    max_interim_responses: int = 10
+    # A request body the client stops sending for this long: 408 (or close once answered).
+    request_body_idle_timeout_s: float = 60.0
+    # From the request (sent whole) to the response head; a profile route's timeout replaces it.
+    response_head_timeout_s: float = 60.0
+    # A response body the upstream stops sending for this long: the connection closes.
+    response_body_idle_timeout_s: float = 60.0
+    # Between proxies: the TLS handshake, then the transport header (or first bytes) after it.
+    tls_handshake_timeout_s: float = 10.0
+    preamble_timeout_s: float = 10.0
+    # Opaque connections (TCP, tunnels, upgrades) with no byte either way for this long close.
+    opaque_idle_timeout_s: float = 3600.0
+    # Connections open at once on each of the inbound and outbound listeners; beyond it a new
+    # one is accepted and closed at once (counted).
+    max_connections: int = 10000
+    admin_max_connections: int = 64
+    # --- discovery ---
+    # KV watches (JetStream consumers) this proxy holds at most, endpoints and profiles together.
+    discovery_max_watches: int = 200
+    # How long a key found absent (or read once because the watch cap was reached) is remembered.
+    discovery_absent_ttl_s: float = 5.0
+    # Names looked up in discovery: those whose fully qualified form ends with one of these
+    # suffixes ("." = every name; default: svc.<cluster-domain>.); other names go by DNS.
+    destination_suffixes: tuple[str, ...] = ()
+    # Addresses (original destinations, IP authorities) looked up in discovery; others are
+    # forwarded as they are (default: the private ranges of DEFAULT_CLUSTER_NETWORKS).
+    destination_networks: tuple[str, ...] = ()
+    # --- fail-fast (Linkerd's semantics) ---
+    # A request to a service without an available endpoint waits this long for one, then 503.
+    outbound_failfast_timeout_s: float = 3.0
+    inbound_failfast_timeout_s: float = 1.0
+    # Requests that may wait at once (per service outbound, per proxy inbound); beyond: 503 at once.
+    outbound_queue_capacity: int = 10000
+    inbound_queue_capacity: int = 10000
     shutdown_grace_s: float = 120.0
     shutdown_endpoint: bool = False
     log_level: str = "info"
@@ -80,6 +118,16 @@ class ProxyConfig:
     @property
     def identity(self) -> str:
         return identity_name(self.service_account, self.namespace, self.trust_domain)
+
+    @property
+    def profile_suffixes(self) -> tuple[str, ...]:
+        return self.destination_suffixes or (f"svc.{self.cluster_domain}.",)
+
+    @property
+    def profile_networks(self) -> tuple[str, ...]:
+        # Not the policy's cluster networks, which local mode narrows to its pod bridge:
+        # service IPs live elsewhere. Linkerd's default is the private ranges too.
+        return self.destination_networks or DEFAULT_CLUSTER_NETWORKS
 
 
 def _addr(value: str, name: str) -> tuple[str, int]:
@@ -103,6 +151,38 @@ def _ports(value: str, name: str) -> frozenset[int]:
             raise UserError(f"{name}: {part!r}: ranges wider than 1024 ports are not supported")
         out.update(range(a, b + 1))
     return frozenset(out)
+
+
+def _int(value: str, name: str, minimum: int = 1) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"{name}: expected a whole number, got {value!r}") from None
+    if n < minimum:
+        raise UserError(f"{name}: must be at least {minimum}, got {n}")
+    return n
+
+
+def _networks(value: str, name: str) -> tuple[str, ...]:
+    networks = tuple(n.strip() for n in value.split(",") if n.strip())
+    for n in networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise UserError(f"{name}: {n!r} is not a CIDR") from None
+    return networks
+
+
+def _suffixes(value: str, name: str) -> tuple[str, ...]:
+    """DNS suffixes, each ending with a dot ("." alone: every name)."""
+    out = []
+    for part in (p.strip().lower() for p in value.split(",")):
+        if not part:
+            continue
+        if part != "." and not all(label and len(label) <= 63 for label in part.rstrip(".").split(".")):
+            raise UserError(f"{name}: {part!r} is not a DNS suffix")
+        out.append(part if part.endswith(".") else part + ".")
+    return tuple(out)
 
 
 def _trust_anchors(env: Mapping[str, str]) -> bytes:
@@ -141,12 +221,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
     policy = get("DEFAULT_INBOUND_POLICY", "all-unauthenticated")
     if policy not in DEFAULT_POLICIES:
         raise UserError(f"TULLE_PROXY_DEFAULT_INBOUND_POLICY: {policy!r} is not one of {', '.join(DEFAULT_POLICIES)}")
-    networks = tuple(n.strip() for n in get("CLUSTER_NETWORKS", ",".join(DEFAULT_CLUSTER_NETWORKS)).split(",") if n.strip())
-    for n in networks:
-        try:
-            ipaddress.ip_network(n, strict=False)
-        except ValueError:
-            raise UserError(f"TULLE_PROXY_CLUSTER_NETWORKS: {n!r} is not a CIDR") from None
+    networks = _networks(get("CLUSTER_NETWORKS", ",".join(DEFAULT_CLUSTER_NETWORKS)), "TULLE_PROXY_CLUSTER_NETWORKS")
     opaque = get("OPAQUE_PORTS", None)
     mesh_protocol = get("MESH_PROTOCOL", "http1").lower()
     if mesh_protocol not in MESH_PROTOCOLS:
@@ -178,8 +253,31 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxyConfig:
         mesh_pool_idle_timeout_s=_seconds(get("MESH_POOL_IDLE_TIMEOUT", "60"), "TULLE_PROXY_MESH_POOL_IDLE_TIMEOUT"),
         discovery_idle_timeout_s=_seconds(get("DISCOVERY_IDLE_TIMEOUT", "60"), "TULLE_PROXY_DISCOVERY_IDLE_TIMEOUT"),
         mesh_protocol=mesh_protocol,
-        max_header_bytes=int(get("MAX_HEADER_BYTES", "65536")),
-        max_headers=int(get("MAX_HEADERS", "100")),
+        max_header_bytes=_int(get("MAX_HEADER_BYTES", "65536"), "TULLE_PROXY_MAX_HEADER_BYTES", 1024),
+        max_headers=_int(get("MAX_HEADERS", "100"), "TULLE_PROXY_MAX_HEADERS"),
+        max_pipelined_requests=_int(get("MAX_PIPELINED_REQUESTS", "16"), "TULLE_PROXY_MAX_PIPELINED_REQUESTS"),
+        max_interim_responses=_int(get("MAX_INTERIM_RESPONSES", "10"), "TULLE_PROXY_MAX_INTERIM_RESPONSES", 0),
+        request_body_idle_timeout_s=_seconds(get("REQUEST_BODY_IDLE_TIMEOUT", "60"),
+                                             "TULLE_PROXY_REQUEST_BODY_IDLE_TIMEOUT"),
+        response_head_timeout_s=_seconds(get("RESPONSE_HEAD_TIMEOUT", "60"), "TULLE_PROXY_RESPONSE_HEAD_TIMEOUT"),
+        response_body_idle_timeout_s=_seconds(get("RESPONSE_BODY_IDLE_TIMEOUT", "60"),
+                                              "TULLE_PROXY_RESPONSE_BODY_IDLE_TIMEOUT"),
+        tls_handshake_timeout_s=_seconds(get("TLS_HANDSHAKE_TIMEOUT", "10"), "TULLE_PROXY_TLS_HANDSHAKE_TIMEOUT"),
+        preamble_timeout_s=_seconds(get("PREAMBLE_TIMEOUT", "10"), "TULLE_PROXY_PREAMBLE_TIMEOUT"),
+        opaque_idle_timeout_s=_seconds(get("OPAQUE_IDLE_TIMEOUT", "3600"), "TULLE_PROXY_OPAQUE_IDLE_TIMEOUT"),
+        max_connections=_int(get("MAX_CONNECTIONS", "10000"), "TULLE_PROXY_MAX_CONNECTIONS"),
+        admin_max_connections=_int(get("ADMIN_MAX_CONNECTIONS", "64"), "TULLE_PROXY_ADMIN_MAX_CONNECTIONS"),
+        discovery_max_watches=_int(get("DISCOVERY_MAX_WATCHES", "200"), "TULLE_PROXY_DISCOVERY_MAX_WATCHES", 0),
+        discovery_absent_ttl_s=_seconds(get("DISCOVERY_ABSENT_TTL", "5"), "TULLE_PROXY_DISCOVERY_ABSENT_TTL"),
+        destination_suffixes=_suffixes(get("DESTINATION_PROFILE_SUFFIXES", ""),
+                                       "TULLE_PROXY_DESTINATION_PROFILE_SUFFIXES"),
+        destination_networks=_networks(get("DESTINATION_PROFILE_NETWORKS", ""),
+                                       "TULLE_PROXY_DESTINATION_PROFILE_NETWORKS"),
+        outbound_failfast_timeout_s=_seconds(get("OUTBOUND_FAILFAST_TIMEOUT", "3"),
+                                             "TULLE_PROXY_OUTBOUND_FAILFAST_TIMEOUT"),
+        inbound_failfast_timeout_s=_seconds(get("INBOUND_FAILFAST_TIMEOUT", "1"), "TULLE_PROXY_INBOUND_FAILFAST_TIMEOUT"),
+        outbound_queue_capacity=_int(get("OUTBOUND_QUEUE_CAPACITY", "10000"), "TULLE_PROXY_OUTBOUND_QUEUE_CAPACITY", 0),
+        inbound_queue_capacity=_int(get("INBOUND_QUEUE_CAPACITY", "10000"), "TULLE_PROXY_INBOUND_QUEUE_CAPACITY", 0),
         shutdown_grace_s=_seconds(get("SHUTDOWN_GRACE_PERIOD", "120"), "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD"),
         shutdown_endpoint=get("SHUTDOWN_ENDPOINT", "false").lower() in ("1", "true", "yes"),
         log_level=get("LOG_LEVEL", env.get("TULLE_LOG_LEVEL", "info")),

@@ -19,7 +19,6 @@ MAX_REQUEST_LINE = 8192
 # How much a ClientHello may span before we give up and call the connection opaque TLS.
 MAX_CLIENT_HELLO = 64 * 1024
 
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
 
 
@@ -76,7 +75,9 @@ def _http1(data: bytes) -> Kind:
     if len(parts) != 3:
         return Kind.OPAQUE
     method, target, version = parts
-    if not method or any(c not in _TCHAR for c in method) or not target:
+    # The same test as for an incomplete line above: the verdict must not depend on how
+    # the first bytes were split into reads (llhttp knows only upper-case methods anyway).
+    if not 0 < len(method) < 24 or any(c not in _METHOD_CHARS for c in method) or not target:
         return Kind.OPAQUE
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         return Kind.OPAQUE

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Protocol
 
 from proxy.grpc_status import is_grpc
+from proxy.limits import expired, response_head_timeout
 from proxy.profiles import MAX_REPLAY_BODY, RETRY_ATTEMPT_HEADER, ReplayBuffer, grpc_status_of, may_retry
 
 # How a request body is delimited, whatever the wire: none, a known length, or a stream
@@ -45,6 +46,8 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 MAX_RESENDS = 2  # stale connections a request may meet before the proxy gives up (502)
 RETRY_HEADER = RETRY_ATTEMPT_HEADER.encode()
 CONTENT_TYPE = b"content-type"
+
+CANCEL = 8  # the HTTP/2 error code a caller's stream is reset with when the proxy cuts it
 
 # Verdicts of `response_head`.
 FORWARD, DROPPED = True, False
@@ -130,6 +133,8 @@ class Exchange:
         # the response
         "status", "responded", "classified", "resp_counter", "head_latency", "done", "resp_h2",
         "clock",
+        # the upstream's clock (proxy/limits.py): ticks since its last progress
+        "ticks", "up_paused",
     )
 
     def __init__(self, room: Room, down: Downstream, clock: Callable[[], float], method: bytes, path: bytes,
@@ -188,6 +193,8 @@ class Exchange:
         self.head_latency = 0.0
         self.done = False  # answered (or given up): nothing more goes to the caller
         self.resp_h2 = False  # the response fields came from HTTP/2 (lowercase, valid as they are)
+        self.ticks = 0
+        self.up_paused = False  # reading the upstream stopped until the caller drains
 
     # --- the room: route, endpoint, attempt ------------------------------------------------
 
@@ -221,6 +228,8 @@ class Exchange:
             return False
         self.up = up
         self.attempts += 1
+        self.ticks = 0
+        self.up_paused = False
         up.start(self)
         if self.body_paused and self.held is None:
             self.body_paused = False
@@ -293,6 +302,7 @@ class Exchange:
 
     def up_writable(self) -> None:
         """The upstream drained what it could not take: read the request body again."""
+        self.ticks = 0  # the upstream takes the request again: progress
         if self.body_paused and self.held is None:
             self.body_paused = False
             self.down.resume_body(self)
@@ -300,6 +310,7 @@ class Exchange:
     def down_writable(self) -> None:
         """The caller drained the response: read the upstream's response again."""
         up = self.up
+        self.up_paused = False
         if up is not None:
             up.resume()
 
@@ -393,8 +404,11 @@ class Exchange:
         resp.value += 1
 
     def response_data(self, up: Upstream, data: bytes) -> None:
-        if up is self.up and not self.done and not self.down.send_data(self, data):
-            up.pause()  # until the caller drained it (down_writable)
+        if up is self.up and not self.done:
+            self.ticks = 0
+            if not self.down.send_data(self, data):
+                self.up_paused = True
+                up.pause()  # until the caller drained it (down_writable)
 
     def response_end(self, up: Upstream, trailers: Optional[list] = None) -> None:
         if up is not self.up:
@@ -467,6 +481,41 @@ class Exchange:
                 self._retry()
                 return
         self.fail(502, reason, error)
+
+    # --- the upstream's clock ---------------------------------------------------------------
+
+    def tick(self, interval: float, limits) -> None:
+        """One sweep of the downstream's sweeper while an attempt is in flight (proxy/limits.py).
+
+        Before the response head: time since the request was sent whole (or since the
+        upstream last took request bytes, when it stopped taking them), not reset by head
+        bytes — a head trickled a byte at a time still times out: 504. A profile route with a
+        timeout of its own is bounded by that instead. After the head: time since the last
+        response bytes, while the caller takes what it gets; past it the response is cut
+        (both sides end: the caller cannot be told otherwise once the head went out).
+        """
+        up = self.up
+        if up is None or self.done:
+            return
+        if not self.responded:
+            if not self.body_done and not self.body_paused:
+                self.ticks = 0  # the caller is still sending: the downstream's own clock runs
+                return
+            timeout = response_head_timeout(self.deadline is not None, limits)
+            self.ticks += 1
+            if expired(self.ticks, interval, timeout):
+                self.fail(504, f"no response from the upstream in {timeout:g}s", "response_head_timeout")
+            return
+        if self.up_paused or not self.body_done:
+            self.ticks = 0  # the caller (or the rest of its request) holds the exchange up
+            return
+        self.ticks += 1
+        if expired(self.ticks, interval, limits.response_idle_timeout_s):
+            self.room.http_error("response_idle_timeout")
+            self.up = None
+            self.done = True
+            up.abandon()  # dropped, never reused
+            self.down.abort(self, CANCEL)
 
     # --- endings of the proxy's own --------------------------------------------------------
 

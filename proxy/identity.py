@@ -58,15 +58,25 @@ def retry_delay(attempt: int, *, cap_s: float) -> float:
 
 def min_refresh_from_env(env: Mapping[str, str] | None = None) -> float:
     """TULLE_PROXY_IDENTITY_MIN_REFRESH (seconds or a duration such as '10s'; default 10s)."""
+    return _refresh_from_env("TULLE_PROXY_IDENTITY_MIN_REFRESH", DEFAULT_MIN_REFRESH_S, env)
+
+
+def max_refresh_from_env(env: Mapping[str, str] | None = None) -> float:
+    """TULLE_PROXY_IDENTITY_MAX_REFRESH (as Linkerd's LINKERD2_PROXY_IDENTITY_MAX_REFRESH;
+    default 24h): the longest a certificate goes without a renewal attempt."""
+    return _refresh_from_env("TULLE_PROXY_IDENTITY_MAX_REFRESH", DEFAULT_MAX_REFRESH_S, env)
+
+
+def _refresh_from_env(name: str, default: float, env: Mapping[str, str] | None) -> float:
     env = os.environ if env is None else env
-    value = env.get("TULLE_PROXY_IDENTITY_MIN_REFRESH", "")
+    value = env.get(name, "")
     if not value:
-        return DEFAULT_MIN_REFRESH_S
+        return default
     from proxy.config import _seconds
 
-    seconds = _seconds(value, "TULLE_PROXY_IDENTITY_MIN_REFRESH")
+    seconds = _seconds(value, name)
     if seconds <= 0:
-        raise UserError(f"TULLE_PROXY_IDENTITY_MIN_REFRESH: must be positive, got {value!r}")
+        raise UserError(f"{name}: must be positive, got {value!r}")
     return seconds
 
 
@@ -83,14 +93,15 @@ class CertifyFailed(Exception):
 class IdentityClient:
     def __init__(self, bus: Bus, *, identity: str, token_file: str, trust_anchors_pem: bytes,
                  min_refresh_s: float | None = None,
-                 max_refresh_s: float = DEFAULT_MAX_REFRESH_S, request_timeout_s: float = 5.0,
+                 max_refresh_s: float | None = None, request_timeout_s: float = 5.0,
                  registry: Registry = REGISTRY):
-        """min_refresh_s: None reads TULLE_PROXY_IDENTITY_MIN_REFRESH (default 10 s)."""
+        """min_refresh_s / max_refresh_s: None reads TULLE_PROXY_IDENTITY_MIN_REFRESH (default
+        10 s) / TULLE_PROXY_IDENTITY_MAX_REFRESH (default 24 h)."""
         self.bus = bus
         self.identity = identity
         self.token_file = token_file
         self.min_refresh_s = min_refresh_from_env() if min_refresh_s is None else min_refresh_s
-        self.max_refresh_s = max_refresh_s
+        self.max_refresh_s = max_refresh_from_env() if max_refresh_s is None else max_refresh_s
         self.request_timeout_s = request_timeout_s
         self.log = get_logger(identity=identity)
         self._key = pki.new_key()

@@ -39,10 +39,11 @@ from proxy import transport as tph
 from proxy.context import Shared
 from proxy.exchange import Exchange
 from proxy.http1.headers import CLIENT_ID
-from proxy.http1.server import Http1Server, Limits
+from proxy.http1.server import Http1Server
 from proxy.http2.fields import ORIG_PROTO
 from proxy.http2.server import H2Server
 from proxy.http2.session import H2Config
+from proxy.limits import Limits
 from proxy.listener import EOF, TIMEOUT, Peeker, Side, adopt, original_dst
 from proxy.metrics import Labels
 from proxy.policy_metrics import DenialReporter, PolicyMetrics
@@ -108,9 +109,11 @@ class Inbound(Side):
         self.policy_received = policy_received
         self.opaque_conns: dict[Splice, InConn] = {}  # open opaque pairs, judged again on a policy change
         self.loop = asyncio.get_event_loop()
-        self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
+        self.limits = Limits.from_config(cfg)
         self.h2_config = H2Config()
-        Side.__init__(self, cfg.inbound_addr, self._on_socket, "inbound")
+        Side.__init__(self, cfg.inbound_addr, self._on_socket, "inbound", max_connections=cfg.max_connections,
+                      on_refused=lambda: self.metrics.tcp_error("inbound", "connection_limit"))
+        self.waiting_for_app = 0  # requests waiting for the app to accept connections (fail-fast)
         self.default_labels = self.metrics.labels("inbound", cfg.namespace)
         self._errors = self.metrics.http_errors["inbound"]
 
@@ -179,7 +182,7 @@ class Inbound(Side):
                     sock.close()
                     return
                 self._count("mtls")
-                adopt(sock, lambda: _TlsPreamble(self, conn), ssl=ctx, handshake_timeout=self.cfg.detect_timeout_s,
+                adopt(sock, lambda: _TlsPreamble(self, conn), ssl=ctx, handshake_timeout=self.cfg.tls_handshake_timeout_s,
                       on_error=self._handshake_failed)
                 return
             if not opaque and declared in HTTP_PROTOCOLS:
@@ -274,7 +277,10 @@ class Inbound(Side):
                         preface=preface, count_error=lambda reason: self.metrics.http2_error("inbound", "src", reason))
 
     def _handshake_failed(self, exc: BaseException) -> None:
-        self.metrics.tcp_error("inbound", "tls_handshake")
+        # The loop reports its handshake timeout as an aborted connection ("SSL handshake is
+        # taking longer than ...").
+        timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "longer than" in str(exc)
+        self.metrics.tcp_error("inbound", "tls_handshake_timeout" if timed_out else "tls_handshake")
         log.debug("inbound TLS handshake failed", error=str(exc) or type(exc).__name__)
 
     def _allow_connection(self, conn: InConn) -> bool:
@@ -426,8 +432,7 @@ class Inbound(Side):
         x.extra = conn.extra
         self.send(x)
 
-    @staticmethod
-    def send(x: Exchange) -> None:
+    def send(self, x: Exchange) -> None:
         """To the app (again, when a stale keep-alive connection swallowed the request), in the
         protocol its caller used: HTTP/2 as HTTP/2, HTTP/1 — also when a peer proxy carried it
         over HTTP/2 (orig-proto) — as HTTP/1."""
@@ -437,7 +442,39 @@ class Inbound(Side):
         if client is not None:  # the common keep-alive case: no closures, no waiting
             x.attach(client)
             return
-        pool.acquire(x.attach, lambda e: x.connect_failed(e.reason, e.error))
+        pool.acquire(x.attach, lambda e: self._app_unavailable(x, pool, e))
+
+    def _app_unavailable(self, x: Exchange, pool, e: DialError, waited: list | None = None) -> None:
+        """The app did not take a connection. Refused — it is starting or restarting: the
+        request waits for it up to the inbound fail-fast timeout, trying again, then 503
+        (Linkerd's inbound fail-fast). Any other failure: 502 at once."""
+        cfg = self.cfg
+        if waited is None:
+            if e.error != "connect_refused" or cfg.inbound_failfast_timeout_s <= 0:
+                x.connect_failed(e.reason, e.error)
+                return
+            if self.waiting_for_app >= cfg.inbound_queue_capacity:
+                x.fail(503, f"{e.reason}; {cfg.inbound_queue_capacity} requests already wait for the app",
+                       "queue_full")
+                return
+            self.waiting_for_app += 1
+            waited = [0.025]  # the next pause between attempts
+        left = x.started + cfg.inbound_failfast_timeout_s - self.loop.time()
+        if x.done or left <= 0 or e.error != "connect_refused":
+            self.waiting_for_app -= 1
+            if left <= 0 and e.error == "connect_refused":
+                x.fail(503, f"{e.reason} for {cfg.inbound_failfast_timeout_s:g}s (fail-fast)", "failfast")
+            else:
+                x.connect_failed(e.reason, e.error)  # does nothing when the caller is gone
+            return
+        waited[0] = min(waited[0] * 2, 0.25)
+
+        def again() -> None:
+            def ready(c) -> None:
+                self.waiting_for_app -= 1
+                x.attach(c)
+            pool.acquire(ready, lambda e2: self._app_unavailable(x, pool, e2, waited))
+        self.loop.call_later(min(waited[0], left), again)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -465,7 +502,8 @@ class _TlsPreamble(asyncio.Protocol):
     """A terminated mTLS connection before it is known what it carries.
 
     With ALPN tulle/1 the first 8 bytes are the transport header; otherwise the first
-    bytes are classified like a plain connection's.
+    bytes are classified like a plain connection's. Either must arrive within
+    `preamble_timeout_s` of the handshake, or the connection is closed (counted).
     """
 
     def __init__(self, room: Inbound, conn: InConn):
@@ -474,6 +512,7 @@ class _TlsPreamble(asyncio.Protocol):
         self.transport = None
         self.buf = b""
         self.tulle = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -490,6 +529,13 @@ class _TlsPreamble(asyncio.Protocol):
             return
         tls_label = "true" if conn.client_id else "no_identity"
         conn.labels = room.metrics.labels("inbound", room.cfg.namespace, tls=tls_label, client_id=conn.client_id or "")
+        if room.cfg.preamble_timeout_s > 0:
+            self.timer = room.loop.call_later(room.cfg.preamble_timeout_s, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self.timer = None
+        self.room._refuse("preamble_timeout", self.conn)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -519,6 +565,9 @@ class _TlsPreamble(asyncio.Protocol):
             http = kind == detect.Kind.HTTP1
             h2 = kind == detect.Kind.H2
         self.buf = b""
+        if self.timer is not None:  # judged: what carries the connection on has its own bounds
+            self.timer.cancel()
+            self.timer = None
         declared = room.policy.protocol(conn.port)
         opaque = conn.port in room.cfg.opaque_ports or declared in UNPARSED_PROTOCOLS
         # HTTP/2 from a peer proxy may carry HTTP/1 requests (orig-proto): judged per request.
@@ -549,7 +598,9 @@ class _TlsPreamble(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
-        pass
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 def _judge(data: bytes):

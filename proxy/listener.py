@@ -1,7 +1,9 @@
 """Accepting connections ourselves, so their first bytes can be peeked at before anything
 reads them (a TLS handshake must find the ClientHello still in the kernel buffer).
 
-`Listener` accepts on a non-blocking socket from the loop's reader callback. `Peeker`
+`Listener` accepts on a non-blocking socket from the loop's reader callback, at most
+`max_connections` open at once (`OpenSockets`): one more is accepted and closed at once,
+and counted. `Peeker`
 waits for enough bytes with MSG_PEEK: readiness is level-triggered, so once a partial
 prefix is there it polls with a short, growing delay instead of spinning. `adopt` hands
 the socket to the loop (`connect_accepted_socket`, with TLS when asked).
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import struct
+from collections import OrderedDict
 from typing import Any, Callable
 
 from tulle.log import get_logger
@@ -39,15 +43,70 @@ def original_dst(sock: socket.socket) -> tuple[str, int] | None:
         return None  # no conntrack entry: the connection was not redirected
 
 
+class OpenSockets:
+    """Which accepted connections are still open, whatever became of them.
+
+    An accepted socket goes many ways (detection, TLS, HTTP, a splice, a tunnel, an
+    upgrade, closed at once), so instead of a hook in each, the listener remembers each
+    socket's descriptor and inode and asks the kernel: a connection is open while its
+    descriptor still refers to the same socket. Checked a few at a time on every accept,
+    and all of them — at most every `full_check_s` — when the cap seems reached.
+    """
+
+    __slots__ = ("limit", "full_check_s", "open", "last_full", "clock")
+
+    def __init__(self, limit: int, clock: Callable[[], float], full_check_s: float = 0.1):
+        self.limit = limit
+        self.full_check_s = full_check_s
+        self.open: OrderedDict[int, int] = OrderedDict()  # fd -> inode, oldest first
+        self.last_full = -1e9
+        self.clock = clock
+
+    def admit(self, sock: socket.socket) -> bool:
+        """Count `sock` in, or False when `limit` connections are open already."""
+        self._check(2)
+        if len(self.open) >= self.limit:
+            now = self.clock()
+            if now - self.last_full >= self.full_check_s:
+                self.last_full = now
+                self._check(len(self.open))
+            if len(self.open) >= self.limit:
+                return False
+        fd = sock.fileno()
+        self.open.pop(fd, None)
+        self.open[fd] = os.fstat(fd).st_ino
+        return True
+
+    def count(self) -> int:
+        self._check(len(self.open))
+        return len(self.open)
+
+    def _check(self, n: int) -> None:
+        """Look at the `n` oldest: forget the closed ones, move the open ones to the back."""
+        opened = self.open
+        for _ in range(min(n, len(opened))):
+            fd, ino = opened.popitem(last=False)
+            try:
+                alive = os.fstat(fd).st_ino == ino
+            except OSError:
+                alive = False
+            if alive:
+                opened[fd] = ino
+
+
 class Listener:
     def __init__(self, addr: tuple[str, int], on_socket: Callable[[socket.socket, tuple], None], *,
-                 backlog: int = 1024, name: str = ""):
+                 backlog: int = 1024, name: str = "", max_connections: int = 0,
+                 on_refused: Callable[[], None] | None = None):
         self.addr = addr
         self.on_socket = on_socket
         self.backlog = backlog
         self.name = name
         self.sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.max_connections = max_connections  # 0: no cap
+        self.on_refused = on_refused
+        self.accepted: OpenSockets | None = None
 
     @property
     def port(self) -> int:
@@ -71,6 +130,8 @@ class Listener:
             raise
         self.sock = sock
         self._loop = asyncio.get_running_loop()
+        if self.max_connections:
+            self.accepted = OpenSockets(self.max_connections, self._loop.time)
         self._loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -87,6 +148,13 @@ class Listener:
                     self._loop.remove_reader(sock.fileno())
                     self._loop.call_later(0.1, self._resume)
                 return
+            if self.accepted is not None and not self.accepted.admit(conn):
+                # Over the cap: accepted and closed at once, so the client learns now rather
+                # than waiting in the backlog.
+                conn.close()
+                if self.on_refused is not None:
+                    self.on_refused()
+                continue
             conn.setblocking(False)
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -118,8 +186,9 @@ class Side:
     accepted, so that a graceful shutdown stops accepting, drains the HTTP connections
     and waits for the rest."""
 
-    def __init__(self, addr: tuple[str, int], on_socket: Callable[[socket.socket, tuple], None], name: str):
-        self.listener = Listener(addr, on_socket, name=name)
+    def __init__(self, addr: tuple[str, int], on_socket: Callable[[socket.socket, tuple], None], name: str, *,
+                 max_connections: int = 0, on_refused: Callable[[], None] | None = None):
+        self.listener = Listener(addr, on_socket, name=name, max_connections=max_connections, on_refused=on_refused)
         self.conns: set = set()  # HTTP/1 server connections (for timers and draining)
         self.splices: set = set()  # opaque pairs (tunnels, upgrades, TCP)
         self.tunnels = 0  # opaque connections being set up

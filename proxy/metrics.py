@@ -51,6 +51,10 @@ class ProxyMetrics:
             lab = self._labels[key] = Labels(self, key)
         return lab
 
+    def all_labels(self) -> list["Labels"]:
+        """Every label combination counted so far (read by proxy/traffic_stats.py once a second)."""
+        return list(self._labels.values())
+
     def http_error(self, direction: str, error: str) -> None:
         self.http_errors[direction].labels(error).inc()
 
@@ -87,6 +91,32 @@ class Labels:
                    self.m.response_latency_ms.labels(*self.key, code))
             self._by_status[cache_key] = got
         return got
+
+    def totals(self) -> tuple[int, int, int, list[int], int, int, int, int]:
+        """(requests, successes, failures, latency counts per bucket (+Inf last), TCP opened,
+        TCP open now, bytes read, bytes written) so far — cumulative, for the traffic windows
+        (proxy/traffic_stats.py), which read them once a second, never on the request path.
+        Children shared by two cache entries (a status with and without an explicit
+        classification) are counted once."""
+        successes = failures = 0
+        latency = [0] * (len(self.m.response_latency_ms.bounds) + 1)
+        seen: set[int] = set()
+        for cache_key, (resp, hist) in list(self._by_status.items()):
+            if id(resp) not in seen:
+                seen.add(id(resp))
+                failed = cache_key[1] if isinstance(cache_key, tuple) else cache_key >= 500
+                if failed:
+                    failures += resp.value
+                else:
+                    successes += resp.value
+            if id(hist) not in seen:
+                seen.add(id(hist))
+                for i, n in enumerate(hist.counts):
+                    latency[i] += n
+        if self.tcp_open is None:
+            return self.requests.value, successes, failures, latency, 0, 0, 0, 0
+        return (self.requests.value, successes, failures, latency, self.tcp_open.value, self.tcp_gauge.value,
+                self.tcp_read.value, self.tcp_write.value)
 
     def tcp_opened(self) -> None:
         if self.tcp_open is None:

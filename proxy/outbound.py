@@ -11,8 +11,11 @@ an identity are reached over mTLS with the transport header — HTTP/2 requests,
 ones with TULLE_PROXY_MESH_PROTOCOL=h2, on one multiplexed HTTP/2 connection per peer;
 others over plain TCP (HTTP/2 stays h2c).
 
-Errors, as Linkerd's: known service without endpoints → 503; connect failure → 502;
-discovery silent for a new target → 504 after FAILFAST_S; opaque TCP: the connection closes.
+Errors, as Linkerd's: known service without endpoints → the request waits in the service's
+fail-fast queue (proxy/failfast.py) up to the fail-fast timeout for one, then 503; connect
+failure → 502; discovery silent for a new target → 504 after the fail-fast timeout; opaque
+TCP: the connection closes. Only names and addresses in the mesh's scope are looked up in
+discovery (proxy/authority.py MeshScope); the rest are forwarded as they are.
 
 Every HTTP request is an `Exchange` (proxy/exchange.py, the request core), whatever wire
 it came in on. This room only acts on its decisions: it finds the request's target, its
@@ -30,12 +33,14 @@ import socket
 
 from proxy import detect
 from proxy import transport as tph
-from proxy.authority import is_ip, mesh_service, split_authority
+from proxy.authority import MeshScope, is_ip, split_authority
 from proxy.context import Shared
 from proxy.discovery import Watched
 from proxy.exchange import Exchange
 from proxy.http1.headers import HeadError
-from proxy.http1.server import Http1Server, Limits
+from proxy.failfast import FAILING, WAIT, Gate
+from proxy.http1.server import Http1Server
+from proxy.limits import Limits
 from proxy.http2.fields import ORIG_PROTO
 from proxy.http2.server import H2Server
 from proxy.http2.session import H2Config
@@ -49,7 +54,6 @@ from proxy.upstream import Buffering, DialError, Dest, dial
 from tulle import schemas
 from tulle.log import get_logger
 
-FAILFAST_S = 3.0
 MAX_TARGETS = 10000  # cached authorities; the cache is cleared when it grows past this
 
 log = get_logger(part="outbound")
@@ -145,9 +149,12 @@ class Outbound(Side):
         self.discovery = shared.discovery
         self.pools = pools
         self.loop = asyncio.get_event_loop()
-        self.limits = Limits(cfg.max_headers, cfg.max_header_bytes, cfg.header_read_timeout_s, cfg.idle_timeout_s)
+        self.limits = Limits.from_config(cfg)
+        self.failfast_s = cfg.outbound_failfast_timeout_s
+        self.scope = MeshScope(cfg.namespace, cfg.cluster_domain, cfg.profile_suffixes, cfg.profile_networks)
         self.h2_config = H2Config()
-        Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound")
+        Side.__init__(self, cfg.outbound_addr, self._on_socket, "outbound", max_connections=cfg.max_connections,
+                      on_refused=lambda: self.metrics.tcp_error("outbound", "connection_limit"))
         self.default_labels = self.metrics.labels("outbound")
         self._targets: dict[tuple, Target] = {}
         self._errors = self.metrics.http_errors["outbound"]
@@ -232,17 +239,25 @@ class Outbound(Side):
             if parsed is None:
                 raise HeadError(400, "invalid authority")
             host, port = parsed
-            name = mesh_service(host, self.cfg.namespace, self.cfg.cluster_domain)
+            name = self.scope.service(host)
+            if name is None and not is_ip(host):
+                d.skipped("outside_mesh_name")
         watches: list[Watched] = []
         if name is not None:
             watches.append(d.endpoints(schemas.endpoints_key(name[0], name[1], port)))
         fallback = None
         if orig is not None:
-            watches.append(d.endpoints(schemas.ip_endpoints_key(*orig)))
+            if self.scope.address(orig[0]):
+                watches.append(d.endpoints(schemas.ip_endpoints_key(*orig)))
+            else:
+                d.skipped("outside_mesh_address")
             fallback = Dest(orig[0], orig[1])
         elif host is not None:
             if is_ip(host):
-                watches.append(d.endpoints(schemas.ip_endpoints_key(host, port)))
+                if self.scope.address(host):
+                    watches.append(d.endpoints(schemas.ip_endpoints_key(host, port)))
+                else:
+                    d.skipped("outside_mesh_address")
             fallback = Dest(host, port)
             if self._is_self(host, port):
                 raise HeadError(508, "request loops back to this proxy")
@@ -255,12 +270,8 @@ class Outbound(Side):
             raise HeadError(400, "no authority to route by")
         t = Target(authority or b"", name, port, watches, fallback, d.generation)
         if name is not None:
-            t.profile = d.profile(*name)
-            key = schemas.profile_key(*name)
-            routes = self._services.get(key)
-            if routes is None:
-                routes = self._services[key] = ServiceRoutes(key, self.route_stats)
-            t.routes = routes
+            # Watched only when the service exists: a name that resolves to nothing costs no watch.
+            t.profile = d.profile(*name, after=watches[0])
         return t
 
     def _is_self(self, host: str, port: int) -> bool:
@@ -330,8 +341,7 @@ class Outbound(Side):
     def _to_endpoint(self, x: Exchange, w: Watched, es: schemas.EndpointSet) -> None:
         st = x.pick(w.balancer)
         if st is None:
-            x.count_request(self.metrics.labels("outbound", es.namespace, es.service))
-            x.fail(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints")
+            self._no_endpoint(x, w, es)
             return
         h = st.handle
         if h is None:
@@ -346,6 +356,42 @@ class Outbound(Side):
             self._send(x, pool)
             return
         self._send(x, h.pool)
+
+    # --- fail-fast queueing (proxy/failfast.py decides) ----------------------------------------
+
+    def _no_endpoint(self, x: Exchange, w: Watched, es: schemas.EndpointSet) -> None:
+        """The service has no available endpoint: wait for one in its fail-fast queue."""
+        def go() -> None:
+            if not x.done:
+                self.send(x)
+
+        def give_up(why: str, error: str) -> None:
+            if not x.done:
+                x.count_request(self.metrics.labels("outbound", es.namespace, es.service))
+                x.fail(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}: {why}", error)
+
+        verdict = self._gate(w).admit((go, give_up))
+        if verdict != WAIT:
+            give_up(*self._refusal(verdict))
+
+    def _gate(self, w: Watched) -> Gate:
+        gate = w.queue
+        if gate is None:
+            gate = w.queue = Gate(self.failfast_s, self.cfg.outbound_queue_capacity,
+                                  lambda waiter: waiter[1](f"none became available in {self.failfast_s:g}s", "no_endpoints"))
+            w.listeners.append(self._endpoints_changed)
+        return gate
+
+    def _refusal(self, verdict: str) -> tuple[str, str]:
+        if verdict == FAILING:
+            return f"in fail-fast (none for {self.failfast_s:g}s)", "failfast"
+        return f"{self.cfg.outbound_queue_capacity} requests already wait for one", "queue_full"
+
+    @staticmethod
+    def _endpoints_changed(w: Watched) -> None:
+        if w.queue is not None and len(w.balancer) > 0:
+            for go, _ in w.queue.available():
+                go()
 
     def _handle(self, ep: schemas.Endpoint, es: schemas.EndpointSet) -> EndpointHandle:
         gauge = self._pending_gauge.labels(es.namespace, es.service)
@@ -374,6 +420,12 @@ class Outbound(Side):
         """The first route of the target's profile matching (method, path): from here on the
         core keeps the request's deadline, retries and figures; the room arms the timer."""
         sr = t.routes
+        if sr is None:  # made only for services that have a profile (never for a stranger's name)
+            key = schemas.profile_key(*t.name)
+            sr = self._services.get(key)
+            if sr is None:
+                sr = self._services[key] = ServiceRoutes(key, self.route_stats)
+            t.routes = sr
         profile = t.profile.value
         if sr.profile is not profile:
             sr.refresh(profile)
@@ -391,21 +443,18 @@ class Outbound(Side):
         pool.acquire(x.attach, lambda e: x.connect_failed(e.reason, e.error))
 
     def _wait(self, x: Exchange, w: Watched) -> None:
-        """Discovery has not answered for this target yet: wait for it, up to FAILFAST_S."""
+        """Discovery has not answered for this target yet: wait for it, up to the fail-fast timeout."""
         def ready() -> None:
             timer.cancel()
             if not x.done:
                 self.send(x)
 
         def too_late() -> None:
-            try:
-                w._waiters.remove(ready)
-            except ValueError:
-                pass
+            w.forget_waiter(ready)
             x.count_request(self.default_labels)
-            x.fail(504, f"no answer from discovery for {w.key} in {FAILFAST_S:g}s", "discovery_timeout")
+            x.fail(504, f"no answer from discovery for {w.key} in {self.failfast_s:g}s", "discovery_timeout")
 
-        timer = self.loop.call_later(FAILFAST_S, too_late)
+        timer = self.loop.call_later(self.failfast_s, too_late)
         w.when_known(ready)
 
     # --- CONNECT tunnels ------------------------------------------------------------------
@@ -458,15 +507,22 @@ class Outbound(Side):
                 fut = self.loop.create_future()
                 w.when_known(lambda: fut.done() or fut.set_result(None))
                 try:
-                    await asyncio.wait_for(fut, FAILFAST_S)
+                    await asyncio.wait_for(fut, self.failfast_s)
                 except asyncio.TimeoutError:
                     raise _NoRoute(504, f"no answer from discovery for {w.key}", "discovery_timeout") from None
             es = w.value
             if es is not None and es.exists:
                 st = w.balancer.pick()
-                if st is None:
-                    raise _NoRoute(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}", "no_endpoints",
-                                   self.metrics.labels("outbound", es.namespace, es.service))
+                if st is None:  # wait in the service's fail-fast queue, as a request would
+                    ready = self.loop.create_future()
+                    verdict = self._gate(w).admit((lambda: ready.done() or ready.set_result(None),
+                                                   lambda why, error: ready.done() or ready.set_result((why, error))))
+                    refused = self._refusal(verdict) if verdict != WAIT else await ready
+                    st = w.balancer.pick() if refused is None else None
+                    if st is None:
+                        why, error = refused or ("none available", "no_endpoints")
+                        raise _NoRoute(503, f"no endpoints for {es.namespace}/{es.service}:{es.port}: {why}", error,
+                                       self.metrics.labels("outbound", es.namespace, es.service))
                 ep = st.endpoint
                 if ep.identity:
                     dest = Dest(ep.address, ep.proxy_port or ep.port, ep.identity, ep.port, tph.OPAQUE)

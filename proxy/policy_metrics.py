@@ -86,6 +86,16 @@ class PolicyMetrics:
             self._children[key] = child
         child.inc()
 
+    def denied_by_client(self) -> dict[str, int]:
+        """Denials so far (HTTP requests and TCP connections) per client identity label ("" =
+        none, "other" past the cap), for the traffic windows (proxy/traffic_stats.py)."""
+        out: dict[str, int] = {}
+        for protocol in ("http", "tcp"):
+            for values, child in self.families[(protocol, False)].items():
+                client_id = values[-1]
+                out[client_id] = out.get(client_id, 0) + child.value
+        return out
+
     def _child(self, protocol: Protocol, port: int, decision: Decision, client_identity: Optional[str]):
         srv_kind, srv_name = server_labels(decision.server)
         client_id = self.client_ids(client_identity or "")

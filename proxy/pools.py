@@ -18,6 +18,7 @@ from typing import Callable
 from proxy.http1.client import Http1Client
 from proxy.http2.client import H2Client, OutStream
 from proxy.http2.session import DEFAULT_CONFIG, H2Config
+from proxy.limits import Limits
 from proxy.upstream import DialError, Dest, dial
 from tulle.log import get_logger
 
@@ -218,7 +219,8 @@ class Pools:
 
     def __init__(self, *, client_context: Callable[[], object], connect_timeout: float, idle_timeout: float = 3.0,
                  mesh_idle_timeout: float | None = None, max_idle: int = 256, h2_config: H2Config = DEFAULT_CONFIG,
-                 count_h2_error: Callable[[str], None] | None = None):
+                 count_h2_error: Callable[[str], None] | None = None, limits: Limits | None = None):
+        self.limits = limits if limits is not None else Limits()  # what HTTP/1 responses may be
         self.client_context = client_context
         self.h2_config = h2_config
         # What an HTTP/2 server upstream did that the codec refused, by reason (a metric).

@@ -3,7 +3,8 @@
 `splice(a, b, ...)` takes over two connected transports (their current protocols are
 replaced) and copies bytes both ways until both sides are done. A half-close (EOF) is
 passed on where the other side can signal it (plain TCP); over TLS it closes that side.
-Byte counts land in the metrics when the pair closes, as Linkerd does.
+Byte counts land in the metrics when the pair closes, as Linkerd does. `idle_ticks` counts
+the proxy's sweeps since a byte last moved either way (the opaque idle timeout).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class _End(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.read += len(data)
         pair = self.pair
+        pair.idle_ticks = 0
         if self is pair.client and (pair.guard is not None or pair.diverted):
             if pair.diverted:  # the guard took the connection over: keep what follows for it
                 pair._held += data
@@ -90,7 +92,8 @@ class _End(asyncio.Protocol):
 class Splice:
     """A pair of joined transports; `client` is the side that connected to the proxy."""
 
-    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held", "diverted", "_server_held")
+    __slots__ = ("client", "server", "labels", "on_close", "_open", "guard", "_held", "diverted", "_server_held",
+                 "idle_ticks")
 
     def __init__(self, labels: Labels | None, on_close: Callable[["Splice"], None] | None = None,
                  guard: Callable[["Splice", bytes], Optional[bool]] | None = None):
@@ -108,6 +111,7 @@ class Splice:
         self._held = b""
         self.diverted = False  # the guard said False: client bytes are held for whoever takes over
         self._server_held = b""
+        self.idle_ticks = 0
 
     def _guarded(self, data: bytes) -> bytes:
         held = self._held + data

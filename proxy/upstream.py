@@ -9,6 +9,7 @@ certificate applies to new connections without a restart while old ones keep the
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import Callable
 
@@ -76,7 +77,13 @@ async def dial(dest: Dest, factory: Callable[[], asyncio.Protocol], client_conte
     loop = asyncio.get_running_loop()
     try:
         if not dest.identity:
-            return await asyncio.wait_for(loop.create_connection(factory, dest.host, dest.port), timeout)
+            resolving = [False]
+            try:
+                return await asyncio.wait_for(_connect_plain(loop, factory, dest.host, dest.port, resolving), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                if resolving[0]:
+                    raise DialError(f"cannot resolve {dest.host}: no answer in {timeout:g}s", "dns") from None
+                raise
         ctx = client_context()
         if ctx is None:
             raise DialError("no client certificate yet", "no_identity")
@@ -105,3 +112,44 @@ async def dial(dest: Dest, factory: Callable[[], asyncio.Protocol], client_conte
         raise DialError(f"{dest.host}:{dest.port} is not a tulle proxy (no ALPN {ALPN_PROXY})", "tls_alpn")
     transport.write(dest.header)  # first thing on the wire: target port and protocol
     return transport, protocol
+
+
+async def _connect_plain(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], host: str,
+                         port: int, resolving: list[bool]):
+    """Resolve (when `host` is a name), then connect to each address in turn.
+
+    The loop's own create_connection waits on its name lookup in a way that, when the
+    connect timeout cancels it, leaves the lookup's failure unretrieved ("Future exception
+    was never retrieved ... gaierror" in the log). Resolving here, as a task of our own whose
+    outcome is always collected, keeps a slow or failing DNS a clean DialError.
+    """
+    if _is_address(host):
+        return await loop.create_connection(factory, host, port)
+    lookup = asyncio.ensure_future(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    lookup.add_done_callback(_collect)
+    resolving[0] = True
+    try:
+        infos = await lookup
+    except socket.gaierror as e:
+        raise DialError(f"cannot resolve {host}: {e.strerror or e}", "dns") from None
+    resolving[0] = False
+    error: OSError | None = None
+    for *_, addr in infos:
+        try:
+            return await loop.create_connection(factory, addr[0], port)
+        except OSError as e:
+            error = e
+    raise error or DialError(f"cannot resolve {host}: no address", "dns")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return True
+    except OSError:
+        return False
+
+
+def _collect(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

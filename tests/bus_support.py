@@ -7,6 +7,8 @@ callout responder answering workload proxies' logins from a thread of its own.
 - `.token_file(ns, workload, sa)` mints a workload token (as local mode does) and
   `.workload_credentials(ns, workload, sa)` gives a proxy's BusCredentials with it;
 - `.token_secret` is the HMAC secret an identity service started by a test must use.
+
+`MeshNatsCluster` is the same over a three-node JetStream cluster on loopback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Optional
 
 from tulle import busauth, natsjwt, pki
 from tulle.bus import Bus, BusCredentials
-from tulle.natsserver import NatsServer
+from tulle.natsserver import NatsCluster, NatsServer
 
 TRUST_DOMAIN = "cluster.local"
 AUDIENCE = f"identity.tulle.{TRUST_DOMAIN}"
@@ -89,56 +91,55 @@ def bus_for(url: str, role: str, **kw) -> Bus:
 TESTER = "tester"  # a user allowed everything: only for the tests of the Bus client's mechanics
 
 
-class MeshNats(NatsServer):
-    """with_callout=False: no callout responder of the tests' own (a test runs identity's)."""
+class _MeshBus:
+    """What the tests' bus adds to nats-server(s): the tests' all-powerful user, the
+    workload-token secret, identity's callout responder in a thread, and credentials."""
 
-    def __init__(self, store_dir: str | Path, *, with_callout: bool = True, **kw):
+    with_callout: bool
+    store_dir: Path
+    keys_dir: Path
+    url: str
+
+    def _prepare(self, store_dir: str | Path, with_callout: bool) -> dict:
+        """The extra users every node must know (before the server objects exist)."""
         self.with_callout = with_callout
         keys = Path(store_dir) / "keys"
         keys.mkdir(parents=True, exist_ok=True)
         tester_pub = natsjwt.ensure_seed(keys / f"{TESTER}.nk", "user")
         everything = busauth.Permissions(publish=(">",), subscribe=(">",), allow_responses=True)
-        super().__init__(store_dir, extra_users={TESTER: (tester_pub, everything)}, **kw)
-        _SERVERS[self.url] = self
         secret_file = Path(store_dir) / "token-secret"
         if not secret_file.exists():
-            Path(store_dir).mkdir(parents=True, exist_ok=True)
             secret_file.write_bytes(pki.new_token_secret().hex().encode())
             os.chmod(secret_file, 0o600)
         self.token_secret_file = secret_file
         self.token_secret = secret_file.read_bytes()
         self.callout: Optional[CalloutThread] = None
+        return {TESTER: (tester_pub, everything)}
 
-    def start(self, timeout: float = 10.0) -> "MeshNats":
-        super().start(timeout)
+    def _register(self) -> None:
+        _SERVERS[self.url] = self
+
+    def _start_callout(self) -> None:
         if self.callout is None and self.with_callout:
             self.callout = CalloutThread(self)
-        return self
 
-    def close(self) -> None:
-        """Stop the callout responder and the server for good (fixture teardown)."""
+    def _stop_callout(self) -> None:
         if self.callout is not None:
             self.callout.stop()
             self.callout = None
-        self.stop()
 
     def token(self, namespace: str, workload: str, sa: str = "default", *, audience: str = AUDIENCE,
               lifetime_s: float = 3600) -> str:
         return pki.make_local_token(self.token_secret, namespace, sa, workload, audience, lifetime_s=lifetime_s)
 
     def token_file(self, namespace: str, workload: str, sa: str = "default", **kw) -> str:
-        path = self.store_dir / "tokens" / f"{namespace}.{workload}.token"
+        path = Path(self.store_dir) / "tokens" / f"{namespace}.{workload}.token"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.token(namespace, workload, sa, **kw))
         return str(path)
 
     def workload_credentials(self, namespace: str, workload: str, sa: str = "default") -> BusCredentials:
         return BusCredentials.for_workload(self.token_file(namespace, workload, sa), namespace, workload)
-
-    def credentials(self, role: str) -> BusCredentials:
-        if role == TESTER:
-            return BusCredentials.for_seed(str(self.keys_dir / f"{TESTER}.nk"))
-        return super().credentials(role)
 
     def bus(self, role: str, **kw) -> Bus:
         """A Bus (not started) with a static role's credentials."""
@@ -149,9 +150,58 @@ class MeshNats(NatsServer):
         return {"TULLE_NATS_URL": self.url, "TULLE_NATS_CREDS": str(self.seed_file(role))}
 
 
+class MeshNats(_MeshBus, NatsServer):
+    """with_callout=False: no callout responder of the tests' own (a test runs identity's)."""
+
+    def __init__(self, store_dir: str | Path, *, with_callout: bool = True, **kw):
+        extra_users = self._prepare(store_dir, with_callout)
+        NatsServer.__init__(self, store_dir, extra_users=extra_users, **kw)
+        self._register()
+
+    def start(self, timeout: float = 10.0) -> "MeshNats":
+        NatsServer.start(self, timeout)
+        self._start_callout()
+        return self
+
+    def close(self) -> None:
+        """Stop the callout responder and the server for good (fixture teardown)."""
+        self._stop_callout()
+        self.stop()
+
+    def credentials(self, role: str) -> BusCredentials:
+        if role == TESTER:
+            return BusCredentials.for_seed(str(self.keys_dir / f"{TESTER}.nk"))
+        return NatsServer.credentials(self, role)
+
+
+class MeshNatsCluster(_MeshBus, NatsCluster):
+    """A JetStream cluster of `size` nodes on loopback (tulle.natsserver.NatsCluster) with
+    what MeshNats adds; `url` lists every node. Kill a node with `nodes[i].kill()`."""
+
+    def __init__(self, store_dir: str | Path, *, size: int = 3, with_callout: bool = True, **kw):
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+        extra_users = self._prepare(store_dir, with_callout)
+        NatsCluster.__init__(self, store_dir, size=size, extra_users=extra_users, **kw)
+        self._register()
+
+    def start(self, timeout: float = 30.0) -> "MeshNatsCluster":
+        NatsCluster.start(self, timeout)
+        self._start_callout()
+        return self
+
+    def close(self) -> None:
+        self._stop_callout()
+        self.stop()
+
+    def credentials(self, role: str) -> BusCredentials:
+        if role == TESTER:
+            return BusCredentials.for_seed(str(self.keys_dir / f"{TESTER}.nk"))
+        return NatsCluster.credentials(self, role)
+
+
 def cli_bus_args(url: str, role: str = "observer") -> list[str]:
     """`--nats URL --nats-creds FILE` for a `tulle` command reading the test server as `role`."""
     return ["--nats", str(url), "--nats-creds", str(server_for(url).seed_file(role))]
 
 
-__all__ = ["MeshNats", "CalloutThread", "AUDIENCE", "busauth", "bus_for", "server_for", "cli_bus_args"]
+__all__ = ["MeshNats", "MeshNatsCluster", "CalloutThread", "AUDIENCE", "busauth", "bus_for", "server_for", "cli_bus_args"]

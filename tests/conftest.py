@@ -9,8 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import logging
 
+import pytest
+import structlog
+
+# The test process's own log lines (the in-process auth callout and buses of module-wide
+# fixtures) only from warning up: below that they land between pytest's dots, outside any
+# test's capture. The processes under test log to their own files as configured.
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,9 +25,17 @@ Behaviour copied from the API server:
 - `pods/<name>/log` serves what `append_log` wrote, with `container` (required when the pod
   has several), `tailLines`, `sinceSeconds`, `timestamps`, and `follow=true` streaming new
   lines (chunked) until the pod is deleted or `end_logs` is called.
+- `pods/<name>/portforward?ports=N` upgrades to a WebSocket as the API server does (the
+  `kubernetes.stream.portforward` client: subprotocol `v4.channel.k8s.io`; per port a data
+  channel 2i and an error channel 2i+1, each first sending the port in two little-endian
+  bytes; every message starts with its channel byte) and carries the stream to where
+  `forward_pod_port` says the pod's port really is — a real server the test started. A
+  port with nothing behind it gets the kubelet's error on the error channel; the pod must
+  be Running.
 
 Test controls (thread-safe): apply, delete, get, compact, drop_watches, watches_down,
-token_reviews / add_token, deny_access, append_log / end_logs, write_kubeconfig, request_log.
+token_reviews / add_token, deny_access, forbid, append_log / end_logs, forward_pod_port,
+port_forwards, write_kubeconfig, request_log.
 """
 
 from __future__ import annotations
@@ -231,6 +239,12 @@ class FakeKube:
         # (namespace, pod, container) -> [(time, line)], the containers' output for pods/log.
         self._logs: dict[tuple[str, str, str], list[tuple[datetime.datetime, str]]] = {}
         self._logs_ended = 0  # bumped by end_logs: following streams end
+        # (namespace, pod, port) -> (host, port) the pod's port really is, for pods/portforward.
+        self._pod_ports: dict[tuple[str, str, int], tuple[str, int]] = {}
+        self.port_forwards: list[tuple[str, str, int]] = []  # every port-forward stream opened
+        self._forward_sockets: set[socket.socket] = set()
+        # (verb, resource[/subresource], namespace or None) answered 403 Forbidden, as RBAC would.
+        self._forbidden: list[tuple[str, str, Optional[str]]] = []
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -249,6 +263,11 @@ class FakeKube:
             return
         self.drop_watches()
         self.end_logs()
+        with self._cond:
+            sockets, self._forward_sockets = list(self._forward_sockets), set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
@@ -394,6 +413,26 @@ class FakeKube:
         (in `namespace`, or anywhere when None)."""
         with self._cond:
             self._denied.append((verb, group, resource, namespace))
+
+    def forbid(self, verb: str, resource: str, namespace: Optional[str] = None) -> None:
+        """Requests for this verb on this resource (`secrets`, `pods/portforward`; in
+        `namespace`, or anywhere when None) get 403 Forbidden, as from RBAC."""
+        with self._cond:
+            self._forbidden.append((verb, resource, namespace))
+
+    def _check_allowed(self, verb: str, resource: str, namespace: Optional[str]) -> None:
+        with self._cond:
+            denied = any(v == verb and r == resource and (ns is None or ns == namespace)
+                         for v, r, ns in self._forbidden)
+        if denied:
+            where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+            raise _HTTPError(403, "Forbidden", f'{resource} is forbidden: User "tester" cannot {verb} resource '
+                                               f'"{resource}" in API group ""{where}', {"kind": resource})
+
+    def forward_pod_port(self, namespace: str, pod: str, port: int, to: tuple[str, int]) -> None:
+        """pods/portforward to `pod`'s `port` reaches `to` (a real server the test runs)."""
+        with self._cond:
+            self._pod_ports[(namespace, pod, port)] = to
 
     def append_log(self, namespace: str, pod: str, container: str, *lines: str,
                    at: Optional[datetime.datetime] = None) -> None:
@@ -585,6 +624,13 @@ class _Handler(BaseHTTPRequestHandler):
         if method != "GET":
             raise _HTTPError(405, "MethodNotAllowed", f"{method} is not supported by this fake API server")
         if len(rest) == 3:
+            # The API server authorizes a port-forward's upgrade as `create pods/portforward`.
+            verb = "create" if rest[2] in ("portforward", "exec", "attach") else "get"
+            kube._check_allowed(verb, f"{info.plural}/{rest[2]}", namespace)
+        else:
+            kube._check_allowed("watch" if _truthy(query.get("watch")) else ("get" if len(rest) == 2 else "list"),
+                                info.plural, namespace)
+        if len(rest) == 3:
             handler = _SUBRESOURCES.get((info.kind, rest[2]))
             if handler is None:
                 raise _HTTPError(404, "NotFound", f"the server could not find the requested resource ({path})")
@@ -687,6 +733,124 @@ class _Handler(BaseHTTPRequestHandler):
             with kube._cond:
                 kube._following -= 1
 
+    # --- pods/portforward ----------------------------------------------------------------------
+
+    # What the API server (the kubelet's websocket port-forward) speaks: binary channels.
+    PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "channel.k8s.io")
+
+    def _pod_portforward(self, info: KindInfo, namespace: Optional[str], name: str, query: dict[str, str]) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+
+        kube = self.kube
+        pod = kube.get("v1", "Pod", namespace, name)
+        if pod is None:
+            raise _HTTPError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+        if (pod.get("status") or {}).get("phase") != "Running":
+            raise _HTTPError(400, "BadRequest", f"unable to upgrade connection: pod {name} is not running")
+        try:
+            ports = [int(p) for p in (query.get("ports") or "").split(",") if p]
+        except ValueError:
+            raise _HTTPError(400, "BadRequest", f"invalid port in {query.get('ports')!r}") from None
+        if len(ports) != 1:
+            raise _HTTPError(400, "BadRequest", "this fake API server forwards exactly one port per request")
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            raise _HTTPError(400, "BadRequest", "Upgrade request required")
+        offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        chosen = next((p for p in offered if p in self.PORTFORWARD_PROTOCOLS), None)
+        if offered and chosen is None:
+            raise _HTTPError(400, "BadRequest", f"requested protocol(s) are not supported: {offered}")
+        ws = WSConnection(ConnectionType.SERVER)
+        ws.receive_data((self.requestline + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+                         + "\r\n").encode("latin-1"))
+        if not any(isinstance(e, Request) for e in ws.events()):
+            raise _HTTPError(400, "BadRequest", "not a WebSocket upgrade")
+        conn = self.connection
+        self.close_connection = True
+        conn.sendall(ws.send(AcceptConnection(subprotocol=chosen)))
+        port = ports[0]
+        with kube._cond:
+            kube._forward_sockets.add(conn)
+            target = kube._pod_ports.get((namespace or "", name, port))
+            kube.port_forwards.append((namespace or "", name, port))
+        upstream = None
+        try:
+            for channel in (0, 1):  # the data and error channels each announce the port first
+                self._ws_message(ws, bytes([channel]) + port.to_bytes(2, "little"))
+            try:
+                if target is None:
+                    raise ConnectionRefusedError(111, "connect: connection refused")
+                upstream = socket.create_connection(target, timeout=5)
+                upstream.settimeout(None)
+            except OSError as e:
+                self._ws_message(ws, b"\x01" + (
+                    f"error forwarding port {port} to pod {pod['metadata'].get('uid', '')}, uid : failed to execute "
+                    f"portforward in network namespace: failed to connect to localhost:{port} inside namespace: "
+                    f"{e.strerror or e}").encode())
+                self._ws_close(ws)
+                return
+            with kube._cond:
+                kube._forward_sockets.add(upstream)
+            self._ws_bridge(ws, conn, upstream)
+        except OSError:
+            pass
+        finally:
+            with kube._cond:
+                kube._forward_sockets.discard(conn)
+                if upstream is not None:
+                    kube._forward_sockets.discard(upstream)
+            if upstream is not None:
+                upstream.close()
+
+    def _ws_message(self, ws, data: bytes) -> None:
+        from wsproto.events import BytesMessage
+
+        self.connection.sendall(ws.send(BytesMessage(data=data)))
+
+    def _ws_close(self, ws) -> None:
+        from wsproto.events import CloseConnection
+
+        with contextlib.suppress(Exception):
+            self.connection.sendall(ws.send(CloseConnection(code=1000)))
+
+    def _ws_bridge(self, ws, conn: socket.socket, upstream: socket.socket) -> None:
+        """Client messages on the data channel go to `upstream`; its bytes come back as
+        data-channel messages. Either end closing ends both."""
+        import select
+
+        from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+        first_of_message = True  # a message's first byte names its channel; wsproto may split messages
+        while True:
+            readable, _, _ = select.select([conn, upstream], [], [])
+            if upstream in readable:
+                data = upstream.recv(65536)
+                if not data:
+                    self._ws_close(ws)
+                    return
+                self._ws_message(ws, b"\x00" + data)
+            if conn in readable:
+                data = conn.recv(65536)
+                ws.receive_data(data or None)
+                for event in ws.events():
+                    if isinstance(event, (BytesMessage, TextMessage)):
+                        payload = event.data if isinstance(event.data, bytes) else event.data.encode()
+                        if first_of_message:
+                            if payload[:1] != b"\x00":
+                                raise OSError("a message on a channel other than data")
+                            payload = payload[1:]
+                        first_of_message = event.message_finished
+                        if payload:
+                            upstream.sendall(payload)
+                    elif isinstance(event, Ping):
+                        conn.sendall(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        with contextlib.suppress(Exception):
+                            conn.sendall(ws.send(event.response()))
+                        return
+                if not data:
+                    return
+
     def _raw_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
@@ -785,4 +949,5 @@ class _Handler(BaseHTTPRequestHandler):
 # (kind, subresource) -> handler(self, info, namespace, name, query): GET <object>/<subresource>.
 _SUBRESOURCES = {
     ("Pod", "log"): _Handler._pod_log,
+    ("Pod", "portforward"): _Handler._pod_portforward,
 }

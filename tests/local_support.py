@@ -98,8 +98,9 @@ def status_json(state: Path) -> dict:
 def recorded_pids(record: dict) -> list[tuple[int, int | None]]:
     """(pid, start) of the supervisor and every process a run record names."""
     out = [((record.get("supervisor") or {}).get("pid"), (record.get("supervisor") or {}).get("start"))]
-    if record.get("nats"):
-        out.append((record["nats"]["pid"], record["nats"]["start"]))
+    from tulle.local.state import nats_nodes
+
+    out += [(n["pid"], n["start"]) for n in nats_nodes(record)]
     out += [(c["pid"], c["start"]) for c in record.get("components") or []]
     for w in record.get("workloads") or []:
         out.append((w["app"]["pid"], w["app"]["start"]))

@@ -12,9 +12,12 @@ import concurrent.futures
 import dataclasses
 import http.client
 import http.server
+import os
 import socket
 import socketserver
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -454,3 +457,160 @@ def tls_client_context(mesh: Mesh) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cadata=mesh.anchor.cert_pem.decode())
     return ctx
+
+
+class KeepAlive:
+    """A well-behaved client on its own keep-alive connection, to show it is unaffected."""
+
+    def __init__(self, port: int, host: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.host = host
+
+    def check(self):
+        self.sock.sendall(f"GET /big/5 HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        assert read_response(self.sock)[::2] == (200, b"xxxxx")
+
+    def close(self):
+        self.sock.close()
+
+
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Send `data`; return (what came back, whether the proxy closed the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                return out, False
+            except ConnectionResetError:
+                return out, True
+            if not chunk:
+                return out, True
+            out += chunk
+
+
+# --- a proxy as a real process ------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process, from /proc (kB)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class DnsServer:
+    """A real DNS server on a loopback address that answers every query with `rcode`
+    (3 NXDOMAIN, 2 SERVFAIL) after `delay` seconds, and counts the queries and answers."""
+
+    def __init__(self, rcode: int = 3, delay: float = 0.0):
+        self.rcode, self.delay = rcode, delay
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(20):  # a loopback address of its own: port 53 is what resolv.conf can name
+            self.address = f"127.77.{uuid.uuid4().int % 250 + 1}.{uuid.uuid4().int % 250 + 1}"
+            try:
+                self.sock.bind((self.address, 53))
+                break
+            except OSError:
+                continue
+        self.queries = 0
+        self.answered = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            self.queries += 1
+            if self.delay:
+                threading.Timer(self.delay, self._answer, (data, peer)).start()
+            else:
+                self._answer(data, peer)
+
+    def _answer(self, query: bytes, peer) -> None:
+        # The query's id and question, flags "response, recursion available" and the rcode.
+        answer = query[:2] + bytes([0x81, 0x80 | self.rcode]) + query[4:6] + b"\x00" * 6 + query[12:]
+        try:
+            self.sock.sendto(answer, peer)
+            self.answered += 1
+        except OSError:
+            pass
+
+    def resolv_conf(self, path) -> str:
+        path.write_text(f"nameserver {self.address}\noptions timeout:5 attempts:1\n")
+        return str(path)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ProxyProcess:
+    """`python -m proxy` as its own process (its memory is its own, its log a file), plain
+    outbound forwarding; with `resolv_conf` it runs in a mount namespace of its own where
+    that file is /etc/resolv.conf (root), so its DNS is a server of the test's."""
+
+    def __init__(self, nats_url: str, tmp_path, *, resolv_conf: str | None = None, **env):
+        from tests.conftest import REPO, wait_until
+        from tulle.natsserver import free_port
+
+        self.ns = unique_ns()
+        self.outbound, self.inbound, self.admin = free_port(), free_port(), free_port()
+        self.log = tmp_path / f"proxy-{self.ns}.log"
+        self.env = {
+            **os.environ, "PYTHONPATH": str(REPO), "TULLE_NATS_URL": nats_url,
+            "TULLE_PROXY_NAMESPACE": self.ns, "TULLE_PROXY_WORKLOAD": "w-1", "TULLE_PROXY_SERVICE_ACCOUNT": "w",
+            "TULLE_PROXY_OUTBOUND_ADDR": f"127.0.0.1:{self.outbound}",
+            "TULLE_PROXY_INBOUND_ADDR": f"127.0.0.1:{self.inbound}", "TULLE_PROXY_ADMIN_ADDR": f"127.0.0.1:{self.admin}",
+            "TULLE_PROXY_TRANSPARENT": "false", "TULLE_LOG_FORMAT": "json",
+            "TULLE_PROXY_IDENTITY_TRUST_ANCHORS": pki.new_trust_anchor().cert_pem.decode(),
+            "TULLE_PROXY_TOKEN_FILE": server_for(nats_url).token_file(self.ns, "w-1", "w"), **env,
+        }
+        argv = [sys.executable, "-m", "proxy"]
+        if resolv_conf is not None:
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f"mount --bind {resolv_conf} /etc/resolv.conf && exec {' '.join(argv)}"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        wait_until(self._live, what="the proxy process answering /live")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _live(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"proxy exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            return self.get("/live")[0] == 200
+        except OSError:
+            return False
+
+    def get(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sample(self.get("/metrics")[1], name, **labels)
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and the whole log."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        return self.log.read_text()

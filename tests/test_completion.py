@@ -138,6 +138,14 @@ def test_routes_offers_services_and_workloads_and_services_of_other_namespaces_b
     assert [v for v, _ in protocol("bash", ["tulle", "routes", ""], cluster)] == ["books.demo", "web.demo"]
 
 
+def test_stat_completes_resource_types_then_names_of_that_type_from_the_cluster(cluster):
+    assert [v for v, _ in protocol("bash", ["tulle", "stat", ""], cluster)] == ["deploy", "ns", "po", "svc", "workload"]
+    assert protocol("fish", ["tulle", "stat", "-n", "demo", "svc/"], cluster) == [
+        ("svc/books", "service in demo"), ("svc/web", "service in demo")]
+    assert [v for v, _ in protocol("bash", ["tulle", "stat", "ns", "d"], cluster)] == ["default", "demo"]
+    assert in_bash(["tulle", "edges", ""], cluster) == ["deploy", "po", "workload"]
+
+
 def test_an_unreachable_cluster_gives_no_suggestions_and_no_noise(cluster, tmp_path):
     dead = FakeKube().start()
     env = dict(cluster, KUBECONFIG=dead.write_kubeconfig(tmp_path / "kubeconfig"))
@@ -168,6 +176,13 @@ def test_each_kind_completes_in_a_real_bash_from_the_local_mesh(local):
     assert in_bash(["tulle", "endpoints", ""], local) == ["hello.tiny"]
     assert in_bash(["tulle", "routes", "-n", "tiny", "--to", ""], local) == ["hello"]
     assert in_bash(["tulle", "policy", "hello", "-n", "tiny", "--server", ""], local) == ["hello-http"]
+
+
+def test_stat_completes_workloads_and_services_of_the_local_mesh_in_a_real_bash(local):
+    assert in_bash(["tulle", "stat", "-n", "tiny", "deploy/"], local) == ["deploy/hello", "deploy/worker"]
+    assert in_bash(["tulle", "stat", "-n", "tiny", "po", "h"], local) == ["hello"]
+    assert in_bash(["tulle", "stat", "-n", "tiny", "--to", "svc/"], local) == ["svc/hello"]
+    assert in_bash(["tulle", "edges", "-n", ""], local) == ["tiny"]
 
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])

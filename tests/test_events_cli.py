@@ -64,8 +64,10 @@ def test_events_prints_a_cloudevent_when_a_service_becomes_ready(nats_server, tm
                                  *cli_bus_args(nats_server.url), "--timeout", "60"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        # It says on stderr when it listens; only then may the service start (new events only).
-        assert follower.stderr.readline().startswith(b"following tulle.events.>")
+        # It says on stderr when it listens (or, before any service made the stream, that it
+        # waits for it: then it reads the stream from its start); only then may the service start.
+        first = follower.stderr.readline()
+        assert first.startswith((b"following tulle.events.>", b"waiting for the event stream TULLE_EVENTS")), first
         service = _start_service(nats_server.url, tmp_path / "injector.log")
         try:
             out, err = follower.communicate(timeout=60)

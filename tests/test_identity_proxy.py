@@ -275,24 +275,35 @@ async def test_a_rogue_anchor_written_to_the_bus_is_never_trusted(mesh, servers)
     assert web.trust_anchors_pem == mesh.issuer_dir.anchor.cert_pem
 
 
-async def test_a_reply_with_a_certificate_for_another_key_or_identity_is_never_installed(mesh):
-    """Whoever answers on the certify subject, the proxy installs only a leaf for its own key and name."""
-    issuer = mesh.issuer_dir.issuer
+async def rogue_identity(mesh, sign) -> list[str]:
+    """A responder on the certify subject (as if it could subscribe there: the bus forbids it,
+    tests/test_bus_security.py) answering with the leaf `sign(request, n)` makes, n counting
+    from 1; returns the identities it was asked for."""
     bus = bus_for(mesh.nats_url, TESTER, component="rogue")
     await bus.start()
     mesh.stack.push_async_callback(bus.close)
-    served = []
+    served: list[str] = []
 
     async def rogue(req: schemas.CertifyRequest) -> schemas.CertifyResponse:
         served.append(req.identity)
-        if len(served) % 2:
-            leaf, _ = pki.issue_leaf(issuer, req.identity)  # the right name, but a key of its own
-        else:
-            leaf = pki.sign_leaf(issuer, x509.load_pem_x509_csr(req.csr.encode()), API)  # the proxy's key, another name
-        return schemas.CertifyResponse(leaf=pki.cert_pem(leaf).decode(), chain=[issuer.cert_pem.decode()],
+        leaf, chain = sign(req, len(served))
+        return schemas.CertifyResponse(leaf=pki.cert_pem(leaf).decode(), chain=[chain.cert_pem.decode()],
                                        expiry=leaf.not_valid_after_utc.timestamp(), serial=pki.serial_hex(leaf))
 
     await bus.serve(schemas.CERTIFY_SUBJECT, schemas.CertifyRequest, rogue, queue=schemas.CERTIFY_QUEUE)
+    return served
+
+
+async def test_a_reply_with_a_certificate_for_another_key_or_identity_is_never_installed(mesh):
+    """Whoever answers on the certify subject, the proxy installs only a leaf for its own key and name."""
+    issuer = mesh.issuer_dir.issuer
+
+    def sign(req, n):
+        if n % 2:
+            return pki.issue_leaf(issuer, req.identity)[0], issuer  # the right name, but a key of its own
+        return pki.sign_leaf(issuer, x509.load_pem_x509_csr(req.csr.encode()), API), issuer  # the proxy's key, another name
+
+    served = await rogue_identity(mesh, sign)
     web = await mesh.proxy("demo", "web", min_refresh_s=0.3, start=False)
     await eventually(lambda: len(served) >= 4, what="several answers from the rogue responder")
     assert not web.ready and web.serial == "" and web.server_context is None
@@ -301,18 +312,11 @@ async def test_a_reply_with_a_certificate_for_another_key_or_identity_is_never_i
 async def test_a_reply_that_does_not_chain_to_the_configured_anchors_is_never_installed(mesh):
     """The right name and the proxy's own key, but signed by a CA the proxy was not started with."""
     rogue_issuer = pki.new_issuer(pki.new_trust_anchor())
-    bus = bus_for(mesh.nats_url, TESTER, component="rogue")
-    await bus.start()
-    mesh.stack.push_async_callback(bus.close)
-    served = []
 
-    async def rogue(req: schemas.CertifyRequest) -> schemas.CertifyResponse:
-        served.append(req.identity)
-        leaf = pki.sign_leaf(rogue_issuer, x509.load_pem_x509_csr(req.csr.encode()), req.identity)
-        return schemas.CertifyResponse(leaf=pki.cert_pem(leaf).decode(), chain=[rogue_issuer.cert_pem.decode()],
-                                       expiry=leaf.not_valid_after_utc.timestamp(), serial=pki.serial_hex(leaf))
+    def sign(req, n):
+        return pki.sign_leaf(rogue_issuer, x509.load_pem_x509_csr(req.csr.encode()), req.identity), rogue_issuer
 
-    await bus.serve(schemas.CERTIFY_SUBJECT, schemas.CertifyRequest, rogue, queue=schemas.CERTIFY_QUEUE)
+    served = await rogue_identity(mesh, sign)
     web = await mesh.proxy("demo", "web", min_refresh_s=0.3, start=False)
     await eventually(lambda: len(served) >= 3, what="several answers from the rogue responder")
     assert not web.ready and web.serial == "" and web.server_context is None

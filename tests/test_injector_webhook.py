@@ -2,10 +2,8 @@
 `kubernetes` client's models, the answer's JSONPatch applied with jsonpatch and the pod
 checked; malformed, wrong-version, oversized and odd requests refused with a status
 and counted, never a crash; the certificate replaced without a restart; namespaces and
-owners read from the (fake) Kubernetes API; `python -m services.injector` as a process.
-
-The bus events (`injected`, `injection-skipped`) need NATS with credentials and are
-tested by the lead's bus tests when merged.
+owners read from the (fake) Kubernetes API; `python -m services.injector` as a process,
+reporting what it injected or skipped as CloudEvents on the authenticated bus.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -35,9 +34,11 @@ from services.injector import core
 from services.injector.admission import AdmissionHandler
 from services.injector.server import ServingCertificate, WebhookServer
 from services.injector.sources import KubeLookups
+from tests.bus_support import bus_for
 from tests.conftest import wait_until
 from tests.fakekube import FakeKube
 from tests.injector_support import ANCHORS_PEM, GOLDEN, values
+from tulle import __version__, schemas
 from tulle.metrics import REGISTRY, sample
 
 SERVICE_DNS = "tulle-proxy-injector.tulle.svc"
@@ -408,3 +409,63 @@ def test_the_service_refuses_missing_flags_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"tulle injector: {tmp_path / 'nope.crt'}: no such file (--tls-cert / --tls-key)"
+
+
+def _post_review(port: int, ca, obj) -> dict:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(ca), timeout=10)
+    conn.connect = _connect_with_sni(conn)
+    uid, rev = review(obj)
+    conn.request("POST", "/", body=json.dumps(rev).encode(), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return answer_of(resp.status, resp.read(), uid)
+
+
+async def test_the_service_reports_each_pod_it_injects_or_skips_as_a_cloudevent_on_the_bus(nats_server, tmp_path, ca):
+    """`python -m services.injector` with the injector role's credential (as the chart runs
+    it), real AdmissionReviews over HTTPS, and the events read back as the observer role."""
+    from tests.service_process import ServiceProcess
+
+    cert, key = make_serving(ca, "events")
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    port = free_port()
+    observer = bus_for(nats_server.url, "observer")
+    await observer.start()
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def on_event(msg):
+        await events.put(schemas.decode_event(msg.data))
+
+    await observer.subscribe_raw("tulle.events.injector.>", on_event)
+    await observer.sync()
+    injector = ServiceProcess("injector", nats_server.url, [
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"),
+        "--trust-anchors", str(GOLDEN / "trust-anchors.pem")], tmp_path / "injector.log").start()
+    try:
+        await injector.ready_soon(30)  # the certificate loaded, the listener up, the bus reached
+        opted_in = deployment_pod(name="web-5d4f7b9c8-ev001", annotations={core.INJECT: "enabled"})
+        assert "patch" in await asyncio.to_thread(_post_review, port, ca, opted_in)
+        on_host = deployment_pod(name="web-5d4f7b9c8-ev002", annotations={core.INJECT: "enabled"}, host_network=True)
+        assert "patch" not in await asyncio.to_thread(_post_review, port, ca, on_host)
+
+        got = {}
+        while len(got) < 2:
+            ev = await asyncio.wait_for(events.get(), 20)
+            if ev.type.endswith(".ready"):
+                continue
+            got[ev.type] = ev
+        injected = got["dev.tulle.injector.injected"]
+        assert injected.subject == "shop/web-5d4f7b9c8-ev001" and injected.source.startswith("/tulle/injector/")
+        assert injected.data == {"namespace": "shop", "pod": "web-5d4f7b9c8-ev001", "owner_kind": "deployment",
+                                 "owner_name": "web", "proxy_version": __version__, "replaced_version": ""}
+        skipped = got["dev.tulle.injector.injection-skipped"]
+        assert skipped.subject == "shop/web-5d4f7b9c8-ev002"
+        assert skipped.data == {"namespace": "shop", "pod": "web-5d4f7b9c8-ev002", "owner_kind": "deployment",
+                                "owner_name": "web", "reason": "hostNetwork is enabled"}
+        # Kept in the event stream too, for readers that come later.
+        js = observer.nc.jetstream()
+        kept = await js.get_last_msg(schemas.EVENTS_STREAM, "tulle.events.injector.injection-skipped")
+        assert schemas.decode_event(kept.data).id == skipped.id
+    finally:
+        await observer.close()
+        assert injector.stop() == 0, injector.log.read_text()[-2000:]

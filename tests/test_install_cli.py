@@ -111,9 +111,10 @@ def test_install_cni_adds_the_plugins_daemonset_and_tells_the_injector(home, tmp
     assert ds["metadata"]["namespace"] == "tulle-cni"
     assert find(objects, "Namespace", "tulle-cni")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == \
         "privileged"
-    assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["tulle", "cni", "install"]
+    assert ds["spec"]["template"]["spec"]["containers"][0]["command"] == ["tulle-cni-install"]
     plugin = yaml.safe_load(find(objects, "ConfigMap", "tulle-cni-config")["data"]["plugin.json"])
-    assert plugin["proxy"] == {"inbound_port": 4143, "outbound_port": 4140, "admin_port": 4191, "uid": 2500}
+    assert {k: plugin["proxy"][k] for k in ("inbound_port", "outbound_port", "admin_port", "uid")} == \
+        {"inbound_port": 4143, "outbound_port": 4140, "admin_port": 4191, "uid": 2500}
     config = yaml.safe_load(find(objects, "ConfigMap", "tulle-config")["data"]["values"])
     assert config["cniEnabled"] is True
     # The CNI comes first: it must be on the nodes before meshed pods start.

@@ -116,6 +116,20 @@ def test_the_traffic_generator_gets_answers_through_the_mesh(demo):
     assert stats["status_200"] >= stats["requests"] // 2
 
 
+def test_the_traffic_generator_gets_no_503_while_the_demo_starts(demo):
+    """Its first requests leave before web has an endpoint: they wait in the outbound
+    proxy's fail-fast queue instead of being refused (proxy/failfast.py)."""
+    log = demo["state"] / "logs" / "workload-demo-traffic.log"
+
+    def first_statuses():
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        statuses = [line["status"] for line in lines if "status" in line]
+        return statuses[:30] if len(statuses) >= 30 else None
+
+    statuses = wait_until(first_statuses, timeout=60, interval=0.5, what="the demo's first 30 requests logged")
+    assert 503 not in statuses, statuses
+
+
 def test_down_leaves_nothing_running(demo):
     record = read_record(demo["state"])
     processes = recorded_pids(record)

@@ -97,7 +97,10 @@ def test_each_running_workload_has_a_ready_pod_manifest_for_the_services(run):
     assert set(pods) == {"hello", "worker"}
     hello = pods["hello"]
     assert isinstance(hello, m.Pod) and hello.ready and hello.meta.namespace == "tiny"
-    assert hello.service_account == "hello" and hello.meta.labels == {"app": "hello"}
+    assert hello.service_account == "hello" and hello.meta.labels["app"] == "hello"
+    # The pod the injector's core made: its labels and annotations too, as in a cluster.
+    assert hello.meta.labels["tulle.dev/workload-ns"] == "tiny"
+    assert hello.meta.annotations["tulle.dev/created-by"].startswith("tulle/proxy-injector ")
     assert hello.port_number("http") == 8080 and hello.probes[0].path == "/ready"
     assert hello.meshed and hello.meta.annotations[m.PROXY_INBOUND_PORT_ANNOTATION] == "4143"
     assert hello.ip == next(w["address"] for w in read_record(run["state"])["workloads"] if w["name"] == "hello")

@@ -131,14 +131,26 @@ def test_the_workloads_own_env_wins():
     assert env["PORT"] == "1234" and env["FAILURE_RATE"] == "0.5" and "HTTP_PROXY" not in env
 
 
+ANCHORS = pki.new_trust_anchor().cert_pem.decode()
+
+
+def values(default_inbound_policy="all-unauthenticated", networks=(), **kw):
+    return plan.install_values(trust_anchors_pem=ANCHORS, nats_url="nats://10.150.0.1:4222",
+                               default_inbound_policy=default_inbound_policy, networks=networks, **kw)
+
+
+def injected_env(w, placement, namespace=None, **kw) -> dict[str, str]:
+    return plan.proxy_env({"PATH": "/bin"}, w, placement, plan.inject(w, namespace, values(**kw)),
+                          token_file="/state/identity/tokens/demo.web.token")
+
+
 @pytest.mark.parametrize("isolation,address", [("netns", "10.150.1.1"), ("none", "127.140.1.1")])
 def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
     w = workload()
-    anchors = pki.new_trust_anchor().cert_pem.decode()
+    anchors = ANCHORS
+    injection = plan.inject(w, None, values("deny", plan.cluster_networks(isolation, 150)))
     env = plan.proxy_env({"PATH": "/bin", "TULLE_NATS_CREDS": "/root/other.nk"}, w, plan.Placement(isolation, address, True),
-                         nats_url="nats://10.150.0.1:4222", token_file="/state/identity/tokens/demo.web.token",
-                         trust_anchors_pem=anchors, default_inbound_policy="deny",
-                         networks=plan.cluster_networks(isolation, 150))
+                         injection, token_file="/state/identity/tokens/demo.web.token")
     assert "TULLE_NATS_CREDS" not in env  # a proxy logs in with its workload's token, never a role's key
     cfg = proxy_config_from_env(env)
     assert cfg.trust_anchors_pem.strip() == anchors.strip().encode() and cfg.default_inbound_policy == "deny"
@@ -155,6 +167,16 @@ def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
         assert cfg.admin_addr == (address, 4191)
 
 
+def test_only_the_renewal_pacing_of_the_invoking_environment_reaches_proxies():
+    w = workload()
+    injection = plan.inject(w, None, values("deny", plan.cluster_networks("none", 140)))
+    env = plan.proxy_env({"PATH": "/bin", "TULLE_PROXY_IDENTITY_MIN_REFRESH": "1s",
+                          "TULLE_PROXY_IDENTITY_MAX_REFRESH": "4s", "TULLE_PROXY_INBOUND_ADDR": "0.0.0.0:1"},
+                         w, plan.Placement("none", "127.140.1.1", True), injection, token_file="/t")
+    assert env["TULLE_PROXY_IDENTITY_MIN_REFRESH"] == "1s" and env["TULLE_PROXY_IDENTITY_MAX_REFRESH"] == "4s"
+    assert env["TULLE_PROXY_INBOUND_ADDR"] == "127.140.1.1:4143"  # the runner's, never the caller's
+
+
 @pytest.mark.parametrize("pod,ns,expected", [
     ({}, {}, "all-authenticated"),  # the install's (cluster) default
     ({}, {m.DEFAULT_POLICY_ANNOTATION: "deny"}, "deny"),  # the namespace's
@@ -164,20 +186,85 @@ def test_the_proxy_environment_is_what_proxy_config_reads(isolation, address):
 def test_the_default_inbound_policy_is_the_pods_else_its_namespaces_else_the_installs(pod, ns, expected):
     w = workload(annotations=pod)
     namespace = m.Namespace(m.Meta(name="demo", namespace="", annotations=ns))
-    assert plan.effective_annotation(m.DEFAULT_POLICY_ANNOTATION, w, namespace, "all-authenticated") == expected
+    env = injected_env(w, plan.Placement("netns", "10.150.1.1", True), namespace,
+                       default_inbound_policy="all-authenticated")
+    assert env["TULLE_PROXY_DEFAULT_INBOUND_POLICY"] == expected
+
+
+# --- through the injector's core: what the webhook would make of the pod --------------------------
+
+
+def test_the_proxy_gets_the_env_the_webhook_gives_it_with_the_fields_resolved_from_the_pod():
+    from services.injector import core
+
+    w = workload(annotations={"config.tulle.dev/opaque-ports": "5432,6000-6010", "config.tulle.dev/proxy-log-level": "debug"})
+    injection = plan.inject(w, None, values())
+    container = next(c for c in injection.pod["spec"]["initContainers"] if c["name"] == plan.PROXY_CONTAINER)
+    assert container == core.proxy_container(injection.plan.config, values(), native=True)
+    env = injected_env(w, plan.Placement("netns", "10.150.1.1", True))
+    webhook = {e["name"]: e.get("value") for e in container["env"]}
+    # Everything the webhook sets but what is the run's own: the token file, the addresses.
+    for name, value in webhook.items():
+        if value is not None and name != "TULLE_PROXY_TOKEN_FILE" and not name.endswith("_ADDR"):
+            assert env[name] == value, name
+    assert (env["TULLE_PROXY_NAMESPACE"], env["TULLE_PROXY_WORKLOAD"], env["TULLE_PROXY_SERVICE_ACCOUNT"]) == \
+        ("demo", "web", "web")  # the webhook's fieldRefs, resolved as the kubelet would
+    cfg = proxy_config_from_env(env)
+    assert cfg.opaque_ports == frozenset({5432, *range(6000, 6011)}) and env["TULLE_PROXY_LOG_LEVEL"] == "debug"
+    assert cfg.shutdown_grace_s == 3  # local mode's: `tulle down` waits for it
+
+
+def test_the_namespaces_config_annotations_reach_the_proxy_and_are_copied_onto_the_pod():
+    namespace = m.Namespace(m.Meta(name="demo", namespace="", annotations={
+        "config.tulle.dev/opaque-ports": "7000", "tulle.dev/inject": "enabled"}))
+    w = workload()
+    injection = plan.inject(w, namespace, values())
+    assert injection.pod["metadata"]["annotations"]["config.tulle.dev/opaque-ports"] == "7000"
+    env = injected_env(w, plan.Placement("none", "127.140.1.1", True), namespace)
+    assert proxy_config_from_env(env).opaque_ports == frozenset({7000})
+
+
+def test_a_workload_the_webhook_would_skip_is_not_injected_and_says_why():
+    bad = plan.inject(workload(annotations={m.DEFAULT_POLICY_ANNOTATION: "allow-all"}), None, values())
+    assert not bad.injected and "allow-all" in bad.plan.reason and m.DEFAULT_POLICY_ANNOTATION in bad.plan.reason
+    assert bad.pod["spec"] == plan.declared_pod(workload())["spec"]  # nothing added
+    with pytest.raises(ValueError, match="was not injected"):
+        plan.pod_manifest(workload(), plan.Placement("netns", "10.150.1.1", True), ready=True, injection=bad)
 
 
 # --- the Pod manifest ---------------------------------------------------------------------------
 
 
+def meshed_manifest(w, placement, ready=True) -> dict:
+    return plan.pod_manifest(w, placement, ready=ready, injection=plan.inject(w, None, values()))
+
+
 def test_the_pod_manifest_parses_as_a_pod_with_address_readiness_account_and_ports():
     w = workload()
-    pod = parse_object(plan.pod_manifest(w, plan.Placement("netns", "10.150.1.1", True, "ns"), ready=True))
+    pod = parse_object(meshed_manifest(w, plan.Placement("netns", "10.150.1.1", True, "ns")))
     assert isinstance(pod, m.Pod)
     assert (pod.meta.namespace, pod.meta.name, pod.ip, pod.ready) == ("demo", "web", "10.150.1.1", True)
-    assert pod.service_account == "web" and pod.meshed and pod.meta.labels == {"app": "web"}
+    assert pod.service_account == "web" and pod.meshed and pod.meta.labels["app"] == "web"
     assert pod.port_number("http") == 8080 and pod.probes == (m.HTTPProbe("/ready", "http"),)
     assert m.PROXY_INBOUND_PORT_ANNOTATION not in pod.meta.annotations  # iptables does the redirect
+
+
+def test_a_meshed_pod_is_the_pod_the_webhook_would_make_of_the_workload():
+    import jsonpatch
+
+    from services.injector import core
+
+    w = workload()
+    doc = meshed_manifest(w, plan.Placement("netns", "10.150.1.1", True, "ns"))
+    declared = plan.declared_pod(w)
+    declared["metadata"]["annotations"][core.INJECT] = "enabled"
+    webhook = core.plan_pod(core.Target("Pod", "web", "demo", declared), {}, values(), core.WEBHOOK)
+    expected = jsonpatch.apply_patch(declared, webhook.ops)
+    assert {k: doc[k] for k in ("apiVersion", "kind", "metadata")} == {k: expected[k] for k in ("apiVersion", "kind", "metadata")}
+    assert doc["spec"] == {**expected["spec"], "nodeName": "local"}
+    assert [c["name"] for c in doc["spec"]["initContainers"]] == ["tulle-init", "tulle-proxy"]  # native sidecar
+    assert doc["metadata"]["labels"]["tulle.dev/workload-ns"] == "demo"
+    assert doc["metadata"]["annotations"]["tulle.dev/trust-root-sha256"] == values().trust_root_sha256
 
 
 def test_a_pod_is_not_ready_until_told_and_unmeshed_pods_have_no_proxy_container():
@@ -186,7 +273,7 @@ def test_a_pod_is_not_ready_until_told_and_unmeshed_pods_have_no_proxy_container
 
 
 def test_without_namespaces_a_meshed_pod_says_where_its_inbound_proxy_listens():
-    pod = parse_object(plan.pod_manifest(workload(), plan.Placement("none", "127.140.1.1", True), ready=True))
+    pod = parse_object(meshed_manifest(workload(), plan.Placement("none", "127.140.1.1", True)))
     assert pod.meta.annotations[m.PROXY_INBOUND_PORT_ANNOTATION] == "4143" and pod.meshed
 
 

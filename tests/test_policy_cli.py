@@ -16,7 +16,8 @@ from services.policy.compile import compile_policies
 from tests.bus_support import cli_bus_args, server_for
 from tests.conftest import REPO
 from tests.policy_support import PolicyProcess
-from tulle.local.plan import Placement, pod_file_name, pod_manifest
+from tulle import pki
+from tulle.local.plan import Placement, inject, install_values, pod_file_name, pod_manifest
 from tulle.resources import model as m
 from tulle.resources.parse import load_dir
 from tulle.schemas import identity_name
@@ -32,8 +33,11 @@ def runtime_pods(folder: Path) -> Path:
     """The Pods the local runner writes for the demo's Workloads (its own code does it)."""
     runtime = folder / "runtime"
     runtime.mkdir(parents=True)
+    values = install_values(trust_anchors_pem=pki.new_trust_anchor().cert_pem.decode(), nats_url="nats://10.77.0.1:4222")
+    namespaces = {o.meta.name: o for o in load_dir(DEMO) if isinstance(o, m.Namespace)}
     for w in (o for o in load_dir(DEMO) if isinstance(o, m.Workload)):
-        doc = pod_manifest(w, Placement("netns", ADDRESSES[w.meta.name], True), ready=True)
+        doc = pod_manifest(w, Placement("netns", ADDRESSES[w.meta.name], True), ready=True,
+                           injection=inject(w, namespaces.get(w.meta.namespace), values))
         (runtime / pod_file_name(w.meta.namespace, w.meta.name)).write_text(json.dumps(doc))
     return runtime
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.proxy_support import (
-    KV, AppServer, Mesh, Proxy, RawServer, proxy_config, read_response, unique_ns,
+    KV, AppServer, KeepAlive, Mesh, Proxy, RawServer, exchange, proxy_config, read_response, unique_ns,
 )
 
 
@@ -28,38 +28,6 @@ def edge(lt, nats_server):
     proxy.stop()
     app.close()
     kv.close()
-
-
-class KeepAlive:
-    """A well-behaved client on its own keep-alive connection, to show it is unaffected."""
-
-    def __init__(self, port: int, host: str):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.host = host
-
-    def check(self):
-        self.sock.sendall(f"GET /big/5 HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
-        assert read_response(self.sock)[::2] == (200, b"xxxxx")
-
-    def close(self):
-        self.sock.close()
-
-
-def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
-    """Send `data`; return (what came back, whether the proxy closed the connection)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                return out, False
-            except ConnectionResetError:
-                return out, True
-            if not chunk:
-                return out, True
-            out += chunk
 
 
 SMUGGLING = {

@@ -1,7 +1,10 @@
 """The admin HTTP server every Tulle process runs: /live, /ready, /metrics, and extras.
 
 Deliberately tiny: HTTP/1.1, small GET/POST requests, keep-alive for scrapers. It is
-off the data path, so clarity beats speed here.
+off the data path, so clarity beats speed here. At most `max_connections` are open at
+once: one more is accepted and closed at once, and counted
+(`tulle_admin_connections_refused_total`), so probes and scrapes keep working while
+someone holds connections open.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from tulle.log import get_logger
 from tulle.metrics import REGISTRY, Registry
 
 MAX_HEAD = 8192
+MAX_CONNECTIONS = 64
 
 
 @dataclass
@@ -49,11 +53,16 @@ _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 4
 
 
 class AdminServer:
-    def __init__(self, host: str, port: int, *, ready: Callable[[], bool], registry: Registry = REGISTRY):
+    def __init__(self, host: str, port: int, *, ready: Callable[[], bool], registry: Registry = REGISTRY,
+                 max_connections: int = MAX_CONNECTIONS):
         self.host = host
         self.port = port
         self._ready = ready
         self.registry = registry
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self._refused = registry.counter("tulle_admin_connections_refused_total",
+                                         "Admin connections closed at once: max_connections were open")
         self.routes: dict[str, Handler] = {
             "/live": self._live,
             "/ready": self._ready_handler,
@@ -91,6 +100,17 @@ class AdminServer:
         return AdminResponse(200, self.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open_connections >= self.max_connections:
+            self._refused.inc()
+            writer.close()
+            return
+        self.open_connections += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = (writer.get_extra_info("peername") or ("", 0))[0]
         try:
             while True:

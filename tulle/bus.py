@@ -19,7 +19,7 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Mapping, Optional, TypeVar
@@ -39,6 +39,8 @@ from tulle.metrics import REGISTRY, Registry
 T = TypeVar("T")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# The largest replica count JetStream allows a stream (and so a KV bucket).
+MAX_REPLICAS = 5
 
 # Settings of each bucket. History 1: readers want the latest value only.
 BUCKETS: dict[str, dict[str, Any]] = {
@@ -59,6 +61,36 @@ def nats_url() -> str:
     return os.environ.get("TULLE_NATS_URL", DEFAULT_URL)
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a bus URL: one URL, or the comma-separated URLs of a cluster's nodes
+    (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`). A client that knows every node
+    reconnects to another when its own dies; the nodes also tell connected clients about
+    each other, but a client that has never connected knows only what it was given."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"no NATS URL in {url!r}")
+    return urls
+
+
+def replicas_from_env(env: Optional[Mapping[str, str]] = None) -> int:
+    """TULLE_NATS_REPLICAS: how many copies of each bucket and of the event stream a
+    cluster keeps (its node count; 1 for one server)."""
+    env = os.environ if env is None else env
+    text = env.get("TULLE_NATS_REPLICAS", "") or "1"
+    try:
+        return check_replicas(int(text))
+    except ValueError:
+        from tulle.errors import UserError
+
+        raise UserError(f"TULLE_NATS_REPLICAS: expected a number from 1 to {MAX_REPLICAS}, got {text!r}") from None
+
+
+def check_replicas(n: int) -> int:
+    if not 1 <= n <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be from 1 to {MAX_REPLICAS}, not {n}")
+    return n
+
+
 @dataclass(frozen=True)
 class BusCredentials:
     """How a process proves who it is to NATS (tulle/busauth.py says what each may do).
@@ -67,13 +99,20 @@ class BusCredentials:
     - token_file: a workload proxy's token, read again at every (re)connect because
       projected tokens rotate; NATS auth callout has identity check it;
     - inbox_prefix: this client's own reply subjects (derived from the key or workload);
-    - ca_file: the CA to verify NATS's TLS certificate with (TLS when set, or with tls://).
+    - ca_file: the CA to verify NATS's TLS certificate with (TLS when set, or with tls://);
+    - seed, ca_pem: the same two in memory (the CLI reads a cluster's from its Secrets and
+      keeps them off the disk);
+    - tls_hostname: the name to expect in NATS's certificate when the URL cannot say it
+      (a port-forward to 127.0.0.1).
     """
 
     seed_file: str = ""
     token_file: str = ""
     inbox_prefix: str = ""
     ca_file: str = ""
+    seed: str = field(default="", repr=False)
+    ca_pem: str = ""
+    tls_hostname: str = ""
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "BusCredentials":
@@ -97,6 +136,21 @@ class BusCredentials:
         return cls(seed_file=seed_file, inbox_prefix=prefix, ca_file=ca_file)
 
     @classmethod
+    def for_seed_text(cls, seed: str, *, ca_pem: str = "", tls_hostname: str = "", what: str = "NATS credential") \
+            -> "BusCredentials":
+        """A static role's credential held in memory (its nkey seed), with NATS's CA."""
+        from tulle import natsjwt
+        from tulle.busauth import inbox_for_user
+
+        try:
+            prefix = inbox_for_user(natsjwt.public_key(seed.strip().encode()))
+        except Exception as e:  # nkeys raises its own errors for a malformed seed
+            from tulle.errors import UserError
+
+            raise UserError(f"{what}: not an nkey seed ({e})") from None
+        return cls(seed=seed.strip(), inbox_prefix=prefix, ca_pem=ca_pem, tls_hostname=tls_hostname)
+
+    @classmethod
     def for_workload(cls, token_file: str, namespace: str, workload: str, *, ca_file: str = "") -> "BusCredentials":
         from tulle.busauth import inbox_for_workload
 
@@ -104,11 +158,14 @@ class BusCredentials:
 
     @property
     def anonymous(self) -> bool:
-        return not self.seed_file and not self.token_file
+        return not self.seed_file and not self.token_file and not self.seed
 
     def connect_options(self, url: str) -> dict[str, Any]:
+        """nats-py's connect options for these credentials; `url` is one URL or a cluster's list."""
         opts: dict[str, Any] = {}
-        if self.seed_file:
+        if self.seed:
+            opts["nkeys_seed_str"] = self.seed
+        elif self.seed_file:
             opts["nkeys_seed"] = self.seed_file
         elif self.token_file:
             path = self.token_file
@@ -121,12 +178,14 @@ class BusCredentials:
             opts["token"] = token
         if self.inbox_prefix:
             opts["inbox_prefix"] = self.inbox_prefix
-        if self.ca_file or url.startswith("tls://"):
+        if self.ca_file or self.ca_pem or any(u.startswith("tls://") for u in server_urls(url)):
             import ssl
 
-            ctx = ssl.create_default_context(cafile=self.ca_file or None)
+            ctx = ssl.create_default_context(cafile=self.ca_file or None, cadata=self.ca_pem or None)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             opts["tls"] = ctx
+            if self.tls_hostname:
+                opts["tls_hostname"] = self.tls_hostname
         return opts
 
 
@@ -161,9 +220,19 @@ class BusError(Exception):
 
 
 class Bus:
+    """`url`: one NATS URL, or every node of a cluster, comma-separated.
+
+    `replicas`: how many copies the buckets and the event stream this client creates keep
+    (the cluster's node count, so that losing a node loses nothing); None: TULLE_NATS_REPLICAS,
+    else 1. Only creation uses it: a client that opens an existing bucket takes it as it is.
+    """
+
     def __init__(self, url: str | None = None, *, component: str, instance: str | None = None,
-                 registry: Registry = REGISTRY, credentials: BusCredentials | None = None):
+                 registry: Registry = REGISTRY, credentials: BusCredentials | None = None,
+                 replicas: int | None = None):
         self.url = url or nats_url()
+        self.servers = server_urls(self.url)
+        self.replicas = check_replicas(replicas) if replicas is not None else replicas_from_env()
         # None: from the environment (TULLE_NATS_CREDS, TULLE_NATS_CA).
         self.credentials = credentials if credentials is not None else BusCredentials.from_env()
         self.auth_error = ""  # why the server refused us, when it did: the last refusal
@@ -176,7 +245,11 @@ class Bus:
         self._kvs: dict[str, KeyValue] = {}
         self._connected = asyncio.Event()
         self._generation = 0  # bumped on every (re)connect; watches resync when it moves
-        self._generation_changed = asyncio.Condition()
+        self._connections = 0  # connections made by _connect_loop: the first, and each after nats-py gave up
+        # Set, then replaced by a fresh one, whenever the generation moves or the bus closes.
+        # An Event and not a Condition: a waiter cancelled under wait_for must not have to
+        # take a lock back, which hung watches being cancelled while others waited too.
+        self._generation_moved = asyncio.Event()
         self._closed = False
         self._on_change: list[Callable[[bool], None]] = []
         self._subs: list[Any] = []
@@ -184,6 +257,7 @@ class Bus:
         # re-subscribes by itself after a reconnect, but not after it closed for good).
         self._wanted_subs: list[tuple[str, str, Callable[[Msg], Awaitable[None]]]] = []
         self._watchers: set[Any] = set()  # live nats-py KeyWatchers, told to resync on reconnect
+        self._on_close: list[Callable[[], None]] = []
         self.m_decode_errors = registry.counter(
             "tulle_bus_decode_errors_total", "Bus messages dropped because they did not decode", ("subject", "reason"))
         self.m_connected = registry.gauge("tulle_bus_connected", "1 while connected to NATS")
@@ -197,6 +271,11 @@ class Bus:
 
     def on_connection_change(self, fn: Callable[[bool], None]) -> None:
         self._on_change.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the bus is closed: what the connection needed and outlives it
+        (the CLI's port-forward to a cluster's NATS)."""
+        self._on_close.append(fn)
 
     async def start(self, *, wait: bool = True) -> None:
         """Connect; keep trying with backoff until it works. With wait=False, return at once."""
@@ -212,7 +291,7 @@ class Bus:
         while not self._closed:
             try:
                 self.nc = await nats.connect(
-                    self.url,
+                    self.servers,
                     **self.credentials.connect_options(self.url),
                     name=f"{self.component}/{self.instance}",
                     allow_reconnect=True,
@@ -241,6 +320,11 @@ class Bus:
         self.js = self.nc.jetstream()
         self._kvs.clear()
         self.auth_error = ""
+        self._connections += 1
+        if self._connections > 1:
+            # Back after nats-py gave up on a connection (e.g. a login refused while a
+            # cluster node failed over): a reconnection too, as far as anyone watching can tell.
+            self.m_reconnects.inc()
         self._subs = []
         for subject, queue, cb in self._wanted_subs:
             self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=cb))
@@ -251,9 +335,8 @@ class Bus:
         if up:
             self._connected.set()
             self.m_connected.set(1)
-            async with self._generation_changed:
-                self._generation += 1
-                self._generation_changed.notify_all()
+            self._generation += 1
+            self._announce_generation()
             for watcher in list(self._watchers):
                 _put_dropping_oldest(watcher._updates, _RESYNC)
         else:
@@ -313,11 +396,16 @@ class Bus:
                     await asyncio.wait_for(self.nc.close(), 2)
                 except Exception as e:
                     self.log.debug("nats close failed", error=str(e) or type(e).__name__)
-        async with self._generation_changed:
-            self._generation_changed.notify_all()  # watches waiting for a reconnect end now
+        self._announce_generation()  # watches waiting for a reconnect end now
         for watcher in list(self._watchers):
             _put_dropping_oldest(watcher._updates, _RESYNC)
         await self._set_connected(False)
+        for fn in self._on_close:
+            try:
+                fn()
+            except Exception:
+                self.log.exception("close listener failed")
+        self._on_close.clear()
 
     def _require(self) -> None:
         if self.nc is None or not self.connected:
@@ -338,7 +426,7 @@ class Bus:
                 raise
             settings = BUCKETS.get(bucket, {"history": 1})
             kv = await self.js.create_key_value(jsapi.KeyValueConfig(
-                bucket=bucket, storage=jsapi.StorageType.FILE, **settings))
+                bucket=bucket, storage=jsapi.StorageType.FILE, replicas=self.replicas, **settings))
         self._kvs[bucket] = kv
         return kv
 
@@ -411,6 +499,9 @@ class Bus:
 
     async def _watch(self, bucket: str, pattern: str, cls: type[T]):
         while not self._closed:
+            # A watch cancelled while it waited for a bucket or a reconnect must end, even
+            # when a nats-py request swallowed the cancellation (proxies hung in shutdown).
+            raise_if_cancelled()
             await self._connected.wait()
             generation = self._generation
             watcher = None
@@ -487,13 +578,21 @@ class Bus:
             raise _Resync()
         return item
 
+    def _announce_generation(self) -> None:
+        moved, self._generation_moved = self._generation_moved, asyncio.Event()
+        moved.set()
+
     async def _wait_generation_change(self, generation: int, timeout: float | None) -> None:
-        async with self._generation_changed:
-            try:
-                await asyncio.wait_for(
-                    self._generation_changed.wait_for(lambda: self._generation != generation or self._closed), timeout)
-            except asyncio.TimeoutError:
-                pass
+        moved = self._generation_moved
+        if self._generation != generation or self._closed:
+            return
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
+        # arrives as its timeout fires, and the cancelled watch then runs on for ever.
+        try:
+            async with asyncio.timeout(timeout):
+                await moved.wait()
+        except TimeoutError:
+            pass
 
     # --- request / reply, subscriptions ---------------------------------------------------
 
@@ -607,7 +706,8 @@ class Bus:
                 await self.js.add_stream(jsapi.StreamConfig(
                     name=schemas.EVENTS_STREAM, subjects=[f"{schemas.EVENTS_PREFIX}.>"],
                     retention=jsapi.RetentionPolicy.LIMITS, storage=jsapi.StorageType.FILE,
-                    max_age=24 * 3600, max_msgs=200_000, discard=jsapi.DiscardPolicy.OLD))
+                    max_age=24 * 3600, max_msgs=200_000, discard=jsapi.DiscardPolicy.OLD,
+                    num_replicas=self.replicas))
             except nats.js.errors.BadRequestError:
                 pass  # another process created it first
 
@@ -637,6 +737,14 @@ class Bus:
             self.log.debug("event not published", type=type_, error=str(e))
             return None
         return event
+
+
+def raise_if_cancelled() -> None:
+    """Python 3.11's wait_for (inside nats-py requests) can swallow a cancellation that
+    lands just as the reply arrives; the task still counts it, so honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def _is_auth_error(e: BaseException) -> bool:

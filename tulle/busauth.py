@@ -199,16 +199,26 @@ def proxy_permissions(namespace: str, workload: str) -> Permissions:
 class TLSFiles:
     cert_file: str
     key_file: str
-    ca_file: str = ""  # given to clients; the server does not ask clients for certificates
+    # Client TLS: given to clients (the server asks them for no certificate). Route TLS:
+    # what each node verifies its peers' certificates with.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """A JetStream cluster: this node's route listener and every node's route URL."""
+    """A JetStream cluster: this node's route listener, every node's route URL, and how
+    the nodes prove themselves to each other.
+
+    Routes are authenticated as clients are: a server that could join the cluster would see
+    every message of every account, around the bus's authorization. As in the Helm chart,
+    each route presents the nodes' certificate and verifies its peer's (mutual TLS): a
+    route from anything without a certificate of `route_tls.ca_file` is refused.
+    """
 
     name: str
     listen: str  # host:port of this node's route listener
     routes: tuple[str, ...]  # nats-route://host:port of every node (this one may be included)
+    route_tls: TLSFiles  # the nodes' certificate (serverAuth and clientAuth) and its CA
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,9 @@ class ServerOptions:
     server_name: str
     tls: Optional[TLSFiles] = None
     cluster: Optional[ClusterSpec] = None
+    # host:port of the monitoring server (`/healthz` says when JetStream is current); "" none.
+    # It shows no message contents or credentials.
+    http_listen: str = ""
     max_memory_store: str = "256MB"
     max_file_store: str = "2GB"
     # Seconds a connecting client has to authenticate, callout round trip included
@@ -253,7 +266,8 @@ def _permissions_block(p: Permissions) -> str:
 
 
 def authorization_config(keys: BusPublicKeys,
-                         extra_users: Mapping[str, tuple[str, Permissions]] | None = None) -> str:
+                         extra_users: Mapping[str, tuple[str, Permissions]] | None = None,
+                         auth_timeout_s: float = 5.0) -> str:
     """The accounts and authorization blocks: users per role, the auth callout for proxies."""
     missing = [r for r in (*STATIC_ROLES, CALLOUT_ROLE) if r not in keys.users]
     if missing:
@@ -275,6 +289,8 @@ def authorization_config(keys: BusPublicKeys,
         "}\n"
         f"system_account: {SYSTEM_ACCOUNT}\n"
         "authorization {\n"
+        "  # Proxies wait on the callout round trip (a TokenReview can take a while).\n"
+        f"  timeout: {auth_timeout_s:g}\n"
         "  # Every client that is not one of the static users above is a workload proxy: its\n"
         "  # token goes to the identity service, which answers with that workload's permissions\n"
         f"  # in the {MESH_ACCOUNT} account.\n"
@@ -308,13 +324,17 @@ def server_config(keys: BusPublicKeys, opts: ServerOptions) -> str:
     if opts.tls is not None:
         lines += ["tls {", f"  cert_file: {_q(opts.tls.cert_file)}", f"  key_file: {_q(opts.tls.key_file)}",
                   "  timeout: 5", "}"]
+    if opts.http_listen:
+        lines.append(f"http: {_q(opts.http_listen)}")
     if opts.cluster is not None:
-        lines += ["cluster {", f"  name: {_q(opts.cluster.name)}", f"  listen: {_q(opts.cluster.listen)}",
-                  f"  routes: {_list(opts.cluster.routes)}", "}"]
+        c = opts.cluster
+        if not c.route_tls.ca_file:
+            raise ValueError("cluster routes need the CA their certificates are verified with")
+        lines += ["cluster {", f"  name: {_q(c.name)}", f"  listen: {_q(c.listen)}", f"  routes: {_list(c.routes)}",
+                  "  tls {", f"    cert_file: {_q(c.route_tls.cert_file)}", f"    key_file: {_q(c.route_tls.key_file)}",
+                  f"    ca_file: {_q(c.route_tls.ca_file)}", "    verify: true", "    timeout: 5", "  }", "}"]
     lines += list(opts.extra)
-    auth = authorization_config(keys, opts.extra_users)
-    # The callout round trip must fit in the authorization timeout.
-    auth = auth.replace("authorization {\n", f"authorization {{\n  timeout: {opts.auth_timeout_s}\n", 1)
+    auth = authorization_config(keys, opts.extra_users, opts.auth_timeout_s)
     return "\n".join(line for line in lines if line) + "\n" + auth
 
 
@@ -341,3 +361,53 @@ def ensure_keys(directory: Path) -> BusPublicKeys:
         users[role] = natsjwt.ensure_seed(role_seed_file(directory, role), "user")
     issuer = natsjwt.ensure_seed(callout_issuer_seed_file(directory), "account")
     return BusPublicKeys(users=users, callout_issuer=issuer)
+
+
+# --- the Helm chart's copy -----------------------------------------------------------------------
+
+
+HELM_VALUE_KEYS = {**{role: f"{role}PublicKey" for role in (*STATIC_ROLES, CALLOUT_ROLE)}}
+HELM_ISSUER_KEY = "calloutIssuerPublicKey"
+
+
+def _helm_required(key: str, what: str) -> str:
+    # Checked before any use: `substr` on an empty key would fail with a sprig error that
+    # names neither the value nor what makes it.
+    return (f'{{{{- $_ := required "nats.auth.{key} is required: {what} (tulle install generates it)" '
+            f".Values.nats.auth.{key} -}}}}\n")
+
+
+def helm_template() -> str:
+    """The chart's `tulle.natsAuth` template: `authorization_config` itself, with each public
+    key (and the inbox prefix derived from it) read from `.Values.nats.auth.<role>PublicKey`
+    and the callout issuer's from `.Values.nats.auth.calloutIssuerPublicKey`; a missing key
+    fails the render naming it. deploy/charts/tulle-control-plane/templates/_nats-auth.tpl
+    is this output; a test keeps it so, and another renders the chart and compares with
+    authorization_config."""
+    def placeholder(prefix: str, role: str) -> str:
+        return (prefix + role.upper().replace("-", "")).ljust(56, "Z")
+
+    users = {role: placeholder("U", role) for role in HELM_VALUE_KEYS}
+    text = authorization_config(BusPublicKeys(users=users, callout_issuer=placeholder("A", "issuer")))
+    for role, pub in users.items():
+        value = f".Values.nats.auth.{HELM_VALUE_KEYS[role]}"
+        text = text.replace(inbox_for_user(pub), f"_INBOX.u{{{{ substr 1 17 {value} | lower }}}}")
+        text = text.replace(pub, f"{{{{ {value} }}}}")
+    text = text.replace(placeholder("A", "issuer"), f"{{{{ .Values.nats.auth.{HELM_ISSUER_KEY} }}}}")
+    checks = "".join(_helm_required(key, f"the public key of the {role} role's nkey seed")
+                     for role, key in HELM_VALUE_KEYS.items())
+    checks += _helm_required(HELM_ISSUER_KEY, "the public key of the auth-callout issuer's account seed")
+    return ("{{- /*\n"
+            "GENERATED by tulle/busauth.py (helm_template): the bus's accounts, users per role with their\n"
+            "permissions, and the auth callout — the same text local mode and the tests run. Do not edit;\n"
+            "regenerate with `python -m tulle.busauth --helm-template > <this file>`.\n"
+            "*/ -}}\n"
+            "{{- define \"tulle.natsAuth\" -}}\n" + checks + text + "{{- end }}\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--helm-template"]:
+        sys.exit("usage: python -m tulle.busauth --helm-template")
+    sys.stdout.write(helm_template())

@@ -40,6 +40,11 @@ def wire_name(field_name: str) -> str:
     return _KEYWORD_FIELDS.get(field_name, field_name)
 
 
+# As deep as a manifest may nest (tulle/resources/parse.py MAX_DEPTH), so whatever a service
+# compiles from one decodes; a payload nested
+# further is refused before the decoder's recursion could reach Python's limit.
+MAX_DEPTH = 64
+
 _hints_cache: dict[type, list[tuple[str, str, Any, bool]]] = {}
 
 
@@ -56,7 +61,7 @@ def _fields(cls: type) -> list[tuple[str, str, Any, bool]]:
     return cached
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
+def _convert(value: Any, tp: Any, path: str, depth: int = 0) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -77,7 +82,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, path)
+                return _convert(value, arg, path, depth)
             except DecodeError as e:
                 errors.append(e.detail)
         raise DecodeError("field", "; ".join(errors) or f"{path}: unexpected null")
@@ -85,14 +90,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise DecodeError("field", f"{path}: expected a list, got {type(value).__name__}")
         (item,) = get_args(tp)
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, item, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise DecodeError("field", f"{path}: expected an object, got {type(value).__name__}")
         _, vt = get_args(tp)
-        return {k: _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+        return {k: _convert(v, vt, f"{path}.{k}", depth + 1) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return _build(tp, value, path, depth + 1)
     if tp is bool:
         if not isinstance(value, bool):
             raise DecodeError("field", f"{path}: expected a boolean, got {type(value).__name__}")
@@ -112,14 +117,16 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise DecodeError("field", f"{path}: no decoder for type {tp!r}")
 
 
-def _build(cls: type[T], obj: Any, path: str) -> T:
+def _build(cls: type[T], obj: Any, path: str, depth: int = 0) -> T:
+    if depth > MAX_DEPTH:
+        raise DecodeError("field", f"{path}: nested deeper than {MAX_DEPTH} levels")
     if not isinstance(obj, dict):
         raise DecodeError("not-object" if not path else "field",
                           f"{path or 'message'}: expected an object, got {type(obj).__name__}")
     kwargs = {}
     for name, wire, tp, required in _fields(cls):
         if wire in obj:
-            kwargs[name] = _convert(obj[wire], tp, f"{path}.{wire}" if path else wire)
+            kwargs[name] = _convert(obj[wire], tp, f"{path}.{wire}" if path else wire, depth)
         elif required:
             raise DecodeError("field", f"{path}.{wire}: missing" if path else f"{wire}: missing")
     # Unknown fields are ignored on purpose: a newer writer may add optional fields

@@ -67,3 +67,19 @@ COMPONENTS = {
 }
 # `--component proxy`: the tulle-proxy container of every meshed pod.
 LOG_COMPONENTS = (*COMPONENTS, "proxy")
+
+# The bus (NATS), as the CLI reaches it from outside the cluster: a port-forward to a
+# tulle-nats pod, the observer's credential and NATS's CA read from their Secrets.
+NATS_SERVICE = "tulle-nats"
+NATS_CLIENT_PORT = 4222
+NATS_CREDENTIALS_SECRET = "tulle-nats-credentials"
+NATS_OBSERVER_KEY = "observer"  # the observer role's nkey seed: reads KV and events, writes nothing
+NATS_TLS_SECRET = "tulle-nats-tls"
+NATS_CA_KEY = "ca.crt"
+
+
+def nats_tls_name(namespace: str) -> str:
+    """A name the NATS servers' certificate holds whatever the cluster domain
+    (tulle.install.material.nats_dns_names): what a client reaching them at another
+    address (a port-forward) verifies."""
+    return f"{NATS_SERVICE}.{namespace}.svc"

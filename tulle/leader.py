@@ -157,9 +157,6 @@ class LeaderElection:
             self.log.exception("leadership callback failed")
 
 
-def raise_if_cancelled() -> None:
-    """Python 3.11's wait_for (inside nats-py requests) can swallow a cancellation that
-    lands just as the reply arrives; the task still counts it, so honour it here."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
+# Where the kv writer and the election have always found it; it lives with the Bus now,
+# whose watches need it too.
+from tulle.bus import raise_if_cancelled  # noqa: E402,F401

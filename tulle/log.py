@@ -54,4 +54,6 @@ def setup_logging(component: str, level: str | None = None, fmt: str | None = No
 
 
 def get_logger(**bound) -> structlog.BoundLogger:
-    return structlog.get_logger().bind(**bound)
+    # Lazy: a module-level logger made at import, before setup_logging ran, must still log
+    # with the configuration set later (`.bind()` on structlog's proxy would fix it at once).
+    return structlog.get_logger(**bound)

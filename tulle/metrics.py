@@ -58,8 +58,16 @@ class _Metric:
             child = self._children[values] = self._new_child()
         return child
 
+    def items(self) -> list[tuple[tuple[str, ...], object]]:
+        """(label values, child) of every child, for readers other than the exposition."""
+        return list(self._children.items())
+
     def remove(self, *values: str) -> None:
         self._children.pop(values, None)
+
+    def children(self) -> list[tuple[tuple[str, ...], object]]:
+        """(label values, child) of every child now: for readers that sample the registry."""
+        return list(self._children.items())
 
     def _new_child(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -198,6 +206,10 @@ class Registry:
     def histogram(self, name: str, help: str, labelnames: Iterable[str] = (),
                   buckets: Iterable[float] = LATENCY_BUCKETS_MS) -> Histogram:
         return self._add(Histogram(name, help, labelnames, buckets))
+
+    def family(self, name: str) -> "_Metric | None":
+        """A registered metric by name (None when absent): for readers that sample the registry."""
+        return self._metrics.get(name)
 
     def render(self) -> str:
         lines: list[str] = []

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 from tulle import __version__
 from tulle.admin import AdminServer
-from tulle.bus import SHARED_STORES, Bus, BusCredentials, nats_url
+from tulle.bus import MAX_REPLICAS, SHARED_STORES, Bus, BusCredentials, nats_url
 from tulle.errors import UserError
 from tulle.log import setup_logging
 from tulle.metrics import REGISTRY
@@ -30,7 +30,7 @@ class Service:
         self.component = component
         self.args = args
         self.log = setup_logging(component, args.log_level, args.log_format)
-        self.bus = Bus(args.nats, component=component,
+        self.bus = Bus(args.nats, component=component, replicas=args.nats_replicas,
                        credentials=BusCredentials.for_seed(args.nats_creds, ca_file=args.nats_ca))
         host, _, port = args.admin.rpartition(":")
         self.admin = AdminServer(host or "0.0.0.0", int(port), ready=self.is_ready)
@@ -99,13 +99,28 @@ class Service:
 
     async def _on_connect(self) -> None:
         """Make the stores no one service owns (the event stream, heartbeats, leases) when
-        missing, whichever service comes first: proxies may write to them but not make them."""
-        try:
-            await self.bus.ensure_events_stream()
-            for bucket in SHARED_STORES:
-                await self.bus.kv(bucket)
-        except Exception as e:  # NATS gone again: the next connection tries again
-            self.log.debug("could not ensure the shared stores", error=str(e) or type(e).__name__)
+        missing, whichever service comes first: proxies may write to them but not make them.
+
+        Tried again while connected: a cluster's JetStream answers only once its nodes have
+        elected a leader, which may come a few seconds after a client could connect."""
+        delay = 0.1
+        while self.bus.connected:
+            try:
+                await self.bus.ensure_events_stream()
+                for bucket in SHARED_STORES:
+                    await self.bus.kv(bucket)
+                return
+            except Exception as e:  # NATS gone again: the next connection tries again
+                import nats.js.errors
+
+                # JetStream refusing (not merely busy electing) is a configuration to fix, such as
+                # --nats-replicas above the servers NATS has: say so where an operator looks.
+                refused = isinstance(e, nats.js.errors.APIError) and getattr(e, "code", None) != 503
+                (self.log.warning if refused else self.log.debug)(
+                    "could not ensure the shared stores", error=str(e) or type(e).__name__,
+                    replicas=self.bus.replicas)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def parse_args(component: str, argv: list[str] | None,
@@ -116,6 +131,10 @@ def parse_args(component: str, argv: list[str] | None,
                    help="this service's NATS nkey seed file (env TULLE_NATS_CREDS)")
     p.add_argument("--nats-ca", metavar="FILE", default=os.environ.get("TULLE_NATS_CA", ""),
                    help="CA to verify NATS's TLS certificate; TLS to NATS when set (env TULLE_NATS_CA)")
+    p.add_argument("--nats-replicas", metavar="N", type=_replicas,
+                   default=os.environ.get("TULLE_NATS_REPLICAS") or "1",
+                   help=f"copies of each KV bucket and of the event stream this service creates: the NATS "
+                        f"cluster's node count, 1 to {MAX_REPLICAS} (env TULLE_NATS_REPLICAS; default 1)")
     p.add_argument("--admin", default=os.environ.get("TULLE_ADMIN_ADDR", f"0.0.0.0:{ADMIN_PORTS[component]}"),
                    help="admin listen address host:port (env TULLE_ADMIN_ADDR)")
     p.add_argument("--log-level", default=os.environ.get("TULLE_LOG_LEVEL", "info"))
@@ -123,6 +142,16 @@ def parse_args(component: str, argv: list[str] | None,
     if add_arguments is not None:
         add_arguments(p)
     return p.parse_args(argv)
+
+
+def _replicas(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_REPLICAS}, got {text!r}")
+    return n
 
 
 def run_service(component: str, main: Callable[[Service], Awaitable[None]], argv: list[str] | None = None,

@@ -8,6 +8,11 @@ one exchange at a time (never pipelined upstream) and goes back to its pool only
 request was sent whole and the response read whole with keep-alive; otherwise it is
 closed. A response the exchange drops (its request was sent again elsewhere) is read to
 its end into nothing (`_Dropped`), so the connection can serve again.
+
+Response heads get the bounds request heads have (proxy/limits.py): bytes counted across
+reads, header count, an HTTP/1.x status line, at most `max_interim` 1xx responses. A
+response past them is a 502 for the caller and its connection is dropped, never reused.
+The response head and body timeouts are the exchange's clock (`Exchange.tick`).
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ from typing import TYPE_CHECKING, Optional
 
 import httptools
 
+from proxy import limits as bounds
 from proxy.exchange import DROPPED, STREAMED
 from proxy.http1.headers import (
     LAST_CHUNK, LENGTH, UNTIL_CLOSE, response_has_body, response_head, serialize,
 )
+from proxy.limits import Limits
 from tulle.log import get_logger
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
     from proxy.pools import Pool
 
-MAX_RESPONSE_HEADERS = 500
 # A dropped (retried) response is read to its end so its connection can be reused, but
 # no further than this many body bytes and no longer than this: then it is closed.
 DROP_MAX_BODY = 64 * 1024
@@ -45,10 +51,15 @@ class _SkipBody(Exception):
 class Http1Client(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "x", "out", "headers", "reused", "closed", "idle_since",
                  "started", "status", "keep_alive", "until_close", "read_paused", "interim", "write_paused",
-                 "chunked", "sent_whole")
+                 "chunked", "sent_whole", "limits", "in_head", "head_bytes", "head_raw", "interims")
 
     def __init__(self, pool: "Pool"):
         self.pool = pool
+        self.limits: Limits = pool.pools.limits
+        self.in_head = False
+        self.head_bytes = 0  # of the response head being read, by the parser's account
+        self.head_raw = 0  # bytes read while a head was still incomplete, across reads
+        self.interims = 0  # 1xx responses to this exchange
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.x: Exchange | _Dropped | None = None
@@ -77,6 +88,7 @@ class Http1Client(asyncio.Protocol):
         self.status = 0
         self.until_close = False
         self.interim = False
+        self.interims = 0
         head = x.h1_head
         if head is None:
             head = x.h1_head = request_head(x)
@@ -165,12 +177,19 @@ class Http1Client(asyncio.Protocol):
             else:
                 if not isinstance(err, _Broken):
                     log.error("upstream response handling failed", error=repr(err))
-                self._broken("upstream response could not be handled")
+                self._broken(err.reason if isinstance(err, _Broken) else "upstream response could not be handled")
         except httptools.HttpParserError:
             if self.x is None:
                 self._close()
             else:
                 self._broken("upstream sent a malformed response")
+        else:
+            if self.in_head and self.x is not None:
+                # A head not complete yet, counted across reads: an upstream may not grow
+                # one header (or the status line) without bound.
+                self.head_raw += len(data)
+                if self.head_raw > self.limits.max_head_bytes:
+                    self._broken(bounds.response_head_error(0, self.head_raw, self.limits))
         x.down.flush()
 
     def eof_received(self):
@@ -202,22 +221,41 @@ class Http1Client(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.x is None:
-            raise _Broken()  # a second response to one request
+            raise _Broken("a second response to one request")
         self.headers = []
         self.started = True
+        self.in_head = True
+        self.head_bytes = 0
+        self.head_raw = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
-        if len(headers) >= MAX_RESPONSE_HEADERS:
-            raise _Broken()
+        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+        limits = self.limits
+        if len(headers) >= limits.max_headers or size > limits.max_head_bytes:  # (the hot path: inline)
+            raise _Broken(bounds.response_head_error(len(headers) + 1, size, limits))
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         status = self.parser.get_status_code()
+        error = bounds.response_line_error(self.parser.get_http_version(), status)
+        if error is not None:
+            raise _Broken(error)
         self.status = status
         x = self.x
         if status < 200:
+            if status != 101 and any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers):
+                # RFC 9110 8.6: never on a 1xx. Forwarded, it would make the caller read the
+                # next response as this one's body (found by fuzz/).
+                raise _Broken("upstream sent an interim response with content")
             if status != 101:
+                self.interims += 1
+                if bounds.too_many_interim(self.interims, self.limits):
+                    raise _Broken(f"upstream sent more than {self.limits.max_interim} interim responses")
                 self.interim = True
                 x.response_interim(self, status, response_head(self.headers)[0])
             return
@@ -235,6 +273,10 @@ class Http1Client(asyncio.Protocol):
             raise _SkipBody()
 
     def on_body(self, body: bytes) -> None:
+        if self.status < 200:
+            # A 1xx response has no content (RFC 9110 15.2); llhttp frames one that declares a
+            # length, whose bytes would reach the caller with no head (found by fuzz/).
+            raise _Broken("upstream sent an interim response with content")
         self.x.response_data(self, body)
 
     def on_message_complete(self) -> None:
@@ -282,13 +324,13 @@ class Http1Client(asyncio.Protocol):
         self.x = None
         self.closed = True
         self.transport.abort()
-        self._lost(x, reason)
+        self._lost(x, reason, "bad_response")
 
-    def _lost(self, x, reason: str | None) -> None:
+    def _lost(self, x, reason: str | None, error: str = "upstream_closed") -> None:
         """The exchange ended without a (whole) response: the exchange decides (resend a
         request a stale keep-alive connection swallowed, retry, or answer 502)."""
         if x is not None:
-            x.attempt_lost(self, reason, started=self.started, reused=self.reused, interim=self.interim)
+            x.attempt_lost(self, reason, started=self.started, reused=self.reused, interim=self.interim, error=error)
 
     def _drop(self, x: "Exchange") -> None:
         """Read the rest of this response into nothing, then serve the pool again."""
@@ -321,7 +363,11 @@ def request_head(x: "Exchange") -> bytes:
 
 
 class _Broken(Exception):
-    """The upstream response exceeds what the proxy accepts."""
+    """The upstream response exceeds what the proxy accepts (`reason`: for tulle-proxy-error)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _NoCaller:

@@ -10,8 +10,11 @@ small request or response costs one syscall. Nothing here awaits: the keep-alive
 has no task or coroutine per request.
 
 Requests are answered in order: later pipelined requests wait in a queue (reading pauses
-when it grows). Their bodies are held by their exchanges until their turn (reading
-pauses beyond 64 KiB).
+when it grows); a client that sends more than `limits.max_pipeline` of them ahead in one go
+gets those answered, the last with `connection: close`, and the rest dropped unread (it
+must send them again, as RFC 9112 §9.3.2 has clients do). Their bodies are held by their
+exchanges until their turn (reading pauses beyond 64 KiB). The bounds and their verdicts
+are proxy/limits.py's; `tick` runs the clocks (the exchange's own for its upstream).
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from typing import Optional, Protocol
 
 import httptools
 
+from proxy import limits as bounds
 from proxy.exchange import NO_BODY, SIZED, STREAMED, Exchange
 from proxy.http1.headers import (
     CHUNKED, LAST_CHUNK, LENGTH, HeadError, error_response, request_head, response_has_body, serialize,
     status_line,
 )
+from proxy.limits import Limits
 from proxy.metrics import Labels
 from proxy.tcp import splice
 from tulle.log import get_logger
 
-MAX_PIPELINE = 16
 TUNNEL_HOLD_LIMIT = 64 * 1024  # bytes after an upgrade / CONNECT head held until the tunnel opens
 
 # Why reading from the client is paused (any bit set: paused).
@@ -57,17 +61,6 @@ class Room(Protocol):
     def http_error(self, error: str) -> None: ...
 
     def track(self, s) -> None: ...
-
-
-class Limits:
-    __slots__ = ("max_headers", "max_head_bytes", "header_timeout_s", "idle_timeout_s")
-
-    def __init__(self, max_headers: int = 100, max_head_bytes: int = 65536, header_timeout_s: float = 10.0,
-                 idle_timeout_s: float = 300.0):
-        self.max_headers = max_headers
-        self.max_head_bytes = max_head_bytes
-        self.header_timeout_s = header_timeout_s
-        self.idle_timeout_s = idle_timeout_s
 
 
 class Request:
@@ -204,14 +197,17 @@ class Http1Server(asyncio.Protocol):
             if sum(map(len, last.tail)) > TUNNEL_HOLD_LIMIT:
                 self.pause(PAUSE_TUNNEL)
             return
+        upgrade_at = -1
         self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._parser_upgraded(data, e.args[0])
+            upgrade_at = e.args[0]
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
-            if isinstance(err, HeadError):
+            if isinstance(err, _PipelineFull):
+                self._pipeline_full()
+            elif isinstance(err, HeadError):
                 self.refuse(err.status, err.reason, _ERROR_LABEL.get(err.status, "bad_request"))
             else:
                 log.error("http1 request handling failed", error=repr(err))
@@ -220,6 +216,10 @@ class Http1Server(asyncio.Protocol):
             self.refuse(400, f"malformed request: {e}", "parse")
         finally:
             self.feeding = False
+        if upgrade_at >= 0:
+            # Not inside the except clause: raising there would make the upgrade the cause
+            # of any callback error of the parser fed next (found by fuzz/).
+            self._parser_upgraded(data, upgrade_at)
         if self.in_head:
             # Bytes of a head not yet complete, counted across reads: a client may not
             # grow one header (or the request line) without bound.
@@ -248,6 +248,9 @@ class Http1Server(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        q = self.queue
+        if q and bounds.pipeline_full(len(q), self.limits):
+            raise _PipelineFull()  # stops the parser here: the rest of the read is never parsed
         self.in_head = True
         self.head_ticks = 0
         self.url = b""
@@ -314,7 +317,7 @@ class Http1Server(asyncio.Protocol):
             if q is None:
                 q = self.queue = deque()
             q.append(req)
-            if len(q) >= MAX_PIPELINE:
+            if bounds.pipeline_full(len(q), self.limits):
                 self.pause(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
@@ -364,7 +367,7 @@ class Http1Server(asyncio.Protocol):
         # A request without a body is whole once its head is read (it is dispatched then).
         x = req.x
         keep = (req.keep_alive and not self.draining and (req.complete or x.framing == NO_BODY)
-                and x.upgrade is None and x.method != b"CONNECT")
+                and x.upgrade is None and x.method != b"CONNECT" and not req.close_after)
         self.out.append(error_response(status, reason, close=not keep))
         if not keep:
             req.close_after = True
@@ -427,15 +430,32 @@ class Http1Server(asyncio.Protocol):
     # --- timers (driven by the room's sweeper) -------------------------------------------
 
     def tick(self, interval: float) -> None:
-        """Called every `interval` seconds: header read timeout (408) and idle timeout."""
-        if self.closed or self.refused:
+        """Called every `interval` seconds: the clocks of proxy/limits.py — request head
+        (408), request body gone idle (408, or close once answered), keep-alive idle (close);
+        and the exchange's own for its upstream (response head 504, response body idle)."""
+        if self.closed:
+            return
+        req = self.active
+        if req is not None and req.x.up is not None:
+            req.x.tick(interval, self.limits)
+            if self.closed:
+                return
+        if self.refused:
             return
         if self.in_head:
             self.head_ticks += 1
             if self.head_ticks * interval >= self.limits.header_timeout_s:
                 self.refuse(408, "request headers not received in time", "header_timeout")
             return
-        if self.active is None and self.cur is None:
+        if self.cur is not None:  # a request body is being read
+            if self.paused:
+                self.idle_ticks = 0  # the proxy stopped reading: not the client's delay
+            else:
+                self.idle_ticks += 1
+                if bounds.expired(self.idle_ticks, interval, self.limits.body_idle_timeout_s):
+                    self.refuse(408, "request body not received in time", "body_timeout")
+            return
+        if self.active is None:
             self.idle_ticks += 1
             if self.draining or self.idle_ticks * interval >= self.limits.idle_timeout_s:
                 self.closed = True
@@ -470,7 +490,7 @@ class Http1Server(asyncio.Protocol):
         q = self.queue
         while q:
             nxt = q.popleft()
-            if len(q) < MAX_PIPELINE // 2 and self.paused & PAUSE_PIPELINE:
+            if len(q) < self.limits.max_pipeline // 2 and self.paused & PAUSE_PIPELINE:
                 self.resume(PAUSE_PIPELINE)
             if isinstance(nxt, _Refusal):
                 self.out.append(nxt.data)
@@ -481,6 +501,14 @@ class Http1Server(asyncio.Protocol):
             self.active = nxt
             self._dispatch(nxt)
             return
+
+    def _pipeline_full(self) -> None:
+        """More requests came ahead than the pipeline holds: those read are answered, the
+        last with `connection: close`; the rest were never parsed and are not read."""
+        self.refused = True
+        self.pause(PAUSE_DEAD)
+        self.room.http_error("pipeline_limit")
+        self.queue[-1].close_after = True
 
     def _parser_upgraded(self, data: bytes, offset: int) -> None:
         req = self.last
@@ -503,6 +531,10 @@ class Http1Server(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+
+
+class _PipelineFull(Exception):
+    """Raised from the parser's callback to stop it before the request past the cap."""
 
 
 class _Refusal:

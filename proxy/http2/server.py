@@ -359,11 +359,19 @@ class H2Server(asyncio.Protocol):
     # --- timers and shutdown (driven by the room) --------------------------------------------
 
     def tick(self, interval: float) -> None:
-        """Idle connections (no stream open) close after the idle timeout."""
+        """Idle connections (no stream open) close after the idle timeout; each exchange's
+        clock for its upstream runs (response head and body timeouts). gRPC calls are left
+        to their own deadlines: a stream may rightly stay silent for as long as it likes."""
         if self.closed:
             return
-        if self.streams:
+        streams = self.streams
+        if streams:
             self.idle_ticks = 0
+            limits = self.room.limits
+            for stream in list(streams.values()):
+                x = stream.x
+                if x is not None and x.up is not None and not x.grpc:
+                    x.tick(interval, limits)
             return
         self.idle_ticks += 1
         if self.draining or self.idle_ticks * interval >= self.room.limits.idle_timeout_s:

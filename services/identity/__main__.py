@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local mode: the HMAC secret the local runner writes (tokens from tulle.pki.make_local_token)")
     p.add_argument("--kubernetes", action="store_true",
                    help="use the Kubernetes API (in-cluster or KUBECONFIG): TokenReview, and --issuer-secret")
-    p.add_argument("--lifetime", type=_duration("--lifetime"), default=parse_duration("24h", "--lifetime"),
-                   help="lifetime of workload certificates (default 24h)")
+    p.add_argument("--lifetime", type=_duration("--lifetime"),
+                   default=os.environ.get("TULLE_IDENTITY_LIFETIME") or "24h",
+                   help="lifetime of workload certificates (default 24h; env TULLE_IDENTITY_LIFETIME)")
     p.add_argument("--clock-skew", type=_duration("--clock-skew"), default=parse_duration("20s", "--clock-skew"),
                    help="certificates are valid from this long before issuance (default 20s)")
     p.add_argument("--trust-domain", default=os.environ.get("TULLE_TRUST_DOMAIN", "cluster.local"))

@@ -380,9 +380,10 @@ def proxy_env(cfg: ProxyConfig, values: Values) -> list[dict]:
         {"name": "TULLE_PROXY_ADMIN_ADDR", "value": f"0.0.0.0:{cfg.admin_port}"},
         {"name": "TULLE_PROXY_LOG_LEVEL", "value": cfg.log_level},
         {"name": "TULLE_LOG_FORMAT", "value": "json" if cfg.log_format == "json" else "console"},
-        {"name": "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD", "value": cfg.shutdown_grace_period},
-        {"name": "TULLE_PROXY_SHUTDOWN_ENDPOINT", "value": "true" if cfg.shutdown_endpoint else "false"},
     ]
+    if cfg.shutdown_grace_period:  # empty (the chart's default): the proxy's own, 120 s
+        env.append({"name": "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD", "value": cfg.shutdown_grace_period})
+    env.append({"name": "TULLE_PROXY_SHUTDOWN_ENDPOINT", "value": "true" if cfg.shutdown_endpoint else "false"})
     return env
 
 
@@ -458,6 +459,17 @@ def proxy_init_args(cfg: ProxyConfig, values: Values) -> list[str]:
     return args
 
 
+def proxy_init_resources(cfg: ProxyConfig, values: Values) -> dict:
+    """proxyInit.resources (Linkerd's); when none is set, the proxy's."""
+    resources: dict = {}
+    for res, attr in (("cpu", "cpu"), ("memory", "memory"), ("ephemeral-storage", "ephemeral_storage")):
+        for kind, section in (("request", "requests"), ("limit", "limits")):
+            q = getattr(values, f"proxy_init_{attr}_{kind}")
+            if q:
+                resources.setdefault(section, {})[res] = q
+    return resources or copy.deepcopy(cfg.resources)
+
+
 def proxy_init_container(cfg: ProxyConfig, values: Values) -> dict:
     root = values.proxy_init_run_as_root
     c = {
@@ -467,8 +479,9 @@ def proxy_init_container(cfg: ProxyConfig, values: Values) -> dict:
         "command": ["tulle", "proxy-init"],
         "args": proxy_init_args(cfg, values),
     }
-    if cfg.resources:
-        c["resources"] = copy.deepcopy(cfg.resources)
+    resources = proxy_init_resources(cfg, values)
+    if resources:
+        c["resources"] = resources
     c["securityContext"] = _security_context(0 if root else 65534, 0 if root else 65534,
                                              add=("NET_ADMIN", "NET_RAW"), root=root)
     c["terminationMessagePolicy"] = "FallbackToLogsOnError"

@@ -72,6 +72,13 @@ class Values:
     ignore_outbound_ports: str = "4567,4568"
     skip_subnets: str = ""
     proxy_init_run_as_root: bool = False
+    # proxyInit.resources.*; all empty: the init container gets the proxy's resources
+    proxy_init_cpu_request: str = ""
+    proxy_init_cpu_limit: str = ""
+    proxy_init_memory_request: str = ""
+    proxy_init_memory_limit: str = ""
+    proxy_init_ephemeral_storage_request: str = ""
+    proxy_init_ephemeral_storage_limit: str = ""
     # networkValidator.* (CNI mode). 192.0.2.0/24 is TEST-NET-1: never routed anywhere,
     # so a pod whose redirection is missing sends nothing to a real host.
     validator_connect_addr: str = "192.0.2.1:20001"
@@ -156,6 +163,12 @@ VALUE_KEYS = {
     "proxyInit.ignoreOutboundPorts": "ignore_outbound_ports",
     "proxyInit.skipSubnets": "skip_subnets",
     "proxyInit.runAsRoot": "proxy_init_run_as_root",
+    "proxyInit.resources.cpu.request": "proxy_init_cpu_request",
+    "proxyInit.resources.cpu.limit": "proxy_init_cpu_limit",
+    "proxyInit.resources.memory.request": "proxy_init_memory_request",
+    "proxyInit.resources.memory.limit": "proxy_init_memory_limit",
+    "proxyInit.resources.ephemeral-storage.request": "proxy_init_ephemeral_storage_request",
+    "proxyInit.resources.ephemeral-storage.limit": "proxy_init_ephemeral_storage_limit",
     "networkValidator.connectAddr": "validator_connect_addr",
     "networkValidator.listenAddr": "validator_listen_addr",
     "networkValidator.timeout": "validator_timeout",

@@ -16,7 +16,7 @@ from tulle import __version__, schemas
 from tulle.check.identity import IdentityMaterial, fingerprints
 from tulle.check.local import BusFacts, LocalFacts, ProcessFacts, ProxyFacts
 from tulle.local.probe import http_get, split_addr
-from tulle.local.state import StateDir, process_alive, read_record
+from tulle.local.state import StateDir, nats_nodes, process_alive, read_record
 from tulle.local.status import collect
 
 Connect = Callable[..., Awaitable["object"]]  # connect_bus(url, timeout=...) -> Bus; raises on failure
@@ -40,9 +40,11 @@ async def gather(state: StateDir, *, with_proxies: bool, connect: Connect, now: 
 
     ready = {c["name"]: c["ready"] for c in view["components"]}
     nats = record.get("nats") or None
-    if nats:
-        facts.nats = ProcessFacts("nats", nats.get("pid"), process_alive(nats.get("pid"), nats.get("start")),
-                                  ready.get("nats", False), nats.get("url", ""), nats.get("restarts", 0))
+    nodes = [ProcessFacts(n["name"], n.get("pid"), process_alive(n.get("pid"), n.get("start")),
+                          ready.get(n["name"], False), n.get("url", ""), n.get("restarts", 0)) for n in nats_nodes(record)]
+    if nodes:
+        # A cluster is judged by its first node that is down or not serving (any is worth a ×).
+        facts.nats = next((n for n in nodes if not n.alive), None) or next((n for n in nodes if not n.ready), nodes[0])
     for c in record.get("components") or []:
         facts.services.append(ProcessFacts(c.get("name", "?"), c.get("pid"), process_alive(c.get("pid"), c.get("start")),
                                            ready.get(c.get("name"), False), c.get("admin", ""), c.get("restarts", 0)))

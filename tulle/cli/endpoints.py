@@ -14,6 +14,8 @@ import re
 import sys
 
 import click
+import nats.errors
+import nats.js.errors
 
 from tulle.cli.common import connect_bus, nats_option
 from tulle.cli.names import complete_service_address
@@ -63,8 +65,10 @@ async def _read(url: str, target: str) -> list[schemas.EndpointSet] | None:
     try:
         try:
             await bus.kv(schemas.ENDPOINTS_BUCKET, create=False)
-        except Exception:
+        except nats.js.errors.BucketNotFoundError:
             return None  # no bucket: nothing was ever published
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            raise UserError(f"endpoints: cannot read {schemas.ENDPOINTS_BUCKET}: {e or type(e).__name__}") from None
         if ip is not None:
             keys = [schemas.ip_endpoints_key(ip, port)]
         elif port is not None:

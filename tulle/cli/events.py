@@ -111,6 +111,8 @@ async def _follow(url: str, pattern: Optional[str], since: Optional[timedelta], 
     sub = None
     try:
         # The control plane makes the stream when it starts; a reader cannot (it writes nothing).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
         waited = False
         while True:
             try:
@@ -121,10 +123,16 @@ async def _follow(url: str, pattern: Optional[str], since: Optional[timedelta], 
                     print(f"waiting for the event stream {EVENTS_STREAM} (made when the control plane starts)",
                           file=sys.stderr, flush=True)
                     waited = True
+                if deadline is not None and loop.time() >= deadline:
+                    print(f"tulle: no matching events within {timeout:g} s", file=sys.stderr)
+                    return 1
                 await asyncio.sleep(0.5)
         if since is not None:
             config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_TIME,
                                           opt_start_time=datetime.now(timezone.utc) - since)
+        elif waited:
+            # The stream appeared after the command started: everything in it is new to us.
+            config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.ALL)
         else:
             config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.NEW)
         sub = await bus.js.subscribe(f"{EVENTS_PREFIX}.>", stream=EVENTS_STREAM, ordered_consumer=True, config=config)
@@ -132,8 +140,6 @@ async def _follow(url: str, pattern: Optional[str], since: Optional[timedelta], 
         print(f"following {EVENTS_PREFIX}.> on {url}" + (f" from {since_text or since} ago" if since else ""),
               file=sys.stderr, flush=True)
         seen = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout else None
         out = sys.stdout
         while count is None or seen < count:
             wait = None if deadline is None else deadline - loop.time()

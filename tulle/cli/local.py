@@ -40,8 +40,11 @@ def bundled_demo() -> Path:
 @click.option("--default-inbound-policy", type=click.Choice(list(DEFAULT_POLICIES)), default="all-unauthenticated",
               show_default=True, help="the mesh's default inbound policy (a namespace or workload annotation overrides it)")
 @click.option("--nats-tls", is_flag=True, help="TLS on the bus too (it is always authenticated)")
+@click.option("--nats-cluster", type=click.IntRange(1, 5), default=1, show_default=True, metavar="N",
+              help="run NATS as a JetStream cluster of N servers (3: any one may die, nothing is lost), "
+                   "as in Kubernetes")
 @STATE_DIR_OPTION
-def up(directory, detach, isolation, no_proxy, timeout, default_inbound_policy, nats_tls, state_dir):
+def up(directory, detach, isolation, no_proxy, timeout, default_inbound_policy, nats_tls, nats_cluster, state_dir):
     """Start NATS, the control plane and every Workload in DIRECTORY (default: the bundled demo)."""
     from tulle.local import plan
     from tulle.local.state import AlreadyRunning, StateDir, acquire_lock, read_record
@@ -71,13 +74,14 @@ def up(directory, detach, isolation, no_proxy, timeout, default_inbound_policy, 
         click.echo("cleaning up after an earlier run that did not stop cleanly", err=True)
         stop_run(state, stale_only=True)
     if detach:
-        _up_detached(state, lock_fd, directory, resolved, no_proxy, timeout, default_inbound_policy, nats_tls)
+        _up_detached(state, lock_fd, directory, resolved, no_proxy, timeout, default_inbound_policy, nats_tls,
+                     nats_cluster)
     else:
-        _up_foreground(state, lock_fd, directory, resolved, no_proxy, default_inbound_policy, nats_tls)
+        _up_foreground(state, lock_fd, directory, resolved, no_proxy, default_inbound_policy, nats_tls, nats_cluster)
 
 
 def _up_detached(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool, timeout: float,
-                 default_policy: str, nats_tls: bool) -> None:
+                 default_policy: str, nats_tls: bool, nats_cluster: int = 1) -> None:
     from tulle.local.procs import log_tail
     from tulle.local.state import read_record
 
@@ -85,7 +89,8 @@ def _up_detached(state, lock_fd: int, directory: Path, isolation: str, no_proxy:
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "tulle.local.supervisor", str(directory), "--state-dir", str(state.root),
            "--isolation", isolation, "--lock-fd", str(lock_fd), "--default-inbound-policy", default_policy] \
-        + (["--no-proxy"] if no_proxy else []) + (["--nats-tls"] if nats_tls else [])
+        + (["--no-proxy"] if no_proxy else []) + (["--nats-tls"] if nats_tls else []) \
+        + (["--nats-cluster", str(nats_cluster)] if nats_cluster > 1 else [])
     with open(log, "ab") as out:
         sup = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True, pass_fds=(lock_fd,))
@@ -120,9 +125,11 @@ def _up_detached(state, lock_fd: int, directory: Path, isolation: str, no_proxy:
                    "`tulle down` stops it", err=True)
         sys.exit(1)
     workloads = record.get("workloads") or []
+    nodes = len((record.get("nats") or {}).get("nodes") or [None])
     click.echo(f"tulle is up: {len(record.get('components') or [])} services, {len(workloads)} workloads "
                f"({'netns' if isolation == 'netns' else 'loopback'} isolation"
-               f"{', no proxies' if no_proxy else ''}), NATS {record['nats']['url']}")
+               f"{', no proxies' if no_proxy else ''}), NATS {record['nats']['url']}"
+               + (f" (a cluster of {nodes})" if nodes > 1 else ""))
     click.echo(f"state {state.root}; `tulle status` shows it, `tulle events` follows it, `tulle down` stops it")
 
 
@@ -151,7 +158,7 @@ def _failing_workload(record: dict) -> str | None:
 
 
 def _up_foreground(state, lock_fd: int, directory: Path, isolation: str, no_proxy: bool, default_policy: str,
-                   nats_tls: bool) -> None:
+                   nats_tls: bool, nats_cluster: int = 1) -> None:
     import structlog
     from rich.console import Console, Group
     from rich.live import Live
@@ -168,7 +175,8 @@ def _up_foreground(state, lock_fd: int, directory: Path, isolation: str, no_prox
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=logfile))
     console = Console()
     runner = Runner(RunOptions(manifests=directory, state=state, isolation=isolation, meshed=not no_proxy,
-                               default_inbound_policy=default_policy, nats_tls=nats_tls))
+                               default_inbound_policy=default_policy, nats_tls=nats_tls,
+                               nats_cluster=nats_cluster))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

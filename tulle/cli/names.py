@@ -29,6 +29,7 @@ class Names:
     services: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> its ports
     servers: set[tuple[str, str]] = field(default_factory=set)
     containers: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # workload -> its containers
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)  # pod -> its workload, when not itself
 
 
 # --- where names come from -----------------------------------------------------------------------
@@ -78,6 +79,9 @@ def cluster_names(cluster: Cluster, want: set[str], namespace: Optional[str]) ->
         for p in pods.items:
             key = (p.metadata.namespace, p.metadata.name)
             names.workloads.add(key)
+            template_hash = (p.metadata.labels or {}).get("pod-template-hash")
+            if template_hash and f"-{template_hash}-" in p.metadata.name:  # a Deployment's pod
+                names.owners[key] = p.metadata.name.rsplit(f"-{template_hash}-", 1)[0]
             sidecars = [c.name for c in p.spec.init_containers or [] if getattr(c, "restart_policy", None) == "Always"]
             names.containers[key] = sidecars + [c.name for c in p.spec.containers or []]
     if "services" in want:
@@ -203,3 +207,52 @@ def complete_container(ctx, param, incomplete: str) -> list[CompletionItem]:
     pairs = [(c, f"container of {wname}") for (wns, wname), containers in names.containers.items()
              if (ns is None or wns == ns) and (name is None or name_matches(wname, name)) for c in containers]
     return _items(pairs, incomplete)
+
+
+# --- `tulle stat` and `tulle edges` ---------------------------------------------------------------
+
+STAT_TYPES = (("workload", "workloads (deploy, sts, ds …)"), ("deploy", "workloads"), ("po", "pods"),
+              ("svc", "services"), ("ns", "namespaces"))
+
+
+def _typed_names(ctx, kind_text: str, prefix: str) -> list[tuple[str, str]]:
+    """`<prefix><name>` of each resource of the kind `kind_text` names (kubectl's names)."""
+    from tulle.traffic import KIND_ALIASES
+
+    kind = KIND_ALIASES.get(kind_text.lower())
+    if kind is None:
+        return []
+    if kind == "namespace":
+        return [(f"{prefix}{ns}", "namespace") for ns in lookup(ctx, {"namespaces"}).namespaces]
+    ns = _namespace(ctx, "default")
+    if kind == "service":
+        names = lookup(ctx, {"services"}, ns)
+        return [(f"{prefix}{name}", f"service in {sns}") for sns, name in names.services if sns == ns]
+    names = lookup(ctx, {"workloads"}, ns)
+    if kind == "workload":
+        from tulle.traffic import owner_guess
+
+        return [(f"{prefix}{names.owners.get((wns, name)) or owner_guess(name)}", f"workload in {wns}")
+                for wns, name in names.workloads if wns == ns]
+    return [(f"{prefix}{name}", f"pod in {wns}") for wns, name in names.workloads if wns == ns]
+
+
+def complete_stat_resource(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """`tulle stat` RESOURCE, --from, --to: a type, then TYPE/NAME once a `/` is typed."""
+    kind, slash, _ = incomplete.partition("/")
+    if slash:
+        return _items(_typed_names(ctx, kind, f"{kind}/"), incomplete)
+    return _items(list(STAT_TYPES), incomplete)
+
+
+def complete_stat_name(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """`tulle stat TYPE NAME`: the names of that type."""
+    resource = (ctx.params or {}).get("resource") if ctx is not None else None
+    if not resource or "/" in resource:
+        return []
+    return _items(_typed_names(ctx, resource, ""), incomplete)
+
+
+def complete_edges_type(ctx, param, incomplete: str) -> list[CompletionItem]:
+    return _items([("workload", "edges between workloads"), ("deploy", "edges between workloads"),
+                   ("po", "edges between pods")], incomplete)

@@ -36,6 +36,11 @@ class Cluster:
     kubeconfig: Optional[str] = None
     context: Optional[str] = None
 
+    def describe(self) -> str:
+        """Which cluster, as a person named it: `context prod of kubeconfig ~/.kube/config`."""
+        where = self.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        return f"context {self.context} of kubeconfig {where}" if self.context else f"kubeconfig {where}"
+
     def configuration(self) -> Any:
         """A kubernetes.client.Configuration; UserError (one line) when there is none."""
         from kubernetes import client, config

@@ -1,6 +1,7 @@
 """tulle-cni-install: what the tulle-cni DaemonSet runs on each node.
 
-    tulle-cni-install --cni-bin-dir /host/opt/cni/bin --cni-conf-dir /host/etc/cni/net.d [--watch]
+    tulle-cni-install --cni-bin-dir /host/opt/cni/bin --cni-conf-dir /host/etc/cni/net.d \
+        --node-cni-conf-dir /etc/cni/net.d --plugin-config /etc/tulle-cni/plugin.json [--watch]
     tulle-cni-install --uninstall ...
 
 Places the plugin (one zipapp of the standard-library modules it needs, run by the
@@ -9,7 +10,13 @@ cluster (the DaemonSet's service account) or when --api-server is given, and app
 its entry to the node's primary conflist (a lone .conf is turned into a .conflist,
 as Linkerd does). Idempotent: a second run replaces its entry, never adds another.
 With --watch it stays, puts the entry back when the runtime's CNI rewrites the file,
-and on SIGTERM removes itself (entry, plugin and kubeconfig).
+keeps the kubeconfig's token current (projected tokens rotate), and on SIGTERM removes
+itself (entry, plugin and kubeconfig).
+
+The plugin runs on the node, not in the installer's container: the kubeconfig carries
+the service account's token and CA inline, and the entry names the kubeconfig by the
+node's path (--node-cni-conf-dir) where the installer writes it through a hostPath
+mount (--cni-conf-dir).
 """
 
 from __future__ import annotations
@@ -59,11 +66,11 @@ def build_plugin(target: Path) -> None:
         _atomic_write(target, out.read_bytes(), 0o755)
 
 
-def kubeconfig(server: str, token_file: str = "", ca_file: str = "") -> dict:
+def kubeconfig(server: str, token: str = "", ca_file: str = "") -> dict:
     cluster: dict = {"server": server}
     if ca_file:
         cluster["certificate-authority-data"] = base64.b64encode(Path(ca_file).read_bytes()).decode()
-    user = {"tokenFile": token_file} if token_file else {}
+    user = {"token": token} if token else {}
     return {"apiVersion": "v1", "kind": "Config", "clusters": [{"name": "local", "cluster": cluster}],
             "users": [{"name": "tulle-cni", "user": user}],
             "contexts": [{"name": "tulle-cni", "context": {"cluster": "local", "user": "tulle-cni"}}],
@@ -104,20 +111,54 @@ def read_conf(path: Path) -> dict:
     return data
 
 
+def plugin_config(value: str) -> dict:
+    """--plugin-config: a JSON object, or a file holding one (a mounted ConfigMap)."""
+    if not value:
+        return {}
+    where = "--plugin-config"
+    text = value
+    if not value.lstrip().startswith("{"):
+        where = f"--plugin-config {value}"
+        try:
+            text = Path(value).read_text()
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read: {e.strerror or e}") from None
+    try:
+        conf = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    return conf
+
+
+def write_kubeconfig(args) -> Optional[Path]:
+    """The plugin's kubeconfig (rewritten only when it changed): --api-server, else the
+    in-cluster API with this pod's service account token and CA inline, since the plugin
+    runs on the node where this container's files do not exist. None without an API."""
+    server, token, ca_file = args.api_server, "", ""
+    if not server and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        server = f"https://{'[' + host + ']' if ':' in host else host}:{port}"
+        sa = Path(args.service_account_dir)
+        token, ca_file = (sa / "token").read_text().strip(), str(sa / "ca.crt")
+    if not server:
+        return None
+    path = Path(args.cni_conf_dir) / KUBECONFIG
+    data = json.dumps(kubeconfig(server, token, ca_file), indent=2).encode()
+    if not path.is_file() or path.read_bytes() != data:
+        _atomic_write(path, data, 0o600)
+    return path
+
+
 def install(args) -> Path:
     bin_dir, conf_dir = Path(args.cni_bin_dir), Path(args.cni_conf_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     build_plugin(bin_dir / PLUGIN)
-    plugin_conf: dict = json.loads(args.plugin_config) if args.plugin_config else {}
-    server, token_file, ca_file = args.api_server, "", ""
-    if not server and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        server = f"https://{'[' + host + ']' if ':' in host else host}:{port}"
-        token_file, ca_file = str(SA_DIR / "token"), str(SA_DIR / "ca.crt")
-    if server:
-        path = conf_dir / KUBECONFIG
-        _atomic_write(path, json.dumps(kubeconfig(server, token_file, ca_file), indent=2).encode(), 0o600)
-        plugin_conf.setdefault("kubernetes", {})["kubeconfig"] = str(path)
+    plugin_conf = plugin_config(args.plugin_config)
+    if write_kubeconfig(args) is not None:
+        # The node's path: the container runtime runs the plugin there.
+        plugin_conf.setdefault("kubernetes", {})["kubeconfig"] = str(Path(args.node_cni_conf_dir or conf_dir) / KUBECONFIG)
     target = primary_conf(conf_dir, args.conflist)
     if target is None:
         raise SystemExit(f"tulle-cni-install: no CNI configuration in {conf_dir} yet; "
@@ -154,8 +195,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cni-bin-dir", default="/host/opt/cni/bin")
     p.add_argument("--cni-conf-dir", default="/host/etc/cni/net.d")
     p.add_argument("--conflist", default="", help="the file to edit (default: the first in the folder)")
-    p.add_argument("--plugin-config", default="", help="JSON merged into Tulle's entry (proxy, exclude_namespaces ...)")
+    p.add_argument("--node-cni-conf-dir", default="",
+                   help="where the node sees --cni-conf-dir (the entry names the kubeconfig by it; default: the same)")
+    p.add_argument("--plugin-config", default="",
+                   help="JSON object merged into Tulle's entry (proxy, exclude_namespaces ...), or a file holding it")
     p.add_argument("--api-server", default="", help="the API server URL for the plugin (default: in-cluster)")
+    p.add_argument("--service-account-dir", default=str(SA_DIR),
+                   help="where this pod's service account token and CA are mounted (in-cluster)")
     p.add_argument("--uninstall", action="store_true", help="remove the entry, the plugin and its kubeconfig")
     p.add_argument("--watch", action="store_true", help="keep the entry in place; uninstall on SIGTERM")
     p.add_argument("--interval", type=float, default=2.0, help="how often --watch looks at the conflist (s)")
@@ -180,6 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     while not stop:
         time.sleep(args.interval)
         try:
+            write_kubeconfig(args)  # a rotated service account token
             target = primary_conf(Path(args.cni_conf_dir), args.conflist)
             if target is not None and not any(p.get("type") == PLUGIN for p in read_conf(target).get("plugins", [])):
                 install(args)

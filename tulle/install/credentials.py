@@ -1,38 +1,30 @@
-"""The bus credentials of an installation: one nkey seed per control-plane role, and the
-account seed the identity service signs auth-callout answers with.
+"""The bus credentials of an installation: one nkey seed per static bus role (the
+control-plane services, the observer, and `callout` — identity's connection in the AUTH
+account), and the account seed the identity service signs auth-callout answers with.
 
-`generate_bus_credentials()` is the one place `tulle install` gets them from. For now it
-makes PLACEHOLDERS in the shape of nkeys (base32, the right prefixes) that no NATS server
-accepts; the lead points `new_seed` / `public_key` at the real nkey generator
-(tulle/natsjwt.py) when the authenticated bus lands.
+`generate_bus_credentials()` is the one place `tulle install` gets them from; the nkeys
+are made by tulle/natsjwt.py, as local mode's are.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import secrets
 from dataclasses import dataclass
 
-# The roles with a static credential (DESIGN.md, "The bus"); proxies authenticate
-# through auth callout with their workload's token instead.
-ROLES = ("destination", "policy", "identity", "injector", "observer")
-CALLOUT_ISSUER = "callout-issuer"  # its key in the tulle-nats-credentials Secret
+from tulle import busauth, natsjwt
 
-_PREFIX = {"user": ("SU", "U"), "account": ("SA", "A")}
+# The roles with a static credential (tulle/busauth.py); proxies authenticate through
+# auth callout with their workload's token instead.
+ROLES = (*busauth.STATIC_ROLES, busauth.CALLOUT_ROLE)
+CALLOUT_ISSUER = "callout-issuer"  # its key in the tulle-nats-credentials Secret
 
 
 def new_seed(kind: str) -> str:
-    """PLACEHOLDER: a random string shaped like an nkey seed of `kind` (user or account)."""
-    body = base64.b32encode(secrets.token_bytes(35)).decode().rstrip("=")
-    return _PREFIX[kind][0] + body[:56]
+    """A fresh nkey seed: `user` (SU...) or `account` (SA...)."""
+    return natsjwt.new_seed(kind).decode()
 
 
 def public_key(seed: str) -> str:
-    """PLACEHOLDER: a stable string shaped like the public key of `seed`."""
-    kind = "account" if seed.startswith("SA") else "user"
-    body = base64.b32encode(hashlib.sha256(seed.encode()).digest() + b"\0" * 5).decode().rstrip("=")
-    return _PREFIX[kind][1] + body[:55]
+    return natsjwt.public_key(seed.encode())
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from tulle.local.state import StateDir, process_alive, read_record
+from tulle.local.state import StateDir, nats_nodes, process_alive, read_record
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ def local_bus(state_dir: Optional[str] = None) -> Optional[LocalBus]:
     if not record:
         return None
     nats = record.get("nats") or {}
-    if not nats.get("url") or not process_alive(nats.get("pid"), nats.get("start")):
+    # A cluster serves as long as one of its nodes runs (a client is given every node).
+    if not nats.get("url") or not any(process_alive(n.get("pid"), n.get("start")) for n in nats_nodes(record)):
         return None
     return LocalBus(nats["url"], nats.get("observer_creds", ""), nats.get("ca", ""))
 

@@ -90,7 +90,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def ensure_bus_tls(directory: Path, host: str) -> "busauth.TLSFiles":
     """A CA and a server certificate for NATS at `host` (made once, kept): TLS on the bus in
-    local mode (`tulle up --nats-tls`). Its own CA, separate from the mesh's trust anchors."""
+    local mode (`tulle up --nats-tls`), and between the nodes of a cluster (routes, where
+    each node is also the other's client: the certificate serves both). Its own CA,
+    separate from the mesh's trust anchors."""
     import datetime as dt
     import ipaddress
 
@@ -104,7 +106,7 @@ def ensure_bus_tls(directory: Path, host: str) -> "busauth.TLSFiles":
     os.chmod(directory, 0o755)
     ca_file, cert_file, key_file = directory / "ca.crt", directory / "server.crt", directory / "server.key"
     if ca_file.is_file() and cert_file.is_file() and key_file.is_file() and not _expired(cert_file) \
-            and _names_host(cert_file, host):
+            and _names_host(cert_file, host) and _serves_both_ends(cert_file):
         return busauth.TLSFiles(str(cert_file), str(key_file), str(ca_file))
     ca = pki.new_trust_anchor("nats.local")
     key = pki.new_key()
@@ -121,13 +123,25 @@ def ensure_bus_tls(directory: Path, host: str) -> "busauth.TLSFiles":
             .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(ca.key, hashes.SHA256()))
     _write(key_file, pki.key_pem(key), 0o600)
     _write(cert_file, pki.cert_pem(cert), 0o644)
     _write(ca_file, ca.cert_pem, 0o644)
     return busauth.TLSFiles(str(cert_file), str(key_file), str(ca_file))
+
+
+def _serves_both_ends(cert_file: Path) -> bool:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        eku = pki.load_certs(cert_file.read_bytes())[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (OSError, ValueError, IndexError, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku and ExtendedKeyUsageOID.SERVER_AUTH in eku
 
 
 def _names_host(cert_file: Path, host: str) -> bool:

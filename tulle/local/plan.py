@@ -4,16 +4,26 @@ What isolation a run gets, which subnet and addresses it uses, what each namespa
 interface is called, the environment of every app and proxy, the Pod manifest the
 runner writes for a workload, the hosts file of a namespace, and the iptables rules
 proxy-init would write. Tested in microseconds (tests/test_local_plan.py).
+
+A meshed workload's pod and its proxy's environment come from the injector's own core
+(services/injector/core.py), as the admission webhook would patch the pod: local mode
+runs what a cluster would, and adds only what is its own (addresses, the token file,
+the run's bus).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import ipaddress
 import random
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
+import jsonpatch
+
+from services.injector import core as injector
+from services.injector.values import Values
 from tulle.errors import UserError
 from tulle.proxyinit import rules as proxyinit_rules
 from tulle.resources import model as m
@@ -176,39 +186,112 @@ def app_env(base: Mapping[str, str], w: m.Workload, p: Placement) -> dict[str, s
     return env
 
 
-def effective_annotation(key: str, w: m.Workload, namespace: Optional[m.Namespace], default: str) -> str:
-    """A config annotation as the injector resolves it: the pod's, else its namespace's, else the install's."""
-    if key in w.meta.annotations:
-        return w.meta.annotations[key]
-    if namespace is not None and key in namespace.meta.annotations:
-        return namespace.meta.annotations[key]
-    return default
+def install_values(*, trust_anchors_pem: str, nats_url: str, trust_domain: str = "cluster.local",
+                   cluster_domain: str = "cluster.local", default_inbound_policy: str = "all-unauthenticated",
+                   networks: Iterable[str] = (), shutdown_grace: str = "3s") -> Values:
+    """The install values local mode injects its workloads with: the run's trust anchors,
+    bus, domains, cluster networks and default inbound policy. The proxy's ports stay
+    DESIGN.md's (local mode's addresses, probes and iptables rules are built on them);
+    the shutdown grace is short because `tulle down` waits for it."""
+    kw: dict[str, Any] = {}
+    networks = ",".join(networks)
+    if networks:
+        kw["cluster_networks"] = networks
+    return Values(trust_anchors_pem=trust_anchors_pem, nats_url=nats_url, trust_domain=trust_domain,
+                  cluster_domain=cluster_domain, default_inbound_policy=default_inbound_policy,
+                  shutdown_grace_period=shutdown_grace, **kw)
 
 
-def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, *, nats_url: str, token_file: str,
-              trust_anchors_pem: str, default_inbound_policy: str = "all-unauthenticated", nats_ca: str = "",
-              trust_domain: str = "cluster.local", cluster_domain: str = "cluster.local",
-              networks: Iterable[str] = (), shutdown_grace: str = "3s") -> dict[str, str]:
-    """The proxy's environment, by proxy/config.py's contract (what the injector sets in a pod)."""
+def declared_pod(w: m.Workload) -> dict:
+    """The Workload as the Pod its manifest declares, before any injection: its name,
+    labels, annotations and service account, and one container with its command, ports
+    and probes."""
+    app: dict = {"name": w.meta.name, "command": list(w.command)}
+    if w.ports:
+        app["ports"] = [{"containerPort": port.container_port, "protocol": port.protocol,
+                         **({"name": port.name} if port.name else {})} for port in w.ports]
+    for key, probe in zip(("readinessProbe", "livenessProbe", "startupProbe"), w.probes):
+        app[key] = {"httpGet": {"path": probe.path, "port": probe.port}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": w.meta.name, "namespace": w.meta.namespace, "labels": dict(w.meta.labels),
+                     "annotations": dict(w.meta.annotations)},
+        "spec": {"serviceAccountName": w.service_account, "containers": [app]},
+    }
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What the injector's core made of a Workload's pod."""
+
+    plan: injector.Plan  # inject or skip (and why), the resolved proxy settings, the patch
+    pod: dict  # the pod with the patch applied; as declared when skipped
+
+    @property
+    def injected(self) -> bool:
+        return self.plan.inject
+
+
+def inject(w: m.Workload, namespace: Optional[m.Namespace], values: Values) -> Injection:
+    """Run the Workload's pod through the injection core, as the admission webhook would
+    (pod > namespace > install values for every config annotation; the same skips)."""
+    pod = declared_pod(w)
+    if w.injected:
+        # Local mode meshes a Workload unless it says `tulle.dev/inject: disabled`: to the
+        # core that is a pod opted in by its own annotation.
+        pod["metadata"]["annotations"].setdefault(m.INJECT_ANNOTATION, "enabled")
+    ns_annotations = dict(namespace.meta.annotations) if namespace is not None else {}
+    plan = injector.plan_pod(injector.Target("Pod", w.meta.name, w.meta.namespace, pod), ns_annotations, values,
+                             injector.WEBHOOK)
+    return Injection(plan, jsonpatch.apply_patch(pod, plan.ops) if plan.inject else pod)
+
+
+def proxy_container(pod: Mapping[str, Any]) -> dict:
+    spec = pod.get("spec") or {}
+    for c in list(spec.get("initContainers") or []) + list(spec.get("containers") or []):
+        if c.get("name") == PROXY_CONTAINER:
+            return c
+    raise ValueError(f"pod {pod['metadata']['namespace']}/{pod['metadata']['name']} has no {PROXY_CONTAINER} container")
+
+
+def field_value(pod: Mapping[str, Any], path: str) -> str:
+    """A downward-API fieldRef (`metadata.name`, `spec.serviceAccountName`,
+    `metadata.annotations['k']`) read from the pod, as the kubelet resolves it."""
+    node: Any = pod
+    head, bracket, key = path.partition("[")
+    for part in head.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if bracket:
+        node = (node or {}).get(key.rstrip("]").strip("'\""))
+    if node is None:
+        raise ValueError(f"fieldRef {path}: the pod has no such field")
+    return str(node)
+
+
+PASSED_TO_PROXIES = ("TULLE_PROXY_IDENTITY_MIN_REFRESH", "TULLE_PROXY_IDENTITY_MAX_REFRESH")
+
+
+def proxy_env(base: Mapping[str, str], w: m.Workload, p: Placement, injection: Injection, *, token_file: str,
+              nats_ca: str = "") -> dict[str, str]:
+    """The proxy's environment: the injected pod's `tulle-proxy` env (proxy/config.py's
+    contract, fieldRefs resolved from the pod), plus what only local mode has: the
+    run's token file and bus CA, and the addresses of this placement."""
+    if not injection.injected:
+        raise ValueError(f"workload {w.meta.namespace}/{w.meta.name} was not injected: {injection.plan.reason}")
     env = {k: v for k, v in base.items() if k not in PROXY_ENV_VARS and not k.startswith("TULLE_PROXY_")
            and k not in ("TULLE_NATS_CREDS", "TULLE_NATS_CA")}
-    env.update({
-        "TULLE_NATS_URL": nats_url,
-        "TULLE_PROXY_IDENTITY_TRUST_ANCHORS": trust_anchors_pem,
-        "TULLE_PROXY_DEFAULT_INBOUND_POLICY": default_inbound_policy,
-        "TULLE_PROXY_NAMESPACE": w.meta.namespace,
-        "TULLE_PROXY_WORKLOAD": w.meta.name,
-        "TULLE_PROXY_SERVICE_ACCOUNT": w.service_account,
-        "TULLE_PROXY_TRUST_DOMAIN": trust_domain,
-        "TULLE_PROXY_CLUSTER_DOMAIN": cluster_domain,
-        "TULLE_PROXY_TOKEN_FILE": token_file,
-        "TULLE_PROXY_SHUTDOWN_GRACE_PERIOD": shutdown_grace,
-        "TULLE_LOG_FORMAT": "json",
-    })
+    for var in proxy_container(injection.pod).get("env") or []:
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        else:
+            env[var["name"]] = field_value(injection.pod, var["valueFrom"]["fieldRef"]["fieldPath"])
+    env["TULLE_PROXY_TOKEN_FILE"] = token_file
+    # Certificate renewal pacing is the one proxy setting `tulle up`'s own environment may
+    # pass on (short lifetimes for fault tests: TULLE_IDENTITY_LIFETIME reaches identity).
+    env.update({k: base[k] for k in PASSED_TO_PROXIES if base.get(k)})
     if nats_ca:
         env["TULLE_NATS_CA"] = nats_ca
-    if networks:
-        env["TULLE_PROXY_CLUSTER_NETWORKS"] = ",".join(networks)
     if p.isolation == "netns":
         env.update({
             "TULLE_PROXY_INBOUND_ADDR": f"0.0.0.0:{INBOUND_PORT}",
@@ -243,41 +326,32 @@ def workload_identity(w: m.Workload, trust_domain: str = "cluster.local") -> str
 # --- the Pod the runner writes (the kubelet's view of a workload) ------------------------------------
 
 
-def pod_manifest(w: m.Workload, p: Placement, *, ready: bool, node_name: str = "local") -> dict:
-    """A `v1 Pod` for a running Workload: status.podIP, a Ready condition, the service
-    account, the Workload's ports and probes as its container, and a `tulle-proxy`
-    container when meshed (the services key identities and policy off that)."""
-    annotations = dict(w.meta.annotations)
-    if p.meshed and p.isolation == "none":
-        annotations[m.PROXY_INBOUND_PORT_ANNOTATION] = str(INBOUND_PORT)
-    app: dict = {"name": w.meta.name, "command": list(w.command)}
-    if w.ports:
-        app["ports"] = [{"containerPort": port.container_port, "protocol": port.protocol,
-                         **({"name": port.name} if port.name else {})} for port in w.ports]
-    for key, probe in zip(("readinessProbe", "livenessProbe", "startupProbe"), w.probes):
-        app[key] = {"httpGet": {"path": probe.path, "port": probe.port}}
-    containers = [app]
+def pod_manifest(w: m.Workload, p: Placement, *, ready: bool, injection: Optional[Injection] = None,
+                 node_name: str = "local") -> dict:
+    """A `v1 Pod` for a running Workload, as a cluster would hold it: when meshed, the
+    pod the injector's core made of it (the `tulle-proxy` container and everything else
+    the webhook adds), else as declared; with status.podIP and a Ready condition."""
     if p.meshed:
-        containers.insert(0, {"name": PROXY_CONTAINER, "ports": [
-            {"name": "tulle-proxy", "containerPort": INBOUND_PORT, "protocol": "TCP"},
-            {"name": "tulle-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
-        ], "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}}})
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": w.meta.name, "namespace": w.meta.namespace, "labels": dict(w.meta.labels),
-                     "annotations": annotations},
-        "spec": {"serviceAccountName": w.service_account, "nodeName": node_name, "containers": containers},
-        "status": {
-            "phase": "Running",
-            "podIP": p.address,
-            "podIPs": [{"ip": p.address}],
-            "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False"},
-                {"type": "ContainersReady", "status": "True" if ready else "False"},
-            ],
-        },
+        if injection is None or not injection.injected:
+            why = injection.plan.reason if injection is not None else "no injection given"
+            raise ValueError(f"workload {w.meta.namespace}/{w.meta.name} is meshed but was not injected: {why}")
+        pod = copy.deepcopy(injection.pod)
+    else:
+        pod = declared_pod(w)
+    if p.meshed and p.isolation == "none":
+        # No iptables: peers dial the proxy's own port (endpoints carry proxy_port).
+        pod["metadata"].setdefault("annotations", {})[m.PROXY_INBOUND_PORT_ANNOTATION] = str(INBOUND_PORT)
+    pod["spec"]["nodeName"] = node_name
+    pod["status"] = {
+        "phase": "Running",
+        "podIP": p.address,
+        "podIPs": [{"ip": p.address}],
+        "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False"},
+            {"type": "ContainersReady", "status": "True" if ready else "False"},
+        ],
     }
+    return pod
 
 
 def pod_file_name(namespace: str, name: str) -> str:

@@ -21,18 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tulle.bus import MAX_REPLICAS
 from tulle.local import identity as local_identity
 from tulle.local import netns as nets
 from tulle.local import plan, procs
-from tulle.local.probe import http_ready, tcp_ready
+from tulle.local.probe import http_ready, split_addr, tcp_ready
 from tulle.local.state import RECORD_VERSION, StateDir, process_start, write_record
 from tulle.log import get_logger
-from tulle.natsserver import NatsServer, free_port, nats_server_binary
+from tulle.natsserver import NatsCluster, NatsServer, free_port, nats_server_binary
 from tulle.resources import model as m
 from tulle.sources.base import ResourceEvent
 from tulle.sources.folder import FolderSource
 
 SERVICES = ("identity", "destination", "policy", "injector")
+# How long a workload leaving the folder waits for its endpoints to be withdrawn before its
+# proxy drains (the rest of a rollout's zero-failure contract is the proxy's graceful shutdown).
+WITHDRAW_TIMEOUT_S = 10.0
 WATCHED_KINDS = {"Workload", "Service", "Namespace"}
 
 
@@ -49,6 +53,9 @@ class RunOptions:
     # The cluster-wide default inbound policy (a namespace or pod annotation overrides it).
     default_inbound_policy: str = "all-unauthenticated"
     nats_tls: bool = False  # TLS on the bus (always on in a cluster; optional on one machine)
+    # NATS servers: 1, or a JetStream cluster of that many on this machine (`--nats-cluster 3`:
+    # buckets and events replicated, any one server may die), as the Helm chart runs it.
+    nats_cluster: int = 1
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Component:
     cmd: list[str]
     env: dict[str, str]
     admin: str = ""  # host:port of its admin server ("" for NATS)
+    url: str = ""  # NATS: where it accepts clients (ready when it does)
+    health: str = ""  # a cluster's NATS node: host:port of its monitoring server (ready when /healthz is 200)
     ready: bool = False
     restarts: int = 0
     failures: int = 0
@@ -120,14 +129,14 @@ class Runner:
         self.log = get_logger(component="local")
         self.n: Optional[int] = None
         self._subnet_fd: Optional[int] = None
-        self.nats: Optional[Component] = None
-        self.nats_url = ""
+        self.nats_nodes: list[Component] = []  # one NATS server, or each node of the cluster
+        self.nats_url = ""  # every node's URL, comma-separated
         self.components: dict[str, Component] = {}  # the services, by name
         self.workloads: dict[str, WorkloadUnit] = {}
         self.services: dict[tuple[str, str], m.Service] = {}
         self.namespaces: dict[str, m.Namespace] = {}
         self._pending: dict[str, m.Workload] = {}  # Workloads read before the folder was synced
-        self.nats_server: Optional[NatsServer] = None
+        self.nats_server: Optional[NatsServer | NatsCluster] = None
         self.host_rules: list[list[str]] = []
         self.token_secret = b""
         self.proxy_uid: Optional[int] = plan.PROXY_UID  # None: proxies keep uid 0 (with gid 2102)
@@ -136,6 +145,7 @@ class Runner:
         self.error = ""
         self.stopping = asyncio.Event()
         self._watch_task: Optional[asyncio.Task] = None
+        self._observer = None  # a bus connection (observer role) to see endpoints withdrawn
         self._base_env = _base_env()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._own_start = process_start(os.getpid())
@@ -162,17 +172,29 @@ class Runner:
             "error": self.error,
             "ready": self.phase == "running" and self.synced and services_ready and all(ready.values()),
             "net": self._net_record(),
-            "nats": ({"pid": self.nats.child.pid, "start": self.nats.child.start, "url": self.nats_url,
-                      "log": str(self.nats.child.log), "restarts": self.nats.restarts,
-                      # What `tulle` commands read the bus with (tulle/local/discover.py).
-                      "observer_creds": str(self.nats_server.seed_file("observer")),
-                      "ca": self.nats_server.tls.ca_file if self.nats_server.tls else ""} if self.nats else None),
+            "nats": self._nats_record(),
             "components": [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "admin": c.admin,
                             "log": str(c.child.log), "ready": c.ready, "restarts": c.restarts}
                            for c in self.components.values()],
             "workloads": [u.record() for u in units],
             "services": plan.services_view(self.services.values(), [u.w for u in units], ready),
         }
+
+    def _nats_record(self) -> Optional[dict]:
+        """One server as its pid, log ...; a cluster as its `nodes` (tulle.local.state.nats_nodes reads both)."""
+        if not self.nats_nodes:
+            return None
+        out = {"url": self.nats_url,
+               # What `tulle` commands read the bus with (tulle/local/discover.py).
+               "observer_creds": str(self.nats_server.seed_file("observer")),
+               "ca": self.nats_server.tls.ca_file if self.nats_server.tls else ""}
+        nodes = [{"name": c.name, "pid": c.child.pid, "start": c.child.start, "url": c.url,
+                  "log": str(c.child.log), "restarts": c.restarts, "health": c.health} for c in self.nats_nodes]
+        if isinstance(self.nats_server, NatsCluster):
+            out["nodes"] = nodes
+        else:
+            out.update({k: nodes[0][k] for k in ("pid", "start", "log", "restarts")})
+        return out
 
     def _net_record(self) -> dict:
         if self.n is None:
@@ -214,33 +236,59 @@ class Runner:
         tls = None
         if self.opts.nats_tls:
             tls = await asyncio.to_thread(local_identity.ensure_bus_tls, self.state.nats_dir / "tls", host)
-        server = NatsServer(self.state.nats_dir, host=host, port=free_port(host), log_file=self.state.log("nats"),
-                            keys_dir=self.state.nats_dir / "keys", tls=tls)
-        self.nats_server = server
-        conf = self.state.nats_dir / "nats-server.conf"
-        conf.write_text(server.config_text())
-        cmd = [nats_server_binary(), "-c", str(conf)]
-        self.nats = Component("nats", procs.spawn("nats", cmd, env=self._base_env, log=self.state.log("nats")),
-                              cmd, self._base_env, started=time.monotonic())
-        self.nats_url = server.url
-        self.save()
-        deadline = time.monotonic() + 15
-        child = self.nats.child
-        self.save()
-        while not await tcp_ready(host, server.port, 0.5):
-            if child.exited() is not None:
-                raise StartError(f"nats-server {child.describe_exit()}; see {child.log}: {procs.log_tail(child.log, 1)}")
+        keys = self.state.nats_dir / "keys"
+        if self.opts.nats_cluster > 1:
+            cluster = await asyncio.to_thread(NatsCluster, self.state.nats_dir / "cluster", size=self.opts.nats_cluster,
+                                              host=host, keys_dir=keys, tls=tls, log_dir=self.state.logs)
+            self.nats_server, servers = cluster, cluster.nodes
+        else:
+            server = NatsServer(self.state.nats_dir, host=host, port=free_port(host), log_file=self.state.log("nats"),
+                                keys_dir=keys, tls=tls)
+            self.nats_server, servers = server, [server]
+        self.nats_url = self.nats_server.url
+        for server in servers:
+            server.store_dir.mkdir(parents=True, exist_ok=True)
+            conf = server.store_dir / "nats-server.conf"
+            conf.write_text(server.config_text())
+            cmd = [nats_server_binary(), "-c", str(conf)]
+            name = "nats" if len(servers) == 1 else f"nats-{servers.index(server)}"
+            self.nats_nodes.append(Component(
+                name, procs.spawn(name, cmd, env=self._base_env, log=server.log_file), cmd, self._base_env,
+                url=server.url,
+                health=f"127.0.0.1:{server.monitor_port}" if server.monitor_port else "", started=time.monotonic()))
+            self.save()
+        deadline = time.monotonic() + 15 + 15 * (len(servers) > 1)
+        while not all(c.ready for c in self.nats_nodes):
+            for c in self.nats_nodes:
+                if c.child.exited() is not None:
+                    raise StartError(f"nats-server ({c.name}) {c.child.describe_exit()}; see {c.child.log}: "
+                                     f"{procs.log_tail(c.child.log, 1)}")
+                # A cluster's node is ready once its JetStream has its leaders: services then
+                # find the buckets they make and write answered from their first connection.
+                c.ready = await self._nats_node_ready(c, 0.5)
             if time.monotonic() > deadline:
-                raise StartError(f"nats-server did not listen on {host}:{server.port} in 15 s; see {child.log}")
+                waiting = ", ".join(f"{c.name} ({c.url})" for c in self.nats_nodes if not c.ready)
+                raise StartError(f"nats-server not ready in {deadline - self.nats_nodes[0].started:.0f} s: {waiting}; "
+                                 f"see {self.state.logs}")
             await asyncio.sleep(0.05)
-        self.nats.ready = True
+        self.save()
         self.log.info("nats ready", url=self.nats_url)
+
+    @staticmethod
+    async def _nats_node_ready(c: Component, timeout: float) -> bool:
+        if c.health:
+            host, _, port = c.health.rpartition(":")
+            return await http_ready(host, int(port), "/healthz", timeout)
+        host, port = split_addr(c.url.split("://", 1)[-1])
+        return await tcp_ready(host, port, timeout)
 
     def _service_args(self, name: str) -> list[str]:
         manifests = ["--manifests", str(self.opts.manifests), "--manifests", str(self.state.runtime)]
         bus = ["--nats-creds", str(self.nats_server.seed_file(name))]
         if self.nats_server.tls:
             bus += ["--nats-ca", self.nats_server.tls.ca_file]
+        if self.opts.nats_cluster > 1:
+            bus += ["--nats-replicas", str(min(self.opts.nats_cluster, MAX_REPLICAS))]
         return bus + self._own_args(name, manifests)
 
     def _own_args(self, name: str, manifests: list[str]) -> list[str]:
@@ -351,7 +399,7 @@ class Runner:
             key = plan.workload_key(obj.meta.namespace, obj.meta.name)
             if ev.type in ("modified", "deleted") and key in self.workloads:
                 self.log.info("stopping workload", workload=key, reason=ev.type)
-                await self.workloads.pop(key).stop()
+                await self.workloads.pop(key).stop(drain=True)
                 self.save()
             if not self.synced:
                 if ev.type == "deleted":
@@ -361,10 +409,28 @@ class Runner:
             elif ev.type in ("added", "modified"):
                 self._add_workload(obj)
 
+    def mesh_values(self) -> "plan.Values":
+        """The install values workloads are injected with. The anchors are read each time:
+        rotating them is "change ca.crt, restart the proxies"."""
+        return plan.install_values(
+            trust_anchors_pem=(self.state.identity / "ca.crt").read_text(), nats_url=self.nats_url,
+            trust_domain=self.opts.trust_domain, cluster_domain=self.opts.cluster_domain,
+            default_inbound_policy=self.opts.default_inbound_policy,
+            networks=plan.cluster_networks(self.isolation, self.n))
+
+    def injection(self, w: m.Workload) -> "plan.Injection":
+        return plan.inject(w, self.namespaces.get(w.meta.namespace), self.mesh_values())
+
     def _add_workload(self, w: m.Workload) -> None:
         key = plan.workload_key(w.meta.namespace, w.meta.name)
         index = plan.first_free_index(u.index for u in self.workloads.values())
         meshed = self.opts.meshed and w.injected
+        if meshed:
+            injection = self.injection(w)
+            if not injection.injected:  # as the webhook would: the pod runs without a proxy
+                self.log.warning("workload not meshed: the injector skips it", workload=key,
+                                 reason=injection.plan.reason)
+                meshed = False
         address = plan.workload_address(self.isolation, self.n, index)
         netns = plan.netns_name(self.n, w.meta.namespace, w.meta.name) if self.isolation == "netns" else ""
         unit = WorkloadUnit(self, w, index, plan.Placement(self.isolation, address, meshed, netns))
@@ -372,6 +438,30 @@ class Runner:
         self.log.info("starting workload", workload=key, address=address, meshed=meshed)
         self.save()
         unit.begin()
+
+    async def wait_unlisted(self, address: str, timeout: float = WITHDRAW_TIMEOUT_S) -> bool:
+        """Wait until no endpoint set on the bus lists `address` (destination has taken a
+        not-ready pod out of its services); False after `timeout` (e.g. destination down)."""
+        from tulle import schemas
+        from tulle.bus import Bus, BusCredentials
+
+        deadline = time.monotonic() + timeout
+        try:
+            if self._observer is None:
+                tls = self.nats_server.tls
+                self._observer = Bus(self.nats_url, component="local", credentials=BusCredentials.for_seed(
+                    str(self.nats_server.seed_file("observer")), ca_file=tls.ca_file if tls else ""))
+                await asyncio.wait_for(self._observer.start(), timeout)
+            while time.monotonic() < deadline:
+                sets = await asyncio.wait_for(
+                    self._observer.items(schemas.ENDPOINTS_BUCKET, schemas.EndpointSet), timeout)
+                if not any(ep.address == address for es in sets.values() for ep in es.endpoints):
+                    return True
+                await asyncio.sleep(0.05)
+        except Exception as e:  # the bus is down: stop the workload anyway, after the timeout
+            self.log.warning("cannot see the endpoints on the bus", error=str(e) or type(e).__name__)
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        return False
 
     async def _rewrite_hosts(self) -> None:
         if self.isolation != "netns":
@@ -386,7 +476,7 @@ class Runner:
         while True:
             await asyncio.sleep(1)
             changed = False
-            for c in [self.nats, *self.components.values()]:
+            for c in [*self.nats_nodes, *self.components.values()]:
                 now = time.monotonic()
                 if c.restart_at is None and c.child.exited() is not None:
                     if now - c.started > 30:
@@ -406,8 +496,7 @@ class Runner:
                         host, _, port = c.admin.rpartition(":")
                         ok = await http_ready(host, int(port), "/ready", 1.0)
                     else:
-                        host, port = self.nats_url.split("://", 1)[-1].rsplit(":", 1)
-                        ok = await tcp_ready(host, int(port), 1.0)
+                        ok = await self._nats_node_ready(c, 1.0)
                     if ok != c.ready:
                         c.ready, changed = ok, True
             if changed:
@@ -428,10 +517,11 @@ class Runner:
             await asyncio.gather(self._watch_task, return_exceptions=True)
         await asyncio.gather(*(u.stop() for u in self.workloads.values()), return_exceptions=True)
         self.workloads.clear()
+        if self._observer is not None:
+            await asyncio.gather(self._observer.close(), return_exceptions=True)
         await asyncio.gather(*(procs.terminate_async(c.child) for c in self.components.values()),
                              return_exceptions=True)
-        if self.nats is not None:
-            await procs.terminate_async(self.nats.child)
+        await asyncio.gather(*(procs.terminate_async(c.child) for c in self.nats_nodes), return_exceptions=True)
         problems = []
         if self.isolation == "netns" and self.n is not None:
             problems = await asyncio.to_thread(nets.teardown, self.n, [], self.host_rules)
@@ -603,25 +693,20 @@ class WorkloadUnit:
                                                      trust_domain=runner.opts.trust_domain)
         self._token_minted = time.monotonic()
 
-    def _write_pod(self) -> None:
-        manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready)
+    def _write_pod(self, ready: Optional[bool] = None) -> None:
+        injection = self.runner.injection(self.w) if self.placement.meshed else None
+        manifest = plan.pod_manifest(self.w, self.placement, ready=self.ready if ready is None else ready,
+                                     injection=injection)
         tmp = self.pod_file.with_name(f".{self.pod_file.name}.tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.pod_file)
 
     def _spawn_proxy(self) -> None:
         p, runner = self.placement, self.runner
-        # Read at every start: rotating the anchors is "change ca.crt, restart the proxies".
-        anchors = (runner.state.identity / "ca.crt").read_text()
-        policy = plan.effective_annotation(m.DEFAULT_POLICY_ANNOTATION, self.w,
-                                           runner.namespaces.get(self.w.meta.namespace),
-                                           runner.opts.default_inbound_policy)
         tls = runner.nats_server.tls if runner.nats_server else None
-        env = plan.proxy_env(runner._base_env, self.w, p, nats_url=runner.nats_url, token_file=str(self.token_file),
-                             trust_anchors_pem=anchors, default_inbound_policy=policy,
-                             nats_ca=tls.ca_file if tls else "",
-                             trust_domain=runner.opts.trust_domain, cluster_domain=runner.opts.cluster_domain,
-                             networks=plan.cluster_networks(p.isolation, runner.n))
+        # Injected afresh at every start: the anchors and the namespace may have changed.
+        env = plan.proxy_env(runner._base_env, self.w, p, runner.injection(self.w), token_file=str(self.token_file),
+                             nats_ca=tls.ca_file if tls else "")
         netns = p.isolation == "netns"
         self.proxy = procs.spawn(f"proxy {self.key}", [sys.executable, "-m", "proxy"], env=env, cwd="/",
                                  log=runner.state.log(plan.log_name("proxy", self.w.meta.namespace, self.w.meta.name)),
@@ -673,10 +758,20 @@ class WorkloadUnit:
 
     # --- stop ---------------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop everything of this workload. With `drain` (it left the folder while the run
+        goes on), as Kubernetes ends a pod behind a Service: first out of its services (the
+        Pod turns not ready and destination withdraws its endpoints), then the proxy's
+        graceful shutdown (requests in flight finish), then the app."""
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        if drain and self.app is not None:
+            self._write_pod(ready=False)
+            if not await self.runner.wait_unlisted(self.placement.address):
+                self.log.warning("endpoints not withdrawn in time; stopping anyway")
+            if self.proxy is not None:
+                await procs.terminate_async(self.proxy)
         if self.app is not None:
             await procs.terminate_async(self.app)
         if self.proxy is not None:

@@ -173,6 +173,18 @@ def process_start(pid: int) -> Optional[int]:
         return None
 
 
+def nats_nodes(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The NATS servers a run record names, each as {name, pid, start, url, log, restarts,
+    health}: the one server (`nats`), or each node of `tulle up --nats-cluster N` (`nats-0` ...)."""
+    nats = record.get("nats") or {}
+    if not nats:
+        return []
+    if "nodes" in nats:
+        return [dict(n) for n in nats["nodes"] or []]
+    return [{"name": "nats", "pid": nats.get("pid"), "start": nats.get("start"), "url": nats.get("url", ""),
+             "log": nats.get("log", ""), "restarts": nats.get("restarts", 0), "health": ""}]
+
+
 def process_alive(pid: Optional[int], start: Optional[int] = None) -> bool:
     """Whether the process we recorded (pid + start time) still runs (zombies count as gone)."""
     if not pid:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tulle.local.probe import http_ready, split_addr, tcp_ready
-from tulle.local.state import StateDir, process_alive, read_record
+from tulle.local.state import StateDir, nats_nodes, process_alive, read_record
 
 
 async def collect(state: StateDir, record: Optional[dict] = None, *,
@@ -29,10 +29,13 @@ async def collect(state: StateDir, record: Optional[dict] = None, *,
     sup = record.get("supervisor") or {}
     nats = record.get("nats") or {}
 
-    async def nats_ready() -> bool:
-        if not process_alive(nats.get("pid"), nats.get("start")):
+    async def nats_ready(node: dict) -> bool:
+        if not process_alive(node.get("pid"), node.get("start")):
             return False
-        host, port = split_addr(nats["url"].split("://", 1)[-1])
+        if node.get("health"):  # a cluster's node: serving once its JetStream is current
+            host, port = split_addr(node["health"])
+            return await http_ready(host, port, "/healthz", probe_timeout)
+        host, port = split_addr(node["url"].split("://", 1)[-1])
         return await tcp_ready(host, port, probe_timeout)
 
     async def admin_ready(pid, start, admin: str) -> bool:
@@ -43,18 +46,20 @@ async def collect(state: StateDir, record: Optional[dict] = None, *,
 
     comps = record.get("components") or []
     workloads = record.get("workloads") or []
-    probes = [nats_ready() if nats else _false()]
+    nodes = nats_nodes(record)
+    probes = [nats_ready(n) for n in nodes]
     probes += [admin_ready(c.get("pid"), c.get("start"), c.get("admin", "")) for c in comps]
     probes += [admin_ready((w.get("proxy") or {}).get("pid"), (w.get("proxy") or {}).get("start"),
                            (w.get("proxy") or {}).get("admin", "")) if w.get("proxy") else _false()
                for w in workloads]
     results = await asyncio.gather(*probes)
-    nats_ok, comp_ok, proxy_ok = results[0], results[1:1 + len(comps)], results[1 + len(comps):]
+    nats_ok, results = results[:len(nodes)], results[len(nodes):]
+    comp_ok, proxy_ok = results[:len(comps)], results[len(comps):]
 
     components = []
-    if nats:
-        components.append({"name": "nats", "pid": nats.get("pid"), "address": nats.get("url"), "ready": nats_ok,
-                           "restarts": nats.get("restarts", 0)})
+    for n, ok in zip(nodes, nats_ok):
+        components.append({"name": n["name"], "pid": n.get("pid"), "address": n.get("url"), "ready": ok,
+                           "restarts": n.get("restarts", 0)})
     for c, ok in zip(comps, comp_ok):
         components.append({"name": c.get("name"), "pid": c.get("pid"), "address": c.get("admin"), "ready": ok,
                            "restarts": c.get("restarts", 0)})

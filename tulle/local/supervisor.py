@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-proxy", action="store_true")
     p.add_argument("--default-inbound-policy", default="all-unauthenticated")
     p.add_argument("--nats-tls", action="store_true")
+    p.add_argument("--nats-cluster", type=int, default=1)
     p.add_argument("--lock-fd", type=int, required=True)
     args = p.parse_args(argv)
     setup_logging("local", fmt="json")
     note_lock_holder(args.lock_fd)
     opts = RunOptions(manifests=Path(args.manifests), state=StateDir.at(args.state_dir), isolation=args.isolation,
                       meshed=not args.no_proxy, default_inbound_policy=args.default_inbound_policy,
-                      nats_tls=args.nats_tls)
+                      nats_tls=args.nats_tls, nats_cluster=args.nats_cluster)
     try:
         asyncio.run(serve(Runner(opts)))
     except StartError as e:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from tulle.local import netns as nets
 from tulle.local import procs
-from tulle.local.state import StateDir, lock_held, lock_holder, process_alive, read_record, remove_record
+from tulle.local.state import StateDir, lock_held, lock_holder, nats_nodes, process_alive, read_record, remove_record
 
 
 @dataclass
@@ -40,9 +40,8 @@ def recorded_processes(record: dict[str, Any]) -> list[tuple[str, Optional[int],
             out.append((f"proxy {w.get('key')}", proxy.get("pid"), proxy.get("start")))
     for c in record.get("components") or []:
         out.append((c.get("name", "service"), c.get("pid"), c.get("start")))
-    nats = record.get("nats") or {}
-    if nats:
-        out.append(("nats", nats.get("pid"), nats.get("start")))
+    for node in nats_nodes(record):
+        out.append((node["name"], node.get("pid"), node.get("start")))
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 from tulle.errors import UserError
 from tulle.logs import LogStream
 from tulle.logs.select import Selection, Window
+from tulle.local.state import nats_nodes
 from tulle.logs.view import line_time
 
 PROXY_CONTAINER = "tulle-proxy"
@@ -37,9 +38,9 @@ class LogFile:
 def log_files(record: dict) -> list[LogFile]:
     """Every log a run record names, control plane first."""
     files = []
-    nats = record.get("nats") or {}
-    if nats.get("log"):
-        files.append(LogFile("nats", None, "nats", "nats", Path(nats["log"])))
+    for node in nats_nodes(record):  # a cluster's nodes are the containers of one component
+        if node.get("log"):
+            files.append(LogFile(node["name"], None, "nats", node["name"], Path(node["log"])))
     for c in record.get("components") or []:
         if c.get("log"):
             files.append(LogFile(c["name"], None, c["name"], c["name"], Path(c["log"])))

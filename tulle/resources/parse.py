@@ -574,16 +574,42 @@ _PARSERS: dict[tuple[str, str], Callable[[_Obj, str], m.Resource]] = {
 }
 
 
+# No Kubernetes object we read nests deeper than this or holds more values; YAML aliases can
+# make a document recursive (`&a [*a]`) or exponentially large, which the parsers below
+# would otherwise follow until Python's recursion limit (or forever).
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+def _check_shape(data: Any) -> None:
+    """Refuse a document deeper than MAX_DEPTH or with more than MAX_VALUES values (each
+    alias counted each time it is used), without recursion."""
+    stack = [(data, 0)]
+    seen = 0
+    while stack:
+        v, depth = stack.pop()
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_VALUES:
+            why = f"nested deeper than {MAX_DEPTH} levels" if depth > MAX_DEPTH else f"more than {MAX_VALUES} values"
+            raise _Invalid("(document)", f"{why} (a recursive or repeated YAML alias?)")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+
+
 def parse_object(data: Any, *, file: str = "", doc: Optional[int] = None, default_namespace: str = "default",
                  kinds: Optional[Iterable[str]] = None) -> m.Resource:
     """One object (a dict from YAML/JSON) into the model, or a ManifestError."""
     what = ""
     try:
+        _check_shape(data)
         o = _Obj(data, "")
         kind = o.str("kind", required=True)
         api = o.str("apiVersion", required=True)
         meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
         name, ns = meta.get("name"), meta.get("namespace") or (default_namespace if kind != "Namespace" else "")
+        ns = ns if isinstance(ns, str) else ""  # a wrong type is reported by the kind's parser
         what = f"{kind} {ns + '/' if ns else ''}{name}" if isinstance(name, str) else kind
         parser = _PARSERS.get((api, kind))
         if parser is None or (kinds is not None and kind not in kinds):

@@ -33,9 +33,3 @@ limits: {{- toYaml $limits | nindent 2 }}
 {{- end }}
 {{- if not (or $requests $limits) }}{}{{ end }}
 {{- end }}
-
-{{- define "tulle-cni.ports" -}}
-{{- $out := list -}}
-{{- range $p := splitList "," . -}}{{- if $p -}}{{- $out = append $out (trim $p) -}}{{- end -}}{{- end -}}
-{{- toJson $out -}}
-{{- end }}

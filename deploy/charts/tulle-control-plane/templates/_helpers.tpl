@@ -144,6 +144,8 @@ affinity:
 - --nats={{ include "tulle.natsURL" .root }}
 - --nats-creds=/var/run/tulle/nats/creds
 - --nats-ca=/var/run/tulle/nats-ca/ca.crt
+{{- /* A copy of each bucket and of the event stream on every NATS server (JetStream keeps 5 at most). */}}
+- --nats-replicas={{ min 5 (int .root.Values.nats.replicas) }}
 - --admin=0.0.0.0:{{ .adminPort }}
 - --log-level={{ .root.Values.controllerLogLevel }}
 - --log-format={{ if eq .root.Values.controllerLogFormat "plain" }}console{{ else }}json{{ end }}
