@@ -259,8 +259,11 @@ def test_each_component_may_do_only_what_it_needs():
         (("authentication.k8s.io",), ("tokenreviews",), ("create",), ())]
     assert _rules(objects, "Role", "tulle-identity") == [
         (("",), ("secrets",), ("get", "list", "watch"), ("tulle-identity-issuer",))]
+    # The injector reads a pod's namespace, and its owner one level up (ReplicaSet, Job) for the
+    # owner labels (services/injector/sources.py owner_of).
     assert _rules(objects, "ClusterRole", f"tulle-{NAMESPACE}-proxy-injector") == [
-        (("",), ("namespaces",), ("get",), ())]
+        (("",), ("namespaces",), ("get",), ()), (("apps",), ("replicasets",), ("get",), ()),
+        (("batch",), ("jobs",), ("get",), ())]
     # Nothing else is bound to anyone, and NATS gets no API token at all.
     roles = {(o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] in ("ClusterRole", "Role")}
     assert roles == {("ClusterRole", f"tulle-{NAMESPACE}-destination"), ("ClusterRole", f"tulle-{NAMESPACE}-identity"),

@@ -101,3 +101,14 @@ def test_the_dockerfile_builds_in_two_stages_and_runs_non_root_without_compilers
     for src in re.findall(r"(?m)^COPY (?!--)(\S+)", build):
         assert (REPO / src).exists(), src
     assert os.readlink(REPO / "tulle" / "install" / "charts") == "../../deploy/charts"
+
+
+def test_the_runtime_stage_installs_the_shared_library_the_proxy_loads_at_start():
+    """The proxy's HTTP/2 codec opens libnghttp2 through cffi when it starts; the slim image
+    does not have it, and the tests here run on a host that does, so only this check sees it."""
+    from proxy.http2._ffi import SONAME
+
+    runtime = _stages((DEPLOY / "Dockerfile").read_text())[1]
+    package = SONAME.removesuffix(".so.14") + "-14"  # Debian names the package after the soname: libnghttp2-14
+    install = re.search(r"apt-get install ([^&]*)", runtime)
+    assert install and package in install.group(1).split(), (package, install and install.group(1))

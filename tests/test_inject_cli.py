@@ -177,6 +177,10 @@ KUBECTL_CREATE = {
     "deployment-db": ["create", "deployment", "db", "--image=postgres:16", "--port=5432"],
     "job": ["create", "job", "migrate", "--image=busybox", "--", "sh", "-c", "echo migrated"],
     "cronjob": ["create", "cronjob", "report", "--image=busybox", "--schedule=*/5 * * * *", "--", "date"],
+    # kubectl folds strings longer than its line width: they must come back folded the same way
+    "job-long-command": ["create", "job", "backfill-the-reporting-database", "--image=registry.example.com/tools/"
+                         "backfill:2026.12", "--", "sh", "-c", "for day in $(seq 1 30); do backfill --day $day "
+                         "--target postgres://reports.db.svc.cluster.local:5432/reports --batch-size 500; done"],
 }
 
 

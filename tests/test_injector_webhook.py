@@ -203,6 +203,60 @@ def test_an_opted_in_pod_gets_the_proxy_through_a_jsonpatch_over_https(webhook, 
     assert metric("tulle_injector_admissions_total", resource="pods", result="injected") == before + 1
 
 
+# A pod as each controller creates it from its template (the golden inputs' templates): the
+# owner reference and the name are the controller's, the rest is the template's.
+CONTROLLED_PODS = {
+    # kind of the golden input: (owner kind, owner name, pod name, namespace)
+    "statefulset": ("StatefulSet", "db", "db-0", "shop"),
+    "daemonset": ("DaemonSet", "node-agent", "node-agent-7xk2p", "shop"),
+    "job": ("Job", "migrate", "migrate-9qz4w", "shop"),
+    "cronjob": ("Job", "report-29410560", "report-29410560-b8m2d", "shop"),  # the CronJob's Job
+    "replicaset": ("ReplicaSet", "web-rs", "web-rs-4mz9k", "shop"),
+    "namespace-config": ("ReplicaSet", "web-5d4f7b9c8", "web-5d4f7b9c8-x2x7q", "meshed"),
+}
+
+
+def _controlled_pod(kind: str) -> dict:
+    import yaml
+
+    owner_kind, owner, name, namespace = CONTROLLED_PODS[kind]
+    if kind == "namespace-config":
+        pod = API.sanitize_for_serialization(deployment_pod(namespace=namespace))
+        pod["metadata"]["annotations"] = None
+        return {k: v for k, v in pod.items() if v is not None}
+    source = next(d for d in yaml.safe_load_all((GOLDEN / "in" / f"{kind}.yaml").read_text())
+                  if d and d.get("kind", "").lower() == kind)
+    template = source["spec"]["template"] if kind != "cronjob" else source["spec"]["jobTemplate"]["spec"]["template"]
+    template = json.loads(json.dumps(template))
+    meta = template.get("metadata") or {}
+    meta.update(name=name, namespace=namespace, ownerReferences=[{
+        "apiVersion": "batch/v1" if owner_kind == "Job" else "apps/v1", "kind": owner_kind, "name": owner,
+        "uid": "6f1c1f8e-3c1a-4a57-9a37-0d6f1c2a7b11", "controller": True, "blockOwnerDeletion": True}])
+    template["spec"].setdefault("serviceAccountName", "default")
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]}
+
+
+@pytest.mark.parametrize("kind", sorted(CONTROLLED_PODS))
+def test_pods_of_every_controller_get_their_golden_patch(webhook, ca, kind):
+    """The webhook's patch for a pod of each supported kind matches its reviewed golden file,
+    and the patched pod is a valid Pod."""
+    import kubernetes_validate
+    from tests.injector_support import K8S_SCHEMA_VERSION
+
+    pod = _controlled_pod(kind)
+    if kind != "namespace-config":  # opted in by the pod; else by its namespace (with its config)
+        pod["metadata"].setdefault("annotations", {})[core.INJECT] = "enabled"
+    uid, rev = review(pod, namespace=pod["metadata"]["namespace"])
+    response = answer_of(*webhook.post(ca, json.dumps(rev).encode()), uid)
+    ops = json.loads(base64.b64decode(response["patch"]))
+    out = jsonpatch.apply_patch(pod, ops)
+    kubernetes_validate.validate(out, K8S_SCHEMA_VERSION, strict=True)
+    golden = GOLDEN / "out" / f"webhook-{kind}.patch.json"
+    if os.environ.get("TULLE_UPDATE_GOLDEN") == "1":
+        golden.write_text(json.dumps(ops, indent=2) + "\n")
+    assert ops == json.loads(golden.read_text())
+
+
 def test_a_namespace_opted_in_injects_its_pods_with_its_config(webhook, ca):
     pod = deployment_pod(namespace="meshed")
     uid, rev = review(pod, namespace="meshed")

@@ -120,6 +120,7 @@ def test_edges_show_traffic_to_web_to_books_and_authors_secured(demo):
         ["traffic", "web", "demo", "demo", "traffic.demo", "web.demo", "√"],
         ["web", "authors", "demo", "demo", "web.demo", "authors.demo", "√"],
         ["web", "books", "demo", "demo", "web.demo", "books.demo", "√"],
+        ["web", "books-2", "demo", "demo", "web.demo", "books.demo", "√"],  # one service account
     ]
 
 

@@ -52,8 +52,9 @@ _Dumper.add_representer(str, _str)
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True,
-                     width=1 << 30)
+    # PyYAML's default line width (80) is go-yaml's, which kubectl writes with: long strings
+    # fold where kubectl folds them, so a manifest it made comes back byte for byte.
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # --- reading ---------------------------------------------------------------------------------------
