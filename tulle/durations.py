@@ -38,3 +38,22 @@ def seconds(value: str, name: str) -> float:
         return float(value) if value.replace(".", "", 1).isdigit() else parse_ms(value) / 1000
     except ValueError:
         raise UserError(f"{name}: expected seconds or a duration such as '10s', got {value!r}") from None
+
+
+def bounded_seconds(value: str, flag: str, lo: float, hi: float, command: str) -> float:
+    """A command's duration flag (`-t 1m`, `--timeout 5s`) in seconds, within [lo, hi]; a
+    bad one is one UserError line naming the command and the flag."""
+    try:
+        seconds = parse_ms(value) / 1000.0
+    except ValueError:
+        raise UserError(f"{command}: {flag} {value!r}: expected a duration such as 30s, 1m or 10m") from None
+    if not lo <= seconds <= hi:
+        raise UserError(f"{command}: {flag} {value!r}: must be from {short(lo)} to {short(hi)}")
+    return seconds
+
+
+def short(seconds: float) -> str:
+    """A duration as a person writes it back: '10m', '30s', '0.5s'."""
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"

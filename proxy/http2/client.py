@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from proxy.http2 import events as ev
 from proxy.http2.fields import ORIG_PROTO, outgoing, response_fields, trailer_fields
 from proxy.http2.session import CANCEL, NO_ERROR, REFUSED_STREAM, H2Config, H2Error, H2Session
+from proxy.http2.writes import BatchedWrites
 from tulle.log import get_logger
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def request_fields(x: "Exchange", scheme: bytes) -> list:
     return headers
 
 
-class H2Client(asyncio.Protocol):
+class H2Client(BatchedWrites, asyncio.Protocol):
     """One upstream HTTP/2 connection; `pool` learns when it can take no more streams."""
 
     def __init__(self, pool, config: H2Config, name: str, count_error: Callable[[str], None] | None = None):
@@ -310,25 +311,6 @@ class H2Client(asyncio.Protocol):
                     self.pool.lost(self)
 
     # --- writing ------------------------------------------------------------------------
-
-    def dirty(self) -> None:
-        """Something waits in the session: written by the flush that ends the current read
-        event (the usual case: one write for everything it caused), or else on the loop's
-        next turn."""
-        self.pending = True
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        self.flush_scheduled = False
-        if self.pending:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what the session holds, if anything was queued since the last write."""
-        if self.pending:
-            self.write()
 
     def write(self) -> None:
         self.pending = False

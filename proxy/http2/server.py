@@ -28,6 +28,7 @@ from proxy.http1.headers import PROXY_ERROR
 from proxy.http2 import events as ev
 from proxy.http2.fields import ORIG_PROTO, outgoing, request_head, status_bytes, trailer_fields
 from proxy.http2.session import CANCEL, INTERNAL_ERROR, NO_ERROR, H2Config, H2Error, H2Session
+from proxy.http2.writes import BatchedWrites
 from tulle.log import get_logger
 
 log = get_logger(part="http2")
@@ -116,7 +117,7 @@ class InStream:
         self.conn.flush()
 
 
-class H2Server(asyncio.Protocol):
+class H2Server(BatchedWrites, asyncio.Protocol):
     """One accepted HTTP/2 connection. `room` routes each exchange (`dispatch`); `conn` is the
     room's facts about the connection; `strip` names request fields removed on this side;
     `trust_orig_proto`: the client is a verified peer proxy, whose orig-proto field says in
@@ -290,26 +291,6 @@ class H2Server(asyncio.Protocol):
             s.abort(x, CANCEL)
 
     # --- writing ------------------------------------------------------------------------
-
-    def dirty(self) -> None:
-        """Something waits in the session: written by the flush that ends the current read
-        event (the usual case: one write for everything it caused), or else on the loop's
-        next turn."""
-        self.pending = True
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        self.flush_scheduled = False
-        if self.pending:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what the session holds, if anything was queued since the last write (the
-        other side's adapters call this once per read event, for every stream they touched)."""
-        if self.pending:
-            self.write()
 
     def write(self) -> None:
         self.pending = False

@@ -20,7 +20,8 @@ import click
 from tulle.cli.common import connect_bus, nats_option
 from tulle.cli.names import complete_edges_type, complete_namespace
 from tulle.cli.screen import Frame, Screen
-from tulle.cli.stat import MAX_WINDOW_S, check_namespace, fmt_duration, parse_seconds
+from tulle.cli.stat import MAX_WINDOW_S, check_namespace
+from tulle.durations import bounded_seconds, short as fmt_duration
 from tulle.errors import UserError
 
 SECURED = "√"
@@ -125,9 +126,9 @@ def edges(type_, namespace, all_namespaces, window, output, watch, interval, tim
     setup_logging("cli", "warning")
     by = parse_type(type_)
     ns = None if all_namespaces else check_namespace(namespace)
-    window_s = parse_seconds(window, "-t", 1, MAX_WINDOW_S, "edges")
-    timeout_s = parse_seconds(timeout, "--timeout", 0.001, 60, "edges")
-    interval_s = parse_seconds(interval, "--interval", 0.5, 3600, "edges")
+    window_s = bounded_seconds(window, "-t", 1, MAX_WINDOW_S, "edges")
+    timeout_s = bounded_seconds(timeout, "--timeout", 0.001, 60, "edges")
+    interval_s = bounded_seconds(interval, "--interval", 0.5, 3600, "edges")
     try:
         asyncio.run(run(url, by, ns, window_s, output, timeout_s, watch, interval_s))
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ from tulle.cli.names import complete_namespace, complete_route_target, service_c
 from tulle.cli.common import connect_bus, nats_option
 
 from tulle import schemas
+from tulle.durations import bounded_seconds, short as _fmt_duration
 from tulle.errors import UserError
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -115,24 +116,6 @@ def parse_to(to: Optional[str], target: Target) -> Optional[tuple[str, str]]:
     if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
         raise UserError(f"routes: --to {to!r}: expected <service>[.<namespace>]")
     return parts[1], parts[0]
-
-
-def parse_seconds(value: str, flag: str, lo: float, hi: float) -> float:
-    from tulle.resources.parse import _Invalid, parse_duration_ms
-
-    try:
-        seconds = parse_duration_ms(value, flag) / 1000.0
-    except _Invalid:
-        raise UserError(f"routes: {flag} {value!r}: expected a duration such as 30s, 1m or 10m") from None
-    if not lo <= seconds <= hi:
-        raise UserError(f"routes: {flag} {value!r}: must be from {_fmt_duration(lo)} to {_fmt_duration(hi)}")
-    return seconds
-
-
-def _fmt_duration(seconds: float) -> str:
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{seconds:g}s"
 
 
 # --- pure: aggregation and formatting --------------------------------------------------------
@@ -431,8 +414,8 @@ def routes(target, all_, namespace, to, window, output, timeout, url):
     setup_logging("cli", "warning")  # stdout carries the answer only
     parsed = parse_target(target, all_, namespace)
     dest = parse_to(to, parsed)
-    window_s = parse_seconds(window, "--window", 1, MAX_WINDOW_S)
-    timeout_s = parse_seconds(timeout, "--timeout", 0.001, 60)
+    window_s = bounded_seconds(window, "--window", 1, MAX_WINDOW_S, "routes")
+    timeout_s = bounded_seconds(timeout, "--timeout", 0.001, 60, "routes")
     got = asyncio.run(gather_routes(url, parsed, dest, window_s, timeout_s))
 
     for line in missing_proxies(got.expected, got.replies, time.time()):

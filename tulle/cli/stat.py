@@ -21,30 +21,13 @@ import click
 from tulle.cli.common import connect_bus, nats_option
 from tulle.cli.names import complete_namespace, complete_stat_resource, complete_stat_name
 from tulle.cli.screen import Frame, Screen
+from tulle.durations import bounded_seconds, short as fmt_duration
 from tulle.errors import UserError
 
 MAX_WINDOW_S = 600
 
 
 # --- pure: flags, and rows into cells ----------------------------------------------------------
-
-
-def parse_seconds(value: str, flag: str, lo: float, hi: float, command: str = "stat") -> float:
-    from tulle.resources.parse import _Invalid, parse_duration_ms
-
-    try:
-        seconds = parse_duration_ms(value, flag) / 1000.0
-    except _Invalid:
-        raise UserError(f"{command}: {flag} {value!r}: expected a duration such as 30s, 1m or 10m") from None
-    if not lo <= seconds <= hi:
-        raise UserError(f"{command}: {flag} {value!r}: must be from {fmt_duration(lo)} to {fmt_duration(hi)}")
-    return seconds
-
-
-def fmt_duration(seconds: float) -> str:
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{seconds:g}s"
 
 
 def check_namespace(namespace: str) -> str:
@@ -220,11 +203,11 @@ def stat(resource, name, namespace, all_namespaces, from_, from_namespace, to, t
     from tulle.log import setup_logging
 
     setup_logging("cli", "warning")  # stdout carries the answer only
-    window_s = parse_seconds(window, "-t", 1, MAX_WINDOW_S)
+    window_s = bounded_seconds(window, "-t", 1, MAX_WINDOW_S, "stat")
     q = parse_query(resource, name, namespace, all_namespaces, from_, to, from_namespace, to_namespace, window_s,
                     unmeshed)
-    timeout_s = parse_seconds(timeout, "--timeout", 0.001, 60)
-    interval_s = parse_seconds(interval, "--interval", 0.5, 3600)
+    timeout_s = bounded_seconds(timeout, "--timeout", 0.001, 60, "stat")
+    interval_s = bounded_seconds(interval, "--interval", 0.5, 3600, "stat")
     try:
         asyncio.run(run(url, q, output, timeout_s, watch, interval_s))
     except KeyboardInterrupt:
