@@ -18,6 +18,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from tests import http2_support as frames
 from tests.proxy_support import RawServer
 
 Headers = list[tuple[bytes, bytes]]
@@ -252,35 +253,11 @@ class RawH2:
 
     def headers_frame(self, stream_id: int, headers: Headers, end_stream: bool = True, end_headers: bool = True,
                       block: bytes | None = None) -> bytes:
-        from hyperframe.frame import HeadersFrame
+        return frames.headers_frame(self.conn.encoder.encode(headers) if block is None else block, stream_id,
+                                    end_stream, end_headers)
 
-        f = HeadersFrame(stream_id)
-        f.data = self.conn.encoder.encode(headers) if block is None else block
-        if end_headers:
-            f.flags.add("END_HEADERS")
-        if end_stream:
-            f.flags.add("END_STREAM")
-        return f.serialize()
-
-    @staticmethod
-    def data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
-        from hyperframe.frame import DataFrame
-
-        f = DataFrame(stream_id)
-        f.data = data
-        if end_stream:
-            f.flags.add("END_STREAM")
-        return f.serialize()
-
-    @staticmethod
-    def continuation_frame(stream_id: int, block: bytes, end_headers: bool = False) -> bytes:
-        from hyperframe.frame import ContinuationFrame
-
-        f = ContinuationFrame(stream_id)
-        f.data = block
-        if end_headers:
-            f.flags.add("END_HEADERS")
-        return f.serialize()
+    data_frame = staticmethod(frames.data_frame)
+    continuation_frame = staticmethod(frames.continuation_frame)
 
     @staticmethod
     def rst_frame(stream_id: int, code: int = 0x8) -> bytes:

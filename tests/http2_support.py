@@ -89,6 +89,35 @@ def resets_of(data: bytes) -> dict[int, int]:
     return {f.stream_id: f.error_code for f in frames(data) if isinstance(f, RstStreamFrame)}
 
 
+# --- raw frames, for what a well-behaved library would never send ----------------------------
+
+
+def headers_frame(block: bytes, stream_id: int, end_stream: bool = True, end_headers: bool = True) -> bytes:
+    f = HeadersFrame(stream_id)
+    f.data = block
+    if end_headers:
+        f.flags.add("END_HEADERS")
+    if end_stream:
+        f.flags.add("END_STREAM")
+    return f.serialize()
+
+
+def data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
+    f = DataFrame(stream_id)
+    f.data = data
+    if end_stream:
+        f.flags.add("END_STREAM")
+    return f.serialize()
+
+
+def continuation_frame(stream_id: int, block: bytes, end_headers: bool = False) -> bytes:
+    f = ContinuationFrame(stream_id)
+    f.data = block
+    if end_headers:
+        f.flags.add("END_HEADERS")
+    return f.serialize()
+
+
 class RawClient:
     """An HTTP/2 client for attacks: the h2 library does the handshake and HPACK, frames are
     also written by hand. Its output goes to an H2Session server with `send()`."""
@@ -115,29 +144,10 @@ class RawClient:
 
     def headers_frame(self, stream_id: int, headers=GET, end_stream: bool = True,
                       end_headers: bool = True) -> bytes:
-        f = HeadersFrame(stream_id)
-        f.data = self.conn.encoder.encode(headers)
-        if end_headers:
-            f.flags.add("END_HEADERS")
-        if end_stream:
-            f.flags.add("END_STREAM")
-        return f.serialize()
+        return headers_frame(self.conn.encoder.encode(headers), stream_id, end_stream, end_headers)
 
-    @staticmethod
-    def data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
-        f = DataFrame(stream_id)
-        f.data = data
-        if end_stream:
-            f.flags.add("END_STREAM")
-        return f.serialize()
-
-    @staticmethod
-    def continuation_frame(stream_id: int, block: bytes, end_headers: bool = False) -> bytes:
-        f = ContinuationFrame(stream_id)
-        f.data = block
-        if end_headers:
-            f.flags.add("END_HEADERS")
-        return f.serialize()
+    data_frame = staticmethod(data_frame)
+    continuation_frame = staticmethod(continuation_frame)
 
 
 def well_behaved_get(server_config: H2Config | None = None) -> bytes:
