@@ -29,7 +29,8 @@ async def dashboard(nats_url):
     await bus.start()
     hub = Hub(bus, Settings(window_s=5, traffic_interval_s=0.2, routes_interval_s=0.2, gather_timeout_s=0.1,
                             max_streams=3), url=nats_url)
-    runner = web.AppRunner(make_app(hub, hosts=allowed_hosts("127.0.0.1")), access_log=None)
+    # As `tulle dashboard` runs it: open event streams get 1 s to end at shutdown.
+    runner = web.AppRunner(make_app(hub, hosts=allowed_hosts("127.0.0.1")), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

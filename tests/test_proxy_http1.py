@@ -226,7 +226,16 @@ def test_curl_uses_the_outbound_port_as_its_http_proxy(pair):
     assert out.stdout.startswith(b"HTTP/1.1 200") and out.stdout.endswith(b"web")
 
 
-def test_no_endpoints_is_503_with_tulle_proxy_error(pair):
+@pytest.fixture
+def failfast_pair(lt, mesh, kv, nats_server):
+    """A pair whose client waits 0.5 s (not 3 s) for endpoints before answering 503."""
+    p = Pair(lt, mesh, kv, nats_server.url, client_cfg={"outbound_failfast_timeout_s": 0.5})
+    yield p
+    p.close()
+
+
+def test_no_endpoints_is_503_with_tulle_proxy_error(failfast_pair):
+    pair = failfast_pair
     pair.publish([])
     status, headers, _ = pair.get("/")
     assert status == 503
@@ -319,7 +328,8 @@ def test_http11_connect(pair):
     assert pair.app.seen[-1].all("tulle-client-id") == [pair.client_id.identity]
 
 
-def test_connect_to_a_service_without_endpoints_is_503(pair):
+def test_connect_to_a_service_without_endpoints_is_503(failfast_pair):
+    pair = failfast_pair
     pair.publish([])
     out = pair.raw(f"CONNECT {pair.host} HTTP/1.1\r\nHost: {pair.host}\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 503")
