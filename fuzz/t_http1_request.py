@@ -38,13 +38,13 @@ FUZZ_STATUS = 503  # the room's answer: not one the proxy's own refusals use
 #    the read, and after an upgrade or CONNECT request answered without switching, the bytes
 #    after its head (`_parser_upgraded`): the requests in them are dispatched, and go upstream.
 #    crash-request-read-after-early-answer-closed, crash-request-after-refused-upgrade
-KNOWN_REQUESTS_AFTER_CLOSE = True
+KNOWN_REQUESTS_AFTER_CLOSE = False
 # 2. A pipelined request whose chunked body turns out malformed (or stalls: 408) while it
 #    waits in the queue is dispatched anyway when its turn comes (`refuse` queues the refusal
 #    behind it), though nothing more is read: upstream, its body never ends, and no clock
 #    runs (the server's body clock stops once refused, the exchange's waits for the body).
 #    crash-queued-request-with-broken-body-dispatched
-KNOWN_REFUSED_BODY_DISPATCHED = True
+KNOWN_REFUSED_BODY_DISPATCHED = False
 
 
 def _fail(x):
