@@ -1,19 +1,25 @@
-"""The real HTTP/1 protocol objects (proxy/http1/server.py, client.py) driven with bytes,
-without sockets: a transport that records what is written, and a room that answers each
-request the way the fuzz target asks. These stand in for the event loop's transports and
-for the inbound/outbound rooms only; the parsing, limits and framing are the real code's.
+"""The real HTTP/1 protocol objects (proxy/http1/server.py, client.py) and the request core
+between them (proxy/exchange.py) driven with bytes, without sockets: a transport that
+records what is written, and a room that answers each exchange the way the fuzz target
+asks. These stand in for the event loop's transports and for the inbound/outbound rooms
+only; the parsing, limits, framing and every decision about a request are the real code's.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Callable, Optional
 
 import httptools
 
-from proxy.http1.server import Http1Server, Limits, Request
+from proxy.exchange import Exchange
+from proxy.http1.server import Http1Server
+from proxy.limits import Limits
 from proxy.metrics import ProxyMetrics
 from tulle.metrics import Registry
 
+# The server takes its clock from the current loop, and a response read into nothing
+# (proxy/http1/client.py _Dropped) sets a timer on it; nothing here ever runs the loop.
 _LOOP = asyncio.new_event_loop()
 asyncio.set_event_loop(_LOOP)
 METRICS = ProxyMetrics(Registry())
@@ -57,45 +63,53 @@ class Transport:
 
 
 class Room:
-    """Collects the requests the server dispatches; `answer` decides what happens to each."""
+    """The least a direction does (proxy.http1.server.Room, proxy.exchange.Room): it counts
+    each request under its labels, as the real rooms do before answering, then `route`
+    decides what happens to it (fail it, attach an upstream, or nothing yet). It keeps what
+    it was given for the target to check."""
 
     direction = "inbound"
 
-    def __init__(self, answer=None):
-        self.default_labels = METRICS.labels("inbound")
+    def __init__(self, route: Optional[Callable[[Exchange], None]] = None, absolute_form: bool = False):
+        self.default_labels = METRICS.labels(self.direction)
+        # The outbound side routes absolute-form targets (`GET http://host/path`) by their
+        # authority; the inbound side passes the target on as it is. Both are the server's.
+        self.absolute_form = absolute_form
         self.conns: set = set()
-        self.requests: list[Request] = []
-        self.answer = answer
+        self.exchanges: list[Exchange] = []
+        # Dispatched by a server that had closed the connection already; dispatched once it
+        # had stopped reading (refused) with the request's body unfinished: it never ends.
+        self.after_close: list[Exchange] = []
+        self.unending: list[Exchange] = []
+        self.route = route
         self.errors: list[str] = []
 
-    def dispatch(self, server: Http1Server, req: Request) -> None:
-        self.requests.append(req)
-        req.labels = self.default_labels
-        self.default_labels.requests.value += 1
-        if self.answer is not None:
-            self.answer(server, req)
+    def dispatch(self, x: Exchange) -> None:
+        self.exchanges.append(x)
+        server = x.down.server
+        if server.closed:
+            self.after_close.append(x)
+        elif server.refused and not x.body_done:
+            self.unending.append(x)
+        x.count_request(self.default_labels)
+        self.send(x)
+
+    def send(self, x: Exchange) -> None:
+        # Also how the exchange sends a request again (a resend or a retry): the target's
+        # `route` sees it once more.
+        if self.route is not None:
+            self.route(x)
 
     def http_error(self, error: str) -> None:
         self.errors.append(error)
 
-    def answered(self, req, status, now, ok=True) -> None:
-        req.ep = None
-
-    def abandoned(self, req) -> None:
-        req.ep = None
-
     def track(self, s) -> None:
-        pass
-
-    def attempt_answered(self, *args) -> bool:
-        return False
-
-    def attempt_lost(self, *args) -> bool:
-        return False
+        pass  # a tunnel (upgrade, CONNECT): the opaque side is not fuzzed here
 
 
 class UpstreamPool:
-    """What an Http1Client asks of its pool: the limits, and somewhere to go when done."""
+    """What an Http1Client asks of its pool (proxy/pools.py Pool): its directions' limits,
+    and somewhere to go when done (nowhere: each input gets a new client)."""
 
     class pools:
         limits = LIMITS
@@ -107,8 +121,8 @@ class UpstreamPool:
         pass
 
 
-def new_server(answer=None) -> tuple[Http1Server, Room, Transport]:
-    room = Room(answer)
+def new_server(route=None, absolute_form: bool = False) -> tuple[Http1Server, Room, Transport]:
+    room = Room(route, absolute_form)
     server = Http1Server(room, LIMITS, STRIP, conn=None)
     transport = Transport()
     server.connection_made(transport)
@@ -129,7 +143,7 @@ class ResponseReader:
     """A strict reading of what the proxy wrote to its client: a sequence of HTTP/1.1
     responses as httptools sees them (status, headers, body, whether complete)."""
 
-    def __init__(self, head_request: bool = False):
+    def __init__(self):
         self.responses: list[dict] = []
         self.parser = httptools.HttpResponseParser(self)
         self._cur: dict | None = None

@@ -1,6 +1,7 @@
 """Chunked request bodies (llhttp's chunk decoding in proxy/http1/server.py, re-encoded by
 the proxy towards the upstream): the fuzz input is the body of a chunked request, split
-across reads, sent through the real Http1Server to a real Http1Client.
+across reads, sent through the real Http1Server and its Exchange (proxy/exchange.py) to a
+real Http1Client.
 
 Invariants: what the upstream receives is one well-formed chunked request carrying exactly
 the body bytes llhttp decoded from the client (no chunk-size or extension or trailer byte
@@ -15,7 +16,7 @@ import httptools
 from fuzz.http1_harness import UpstreamPool, Transport, feed_split, new_server, split_points
 from proxy.http1.client import Http1Client
 
-INSTRUMENT = ("proxy.http1",)
+INSTRUMENT = ("proxy.http1", "proxy.exchange")
 
 HEAD = b"POST /up HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -52,11 +53,11 @@ def test_one_input(data: bytes) -> None:
     upstream = Http1Client(UpstreamPool())
     upstream.connection_made(up_transport)
 
-    def answer(server, req):
-        req.head = HEAD
-        server.forward(req, upstream)
+    def route(x):
+        assert not room.exchanges[1:] and x.attempts == 0, "routed twice"
+        x.attach(upstream)
 
-    server, room, down = new_server(answer)
+    server, room, down = new_server(route)
     feed_split(server, HEAD + body, [c + len(HEAD) for c in cuts])
     assert b" 500 " not in down.output()[:12], down.output()[:200]
     expected = _Body().read(HEAD + body)

@@ -1,10 +1,11 @@
 """HTTP/1 response heads and bodies from an upstream (proxy/http1/client.py over httptools,
-proxy/http1/headers.py): one request goes through the real Http1Server to a real
-Http1Client; the fuzz input is everything the upstream answers, split across reads.
+proxy/http1/headers.py, through proxy/exchange.py): one request goes through the real
+Http1Server, whose room attaches a real Http1Client to its Exchange; the fuzz input is
+everything the upstream answers, split across reads.
 
 Invariants: no exception inside a callback (the proxy logs "handling failed" for those:
 here that raises); what reaches the client parses as HTTP/1.1 responses — interim ones,
-then one final response whose only connection-level headers are the proxy's own, with no
+at most as many as the proxy passes on, then one final response whose only connection-level headers are the proxy's own, with no
 more headers than the proxy accepts upstream, and, when complete, exactly the body bytes
 the upstream's response carried (re-framed, never altered); an upstream response the
 proxy cannot forward becomes the proxy's own 502, never a half-written head.
@@ -19,7 +20,7 @@ import proxy.http1.server as server_mod
 from fuzz.http1_harness import LIMITS, UpstreamPool, ResponseReader, Transport, feed_split, new_server, split_points
 from proxy.http1.client import Http1Client
 
-INSTRUMENT = ("proxy.http1",)
+INSTRUMENT = ("proxy.http1", "proxy.exchange")
 
 
 class _RaisingLog:
@@ -49,12 +50,11 @@ REQUESTS = (
 class _UpstreamBody:
     """The body of the upstream's final response as llhttp reads it (what must arrive)."""
 
-    def __init__(self, head_request: bool):
+    def __init__(self):
         self.body = b""
         self.final = False
         self.complete = False
         self.parser = httptools.HttpResponseParser(self)
-        self.head_request = head_request
 
     def on_headers_complete(self):
         # Only the first final response counts (what follows it is not an answer to the request).
@@ -79,13 +79,13 @@ def test_one_input(data: bytes) -> None:
     upstream = Http1Client(UpstreamPool())
     upstream.connection_made(up_transport)
 
-    def answer(server, req):
-        req.head = raw_request.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-        server.forward(req, upstream)
+    def route(x):
+        assert not room.exchanges[1:] and x.up is None and x.attempts == 0, "routed twice"
+        x.attach(upstream)
 
-    server, room, down = new_server(answer)
+    server, room, down = new_server(route)
     server.data_received(raw_request)
-    assert room.requests, "the request was not dispatched"
+    assert room.exchanges, "the request was not dispatched"
     feed_split(upstream, payload, cuts)
     if not upstream.closed:
         upstream.connection_lost(None)  # the upstream closes: ends a body delimited by close
@@ -99,6 +99,9 @@ def test_one_input(data: bytes) -> None:
         raise AssertionError(f"the proxy wrote a malformed response: {e}: {out[:300]!r}") from None
     finals = [r for r in reader.responses if r.get("status", 0) >= 200]
     assert len(finals) <= 1, finals
+    interims = reader.responses[:-1] if finals else reader.responses
+    assert all(r.get("status", 0) < 200 for r in interims), "a response after the final one"
+    assert len(interims) <= LIMITS.max_interim, len(interims)
     if not finals:
         assert not reader.responses or down.closed, out[:300]
         return
@@ -113,7 +116,7 @@ def test_one_input(data: bytes) -> None:
         assert final["status"] in (502, 504), final["status"]
         return
     if final["complete"]:
-        expected = _UpstreamBody(False)
+        expected = _UpstreamBody()
         try:
             expected.parser.feed_data(payload)
         except httptools.HttpParserError:

@@ -154,6 +154,36 @@ def test_every_spelling_an_app_server_folds_into_tulle_client_id_is_removed(lt, 
         p.stop()
 
 
+# --- what follows an answer that closes the connection --------------------------------------------
+
+
+def test_bytes_after_a_refused_connect_never_reach_the_app_as_requests(lt, mesh, nats_server, app):
+    """The inbound refuses CONNECT (405, close): a request written behind it in the same packet is
+    the tunnel's would-be bytes, never processed (RFC 9112 §9.6; found by fuzz/)."""
+    p = server_proxy(lt, mesh, nats_server.url, app.port)
+    try:
+        got = raw_exchange(p.inbound, b"CONNECT web:80 HTTP/1.1\r\nHost: web:80\r\n\r\n"
+                                      b"GET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 405") and got.count(b"HTTP/1.1 ") == 1
+        assert app.seen == []
+    finally:
+        p.stop()
+
+
+def test_a_pipelined_request_whose_body_turns_out_malformed_is_never_sent_to_the_app(lt, mesh, nats_server, app):
+    """It waits behind a slow request; its chunked body is refused (400) meanwhile: when its turn
+    comes it is answered by that refusal, not sent upstream with half a body (found by fuzz/)."""
+    p = server_proxy(lt, mesh, nats_server.url, app.port)
+    try:
+        got = raw_exchange(p.inbound, b"GET /slow/0.3 HTTP/1.1\r\nHost: web\r\n\r\n"
+                                      b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      b"zz\r\nnot a chunk\r\n")
+        assert got.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in got and got.count(b"HTTP/1.1 ") == 2
+        assert [s.path for s in app.seen] == ["/slow/0.3"]
+    finally:
+        p.stop()
+
+
 def test_a_request_behind_empty_lines_is_parsed_as_http(lt, mesh, nats_server, app):
     """Many servers skip empty lines before a request (RFC 9112 2.2): so must detection."""
     p = server_proxy(lt, mesh, nats_server.url, app.port)

@@ -189,8 +189,8 @@ class Http1Server(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.idle_ticks = 0
-        if self.refused:
-            return
+        if self.refused or self.closed:
+            return  # bytes a closing connection had read already: never processed
         last = self.last
         if last is not None and last.tail is not None:  # waiting for 101 / the tunnel
             last.tail.append(data)
@@ -207,6 +207,8 @@ class Http1Server(asyncio.Protocol):
             err = e.__context__
             if isinstance(err, _PipelineFull):
                 self._pipeline_full()
+            elif isinstance(err, _Closed):
+                pass
             elif isinstance(err, HeadError):
                 self.refuse(err.status, err.reason, _ERROR_LABEL.get(err.status, "bad_request"))
             else:
@@ -248,6 +250,10 @@ class Http1Server(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.closed:
+            # Answered with `connection: close` in the middle of this read: what follows is
+            # never processed (RFC 9112 §9.6).
+            raise _Closed()
         q = self.queue
         if q and bounds.pipeline_full(len(q), self.limits):
             raise _PipelineFull()  # stops the parser here: the rest of the read is never parsed
@@ -411,10 +417,15 @@ class Http1Server(asyncio.Protocol):
             self.closed = True
             self.transport.close()
             return
-        # An earlier request is still being answered: queue the refusal behind it.
+        # An earlier request is still being answered: queue the refusal behind it — in the
+        # place of the request being read, when that is the broken one (its body will never
+        # arrive whole: it must not go upstream when its turn comes).
         q = self.queue
         if q is None:
             q = self.queue = deque()
+        if req is not None and q and q[-1] is req:
+            q.pop()
+            req.x.gone()
         q.append(_Refusal(data))
 
     def become_tunnel(self, req: Request, upstream: asyncio.Transport, pending: bytes, guard=None) -> None:
@@ -513,8 +524,12 @@ class Http1Server(asyncio.Protocol):
     def _parser_upgraded(self, data: bytes, offset: int) -> None:
         req = self.last
         tail = data[offset:]
-        if req is not None and (req.x.upgrade is not None or req.x.method == b"CONNECT") and not req.x.done:
-            req.tail = [tail] if tail else []
+        if req is not None and (req.x.upgrade is not None or req.x.method == b"CONNECT"):
+            if not req.x.done:
+                req.tail = [tail] if tail else []
+            # else refused (answered with close): its tunnel's bytes are nobody's requests
+            return
+        if self.closed:
             return
         # llhttp switched to an upgrade we do not honour (h2c): carry on with HTTP/1.
         self.parser = httptools.HttpRequestParser(self)
@@ -531,6 +546,10 @@ class Http1Server(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+
+
+class _Closed(Exception):
+    """Raised from the parser's callback: the connection was closed by an answer mid-read."""
 
 
 class _PipelineFull(Exception):
