@@ -137,6 +137,19 @@ def test_a_service_behind_two_workloads_stays_a_service_node(mesh):
     assert edge(t, "demo/web", "svc:demo/mixed")["requests"] == 1
 
 
+def test_replicas_behind_one_service_are_each_their_own_edge_counted_once(mesh):
+    """books-2 joins books behind the service (one service account): web's proxy only knows
+    it called the service; each replica's report gives its own edge, and nothing is counted
+    twice or on a service node."""
+    mesh.heartbeats["demo.books-2"] = heartbeat("books-2", "books")
+    mesh.endpoints["demo.books.9090"] = endpoints("books", [("books", "books"), ("books-2", "books-2")], port=9090)
+    t = views.topology(mesh, [reply("web", "web", out_edge("books", 10, 10)),
+                              reply("books", "books", in_edge("web", 6, 6)),
+                              reply("books-2", "books", in_edge("web", 4, 4))], now=NOW, window_s=10)
+    assert (edge(t, "demo/web", "demo/books")["requests"], edge(t, "demo/web", "demo/books-2")["requests"]) == (6, 4)
+    assert not [e for e in t["edges"] if e["target"].startswith("svc:")]
+
+
 def test_a_ready_proxy_that_did_not_answer_is_named(mesh):
     t = views.topology(mesh, [reply("web", "web")], now=NOW, window_s=10)
     assert t["missing"] == ["demo.authors-5d8f9c7b4-k9zzm", "demo.authors-5d8f9c7b4-x2x7q", "demo.books"]

@@ -210,6 +210,23 @@ def test_edges_show_who_calls_whom_once_per_pair_with_both_identities():
         "failures": 3, "rps": 10.0, "tcp_open_connections": 0}
 
 
+def test_replicas_sharing_one_identity_are_each_counted_by_their_own_report():
+    """web calls books (two workloads, one service account): its proxy saw 100 calls to the
+    service; books saw 60 and books-2 saw 40. Each row is what that replica received, not the
+    whole 100 twice."""
+    inv = inventory_from(
+        {schemas.proxy_key(NS, w): heartbeat(w, sa) for w, sa in (("web", "web"), ("books", "books"),
+                                                                 ("books-2", "books"))},
+        [endpoints("books", ("books", "books", ID["books"]), ("books-2", "books-2", ID["books"]))])
+    replies = [reply("web", outbound("books", 100, 100)),
+               reply("books", inbound("web", 60, 60)),
+               reply("books-2", inbound("web", 40, 40), sa="books")]
+    rows = {(e.src, e.dst): e for e in edges(replies, inventory=inv, namespace=NS)}
+    assert sorted(rows) == [("web", "books"), ("web", "books-2")]
+    assert (rows[("web", "books")].requests, rows[("web", "books-2")].requests) == (60, 40)
+    assert all(e.secured and e.client_id == ID["web"] and e.server_id == ID["books"] for e in rows.values())
+
+
 def test_an_edge_seen_only_by_the_server_names_the_client_by_its_identity():
     # traffic's proxy did not answer: web's inbound edge alone tells who called
     rows = edges([r for r in demo_replies() if r.workload != "traffic"], inventory=demo_inventory(), namespace=NS)

@@ -528,6 +528,10 @@ def edges(replies: list[schemas.TrafficReply], *, by: str = "workload", inventor
                     ids = holders.get(e.peer_identity, set())
                     ids = {d for d in ids if (d, r.identity) in received} or ids
                     dsts = (ids & behind) or ids or behind
+                    if len(dsts) > 1 and all((d, r.identity) in received for d in dsts):
+                        # Replicas sharing one identity: the client's figures are the service's,
+                        # not any one row's; each server's own report counts its row.
+                        continue
                 else:
                     dsts = behind
                 for dst in dsts or {(e.peer_namespace, e.peer_name)}:

@@ -194,12 +194,19 @@ def topology(state: MeshState, replies: list[schemas.TrafficReply], *, now: floa
     inbound: dict[str, _Acc] = {}  # node -> what its proxies received
     outbound: dict[str, _Acc] = {}
     answered: set[str] = set()
+    received = {(workload_node(r.namespace, owner(r.namespace, r.workload, owners), r.workload), e.peer_identity)
+                for r in replies for e in r.edges if e.direction == "inbound" and e.secured}
     for r in replies:
         answered.add(schemas.proxy_key(r.namespace, r.workload))
         me = workload_node(r.namespace, owner(r.namespace, r.workload, owners), r.workload)
         for e in r.edges:
             if e.direction == "outbound":
                 outbound.setdefault(me, _Acc()).add(e, r.window_s, "client")
+                replicas = behind.get((e.peer_namespace, e.peer_name), set())
+                if e.secured and len(replicas) > 1 and all((w, r.identity) in received for w in replicas):
+                    # Several meshed workloads behind one service: the client cannot tell them
+                    # apart, and each one's proxy reports what it received (the edges below).
+                    continue
                 edges.setdefault((me, service_node(e.peer_namespace, e.peer_name)), _Acc()).add(e, r.window_s, "client")
     client_seen = set(edges)
     for r in replies:
