@@ -3,9 +3,11 @@
 import sys
 
 # Optional extras that libraries import when they are installed and the proxy never uses
-# (nats-py's websocket transport needs aiohttp; structlog's pretty tracebacks use rich).
-# Together they are ~20 MB of memory in every proxy; without them both libraries fall back.
-for _name in ("aiohttp", "rich"):
+# (nats-py's websocket transport needs aiohttp; structlog's pretty tracebacks use rich, its
+# thread-local shim greenlet). Together they are ~20 MB of memory in every proxy; without
+# them the libraries fall back.
+OPTIONAL_EXTRAS = ("aiohttp", "rich", "greenlet")
+for _name in OPTIONAL_EXTRAS:
     sys.modules.setdefault(_name, None)
 
 from tulle.errors import UserError  # noqa: E402

@@ -189,5 +189,5 @@ def test_stat_completes_workloads_and_services_of_the_local_mesh_in_a_real_bash(
 def test_zsh_and_fish_get_the_local_names_with_their_descriptions(local, shell):
     assert protocol(shell, ["tulle", "logs", ""], local) == [("hello", "workload in tiny"), ("worker", "workload in tiny")]
     assert protocol(shell, ["tulle", "logs", "hello", "-n", "tiny", "--container", ""], local) == [
-        ("hello", "container of hello"), ("tulle-proxy", "container of hello"), ("worker", "container of worker")]
+        ("hello", "container of hello"), ("tulle-proxy", "container of hello")]  # the named workload's only
     assert protocol(shell, ["tulle", "policy", "hello", "--server", ""], local) == [("hello-http", "Server in tiny")]

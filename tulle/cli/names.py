@@ -202,6 +202,10 @@ def complete_container(ctx, param, incomplete: str) -> list[CompletionItem]:
     from tulle.logs.select import name_matches
 
     name = (ctx.params or {}).get("name")
+    if name is None and ctx.args:
+        # Completing an option's value, click parses what came before resiliently and leaves
+        # the positional NAME unassigned, in ctx.args.
+        name = ctx.args[0]
     ns = _namespace(ctx)
     names = lookup(ctx, {"workloads"}, ns)
     pairs = [(c, f"container of {wname}") for (wns, wname), containers in names.containers.items()

@@ -62,13 +62,12 @@ def proxy():
 @proxy.command("run")
 def run():
     """Run the proxy (configured by TULLE_PROXY_* environment variables, as `python -m proxy`)."""
+    import os
     import sys
 
-    for name in ("aiohttp", "rich"):  # as proxy/__main__.py: optional extras the proxy never uses
-        sys.modules.setdefault(name, None)
-    from proxy.app import main
-
-    main()
+    # The same process becomes `python -m proxy`: a fresh interpreter without the CLI's modules
+    # (click, rich ...), which would otherwise stay in every proxy's memory.
+    os.execv(sys.executable, [sys.executable, "-m", "proxy"])
 
 
 @proxy.command("await")
