@@ -72,9 +72,11 @@ def test_the_table_shows_every_local_category_and_json_says_success(run):
     lines = proc.stdout.splitlines()
     headers = [line for line, under in zip(lines, lines[1:]) if under and set(under) == {"-"}]
     assert headers == ["tulle-local", "tulle-control-plane", "tulle-nats", "tulle-identity", "tulle-version",
-                       "tulle-data-plane"]
+                       "tulle-control-plane-proxy", "tulle-data-plane"]
     for line in ("the identity service is ready", "the KV buckets exist", "issuer cert is issued by the trust anchor",
-                 "the identity service publishes these trust anchors", "data plane proxies have valid certificates"):
+                 "the identity service publishes these trust anchors", "data plane proxies have valid certificates",
+                 "the NATS cluster is healthy", "the buckets' replicas match the NATS cluster",
+                 "the control plane runs without proxies, by design"):
         assert f"{OK} {line}" in lines
     doc = json.loads(check(run, "-o", "json", "--wait", "30s").stdout)
     assert doc["success"] is True and [c["categoryName"] for c in doc["categories"]][0] == "tulle-local"
