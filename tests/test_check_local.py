@@ -182,3 +182,30 @@ def test_pre_is_for_a_cluster(tmp_path):
     proc = tulle("check", "--pre", "--wait", "0s", state=tmp_path / "state", env={"KUBECONFIG": str(tmp_path / "none")})
     # --pre always looks at a cluster: with no kubeconfig, the client cannot be set up.
     assert proc.returncode == 1 and f"{ERR} can initialize the client" in proc.stdout
+
+
+def test_a_run_on_a_three_node_nats_cluster_checks_three_copies_of_every_stream(tmp_path):
+    """`tulle up --nats-cluster 3`: the check counts the run's three NATS servers and finds
+    every bucket and the event stream kept on all three, each with a leader; with one node
+    down it still reads the bus through the others."""
+    state = tmp_path / "state"
+    up = tulle("up", str(tiny_folder(tmp_path / "manifests")), "--detach", "--isolation", "none", "--nats-cluster", "3",
+               "--timeout", "120", state=state)
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        healthy = tulle("check", "-o", "json", "--wait", "60s", state=state, env=NO_CLUSTER, timeout=150)
+        node = read_record(state)["nats"]["nodes"][2]
+        with supervisor_stopped({"state": state}):
+            os.kill(node["pid"], signal.SIGKILL)
+            degraded = tulle("check", "-o", "json", "--wait", "0s", state=state, env=NO_CLUSTER, timeout=150)
+    finally:
+        tulle("down", state=state)
+    doc = json.loads(healthy.stdout)
+    assert doc["success"] is True, healthy.stdout
+    nats = next(c["checks"] for c in doc["categories"] if c["categoryName"] == "tulle-nats")
+    # Shown (the run's servers are known) and passing: three servers, three copies, a leader each.
+    assert [(c["description"], c["result"]) for c in nats][-2:] == [
+        ("the NATS cluster is healthy", "success"), ("the buckets' replicas match the NATS cluster", "success")]
+    checks = {c["description"]: c for cat in json.loads(degraded.stdout)["categories"] for c in cat["checks"]}
+    assert checks["NATS is running"]["error"] == f"nats-server (pid {node['pid']}) is not running"
+    assert checks["can connect to NATS"]["result"] == "success"
