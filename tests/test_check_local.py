@@ -208,4 +208,4 @@ def test_a_run_on_a_three_node_nats_cluster_checks_three_copies_of_every_stream(
         ("the NATS cluster is healthy", "success"), ("the buckets' replicas match the NATS cluster", "success")]
     checks = {c["description"]: c for cat in json.loads(degraded.stdout)["categories"] for c in cat["checks"]}
     assert checks["NATS is running"]["error"] == f"nats-server (pid {node['pid']}) is not running"
-    assert checks["can connect to NATS"]["result"] == "success"
+    assert checks["can connect to NATS"]["result"] == "success", checks["can connect to NATS"]

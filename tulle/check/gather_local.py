@@ -72,8 +72,9 @@ async def gather(state: StateDir, *, with_proxies: bool, connect: Connect, now: 
 
         # The run's own observer credential: the bus refuses anonymous clients.
         target = BusTarget(nats["url"], nats.get("observer_creds", ""), nats.get("ca", ""))
-        # Any node serving is enough to read the bus (a cluster with one node down still answers).
-        facts.bus = await read_bus(target, connect, nats_up=any(n.ready for n in nodes),
+        # Any node running is enough to try (the client fails over; a cluster's nodes may say
+        # not ready on /healthz while a peer is down, yet serve clients).
+        facts.bus = await read_bus(target, connect, nats_up=any(n.alive for n in nodes),
                                    meshed=facts.meshed, with_proxies=with_proxies, servers=len(nodes))
     return facts
 
