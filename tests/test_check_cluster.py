@@ -1,23 +1,65 @@
 """`tulle check` against a cluster: the real `tulle` command, the official client, and
 the fake API server holding a Tulle installation built from the client's models
 (tests/installation_objects.py). Each test breaks one thing the way it breaks in a
-cluster and reads what the command says about it."""
+cluster and reads what the command says about it.
+
+Behind the fake API server's `tulle-nats-*` pods runs a real three-node JetStream cluster
+with the chart's TLS certificate and the bus's Secrets (the CLI reaches it through
+pods/portforward as the observer, as every command does); its streams are made with three
+copies by the services' roles, as in a cluster of three NATS servers."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
 import datetime as dt
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
+from tests.bus_support import TESTER, MeshNatsCluster
 from tests.fakekube import FakeKube
-from tests.installation_objects import Installation
+from tests.installation_objects import Installation, as_api, meta
 from tests.local_support import TULLE
-from tulle import pki
+from tests.test_check_nats import make_stores, remake, started
+from tulle import __version__, busauth, installation, natsjwt, pki, schemas
+from tulle.bus import Bus
+from tulle.install.material import generate_nats_tls
 
 OK, WARN, ERR = "\u221a", "\u203c", "\u00d7"
+NS = installation.CONTROL_PLANE_NAMESPACE
+
+
+@pytest.fixture(scope="module")
+def nats(tmp_path_factory):
+    """Three TLS nats-servers with the certificate `tulle install` makes (it names the
+    Services, not 127.0.0.1: every client here expects the Service's name, as the CLI does
+    through a port-forward)."""
+    base = tmp_path_factory.mktemp("cluster-nats")
+    tls = generate_nats_tls(NS, "cluster.local")
+    for name, pem in (("ca.crt", tls.ca_pem), ("tls.crt", tls.crt_pem), ("tls.key", tls.key_pem)):
+        (base / name).write_text(pem)
+    cluster = MeshNatsCluster(base / "nats", with_callout=False, tls=busauth.TLSFiles(
+        str(base / "tls.crt"), str(base / "tls.key"), str(base / "ca.crt"))).start()
+    cluster.tls_material = tls
+    try:
+        asyncio.run(make_stores(bus_of(cluster), 3))
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def bus_of(cluster):
+    """(role, replicas) -> a Bus dialing the nodes directly, by the certificate's name."""
+    def make(role: str, replicas: int = 1) -> Bus:
+        creds = dataclasses.replace(cluster.credentials(role), ca_file=cluster.tls.ca_file,
+                                    tls_hostname=installation.nats_tls_name(NS))
+        return Bus(cluster.url, component=role, credentials=creds, replicas=replicas)
+    return make
 
 
 @pytest.fixture
@@ -27,9 +69,45 @@ def kube():
     server.stop()
 
 
+def secret(name: str, data: dict[str, str]) -> dict:
+    from kubernetes import client
+
+    return as_api(client.V1Secret(metadata=meta(name, NS), type="Opaque",
+                                  data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()}), "v1", "Secret")
+
+
+def connect_nats(kube: FakeKube, nats) -> None:
+    """What `tulle install` adds for the bus: its credentials and TLS Secrets; each NATS pod's
+    client port is one node of the cluster."""
+    seeds = {role: natsjwt.read_seed(nats.seed_file(role)).decode() for role in busauth.STATIC_ROLES}
+    kube.apply(secret(installation.NATS_CREDENTIALS_SECRET, seeds))
+    kube.apply(secret(installation.NATS_TLS_SECRET, {"ca.crt": nats.tls_material.ca_pem,
+                                                     "tls.crt": nats.tls_material.crt_pem,
+                                                     "tls.key": nats.tls_material.key_pem}))
+    for i, node in enumerate(nats.nodes):
+        kube.forward_pod_port(NS, f"tulle-nats-{i}", installation.NATS_CLIENT_PORT, node.address)
+
+
 @pytest.fixture
-def install(kube):
-    return Installation().apply_to(kube)
+def install(kube, nats):
+    made = Installation().apply_to(kube)
+    connect_nats(kube, nats)
+    return made
+
+
+def beat(nats, install: Installation, pod: str, namespace: str = "demo", **fields) -> None:
+    """The heartbeat a proxy writes to tulle-proxies (written here by the harness's user: the
+    proxy is not what is under test). Fresh: entries expire 15 s after they are written."""
+    hb = dict(namespace=namespace, workload=pod, version=__version__, ready=True,
+              identity=schemas.identity_name("default", namespace), cert_expiry=time.time() + 20 * 3600,
+              time=time.time(), trust_anchors=pki.cert_fingerprints(install.anchor.cert_pem))
+    hb.update(fields)
+
+    async def put():
+        async with started(bus_of(nats)(TESTER)) as bus:
+            await bus.put(schemas.PROXIES_BUCKET, schemas.proxy_key(namespace, pod), schemas.ProxyHeartbeat(**hb),
+                          create=False)
+    asyncio.run(put())
 
 
 def tulle_check(kube: FakeKube, tmp_path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -45,8 +123,9 @@ def json_checks(proc: subprocess.CompletedProcess) -> dict[str, dict]:
     return {c["description"]: dict(c, category=cat["categoryName"]) for cat in doc["categories"] for c in cat["checks"]}
 
 
-def test_a_healthy_installation_is_silent_but_for_the_summary_in_short_output(kube, install, tmp_path):
+def test_a_healthy_installation_is_silent_but_for_the_summary_in_short_output(kube, install, nats, tmp_path):
     kube.apply(install.meshed_pod("web-7d9f-abcde"))
+    beat(nats, install, "web-7d9f-abcde")
     proc = tulle_check(kube, tmp_path, "-o", "short", "--proxy", "--wait", "0s")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"Status check results are {OK}\n", "")
 
@@ -56,9 +135,14 @@ def test_the_table_has_linkerds_categories_in_order_each_check_passing(kube, ins
     assert proc.returncode == 0, proc.stdout
     headers = [line for i, line in enumerate(proc.stdout.splitlines()[:-1])
                if i + 1 < len(proc.stdout.splitlines()) and set(proc.stdout.splitlines()[i + 1]) == {"-"}]
-    assert headers == ["kubernetes-api", "kubernetes-version", "tulle-existence", "tulle-config", "tulle-identity",
-                       "tulle-webhooks-and-apisvc-tls", "tulle-version"]
+    assert headers == ["kubernetes-api", "kubernetes-version", "tulle-existence", "tulle-config", "tulle-nats",
+                       "tulle-identity", "tulle-webhooks-and-apisvc-tls", "tulle-version", "tulle-control-plane-proxy"]
     assert WARN not in proc.stdout and ERR not in proc.stdout
+    for line in ("can connect to NATS", "JetStream is enabled", "the NATS cluster is healthy",
+                 "the buckets' replicas match the NATS cluster", "the control plane runs without proxies, by design"):
+        assert f"{OK} {line}\n" in proc.stdout
+    # The control plane carries no proxy: the checks of its proxies do not apply.
+    assert "control plane proxies are healthy" not in proc.stdout
     assert proc.stdout.endswith(f"\nStatus check results are {OK}\n")
 
 
@@ -235,3 +319,93 @@ def test_a_bad_wait_duration_is_one_line_and_exit_2(kube, tmp_path):
     proc = tulle_check(kube, tmp_path, "--wait", "soon")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "tulle: --wait: expected a duration such as '30s', '5m' or '0s', got 'soon'\n"
+
+
+# --- tulle-nats, tulle-control-plane-proxy, and the proxies' certificates -----------------------------
+
+
+def test_nats_unreachable_is_an_error_with_a_hint(kube, nats, tmp_path):
+    Installation().apply_to(kube)
+    connect_nats(kube, nats)
+    kube.forward_pod_port(NS, "tulle-nats-0", installation.NATS_CLIENT_PORT, ("127.0.0.1", 1))  # nothing listens
+    proc = tulle_check(kube, tmp_path, "-o", "json", "--wait", "0s")
+    checks = json_checks(proc)
+    assert proc.returncode == 1
+    connect = checks["can connect to NATS"]
+    assert connect["result"] == "error" and connect["category"] == "tulle-nats"
+    assert connect["error"].startswith(f"cannot connect to the NATS of namespace {NS} (")
+    assert f"cannot reach NATS through a port-forward to pod {NS}/tulle-nats-0 port 4222" in connect["error"]
+    assert "kubectl auth can-i create pods/portforward -n tulle" in connect["hint"]
+    # Nothing more is said of a bus the check could not read.
+    assert "JetStream is enabled" not in checks and "the NATS cluster is healthy" not in checks
+
+
+def test_a_bucket_with_fewer_replicas_than_the_nats_servers_is_a_warning_with_a_hint(kube, install, nats, tmp_path):
+    asyncio.run(remake(bus_of(nats), schemas.PROFILES_BUCKET, 1))
+    try:
+        proc = tulle_check(kube, tmp_path, "-o", "short", "--wait", "0s")
+    finally:
+        asyncio.run(remake(bus_of(nats), schemas.PROFILES_BUCKET, 3))
+    assert proc.returncode == 0, proc.stdout  # a warning does not fail the check
+    assert proc.stdout.startswith(
+        "tulle-nats\n----------\n"
+        f"{WARN} the buckets' replicas match the NATS cluster\n"
+        "    KV_tulle-profiles keeps 1 copy, not 3\n"
+        "    the installation runs 3 NATS servers, so each stream should keep 3\n"
+        "    hint: a stream keeps the copies it was made with")
+    assert "`nats stream edit STREAM --replicas 3` for KV_tulle-profiles" in proc.stdout
+
+
+def test_a_control_plane_pod_with_a_proxy_is_said_with_its_health_and_version(kube, install, tmp_path):
+    kube.apply(install.meshed_pod("tulle-identity-6c4b9d7f8-q7w2e", namespace=NS, ready=False, waiting="CrashLoopBackOff",
+                                  proxy_version="0.0.9"))
+    checks = json_checks(tulle_check(kube, tmp_path, "-o", "json", "--wait", "0s"))
+    unmeshed = checks["the control plane runs without proxies, by design"]
+    assert unmeshed["category"] == "tulle-control-plane-proxy" and unmeshed["result"] == "warning"
+    assert unmeshed["error"] == "tulle-identity-6c4b9d7f8-q7w2e: carries a tulle-proxy container"
+    assert "tulle.dev/inject: disabled" in unmeshed["hint"]
+    healthy = checks["control plane proxies are healthy"]
+    assert healthy["error"] == "tulle-identity-6c4b9d7f8-q7w2e: tulle-proxy waiting: CrashLoopBackOff"
+    assert checks["control plane proxies and cli versions match"]["error"].startswith(
+        "tulle-identity-6c4b9d7f8-q7w2e runs 0.0.9")
+
+
+def with_identity(pod: dict, service_account: str, trust_domain: str = "cluster.local") -> dict:
+    """The pod as the injector leaves it: its service account, the proxy told its trust domain."""
+    pod["spec"]["serviceAccountName"] = service_account
+    pod["spec"]["containers"][0]["env"].append({"name": "TULLE_PROXY_TRUST_DOMAIN", "value": trust_domain})
+    return pod
+
+
+def test_each_proxys_certificate_is_judged_from_its_heartbeat(kube, install, nats, tmp_path):
+    for name in ("expired-1", "stranger-1", "foreign-1", "silent-1", "fine-1"):
+        kube.apply(with_identity(install.meshed_pod(name), "web"))
+    web = schemas.identity_name("web", "demo")
+    beat(nats, install, "expired-1", identity=web, cert_expiry=time.time() - 60)
+    beat(nats, install, "stranger-1", identity=schemas.identity_name("books", "demo"))
+    beat(nats, install, "foreign-1", identity=web, trust_anchors=pki.cert_fingerprints(pki.new_trust_anchor().cert_pem))
+    beat(nats, install, "fine-1", identity=web)
+    proc = tulle_check(kube, tmp_path, "-o", "json", "--proxy", "--wait", "0s")
+    checks = json_checks(proc)
+    assert proc.returncode == 1
+    certs = checks["data plane proxies have valid certificates"]
+    lines = certs["error"].splitlines()
+    assert lines[0].startswith("demo/expired-1: its certificate expired at ")
+    assert lines[1:] == [
+        "demo/foreign-1: its certificate does not chain to the installation's trust anchors (it was verified "
+        "against the proxy's own, none of them the installation's)",
+        f"demo/stranger-1: its certificate is for {schemas.identity_name('books', 'demo')}, not {web}"]
+    assert "tulle logs -n demo expired-1 --container tulle-proxy" in certs["hint"]
+    silent = checks["data plane proxies send heartbeats"]
+    assert silent["result"] == "error" and silent["error"].startswith("demo/silent-1: no heartbeat in tulle-proxies")
+
+
+def test_a_certificate_in_its_renewal_window_is_a_warning(kube, install, nats, tmp_path):
+    kube.apply(install.meshed_pod("web-1"))
+    beat(nats, install, "web-1", cert_expiry=time.time() + 2 * 3600)  # 24 h certificates renew with 7.2 h left
+    proc = tulle_check(kube, tmp_path, "-o", "short", "--proxy", "--wait", "0s")
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["tulle-data-plane", "----------------", f"{WARN} data plane proxies have valid certificates"]
+    assert lines[3].startswith("    demo/web-1: its certificate expires at ")
+    assert lines[3].endswith("(in 2 hours) and was not renewed at 70 % of its life")

@@ -72,9 +72,11 @@ def test_the_table_shows_every_local_category_and_json_says_success(run):
     lines = proc.stdout.splitlines()
     headers = [line for line, under in zip(lines, lines[1:]) if under and set(under) == {"-"}]
     assert headers == ["tulle-local", "tulle-control-plane", "tulle-nats", "tulle-identity", "tulle-version",
-                       "tulle-data-plane"]
+                       "tulle-control-plane-proxy", "tulle-data-plane"]
     for line in ("the identity service is ready", "the KV buckets exist", "issuer cert is issued by the trust anchor",
-                 "the identity service publishes these trust anchors", "data plane proxies have valid certificates"):
+                 "the identity service publishes these trust anchors", "data plane proxies have valid certificates",
+                 "the NATS cluster is healthy", "the buckets' replicas match the NATS cluster",
+                 "the control plane runs without proxies, by design"):
         assert f"{OK} {line}" in lines
     doc = json.loads(check(run, "-o", "json", "--wait", "30s").stdout)
     assert doc["success"] is True and [c["categoryName"] for c in doc["categories"]][0] == "tulle-local"
@@ -180,3 +182,30 @@ def test_pre_is_for_a_cluster(tmp_path):
     proc = tulle("check", "--pre", "--wait", "0s", state=tmp_path / "state", env={"KUBECONFIG": str(tmp_path / "none")})
     # --pre always looks at a cluster: with no kubeconfig, the client cannot be set up.
     assert proc.returncode == 1 and f"{ERR} can initialize the client" in proc.stdout
+
+
+def test_a_run_on_a_three_node_nats_cluster_checks_three_copies_of_every_stream(tmp_path):
+    """`tulle up --nats-cluster 3`: the check counts the run's three NATS servers and finds
+    every bucket and the event stream kept on all three, each with a leader; with one node
+    down it still reads the bus through the others."""
+    state = tmp_path / "state"
+    up = tulle("up", str(tiny_folder(tmp_path / "manifests")), "--detach", "--isolation", "none", "--nats-cluster", "3",
+               "--timeout", "120", state=state)
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        healthy = tulle("check", "-o", "json", "--wait", "60s", state=state, env=NO_CLUSTER, timeout=150)
+        node = read_record(state)["nats"]["nodes"][2]
+        with supervisor_stopped({"state": state}):
+            os.kill(node["pid"], signal.SIGKILL)
+            degraded = tulle("check", "-o", "json", "--wait", "0s", state=state, env=NO_CLUSTER, timeout=150)
+    finally:
+        tulle("down", state=state)
+    doc = json.loads(healthy.stdout)
+    assert doc["success"] is True, healthy.stdout
+    nats = next(c["checks"] for c in doc["categories"] if c["categoryName"] == "tulle-nats")
+    # Shown (the run's servers are known) and passing: three servers, three copies, a leader each.
+    assert [(c["description"], c["result"]) for c in nats][-2:] == [
+        ("the NATS cluster is healthy", "success"), ("the buckets' replicas match the NATS cluster", "success")]
+    checks = {c["description"]: c for cat in json.loads(degraded.stdout)["categories"] for c in cat["checks"]}
+    assert checks["NATS is running"]["error"] == f"nats-server (pid {node['pid']}) is not running"
+    assert checks["can connect to NATS"]["result"] == "success", checks["can connect to NATS"]

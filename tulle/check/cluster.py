@@ -4,9 +4,14 @@ names (tulle/installation.py).
 
     kubernetes-api, kubernetes-version
     pre-kubernetes-setup, tulle-crds             (--pre: before an install)
-    tulle-existence, tulle-config, tulle-identity,
-    tulle-webhooks-and-apisvc-tls, tulle-version
-    tulle-data-plane                             (--proxy)
+    tulle-existence, tulle-config,
+    tulle-nats                                   (over the bus, through a port-forward:
+                                                 tulle/check/nats.py, shared with local mode)
+    tulle-identity, tulle-webhooks-and-apisvc-tls, tulle-version,
+    tulle-control-plane-proxy                    (not meshed, by design: the chart says
+                                                 tulle.dev/inject: disabled)
+    tulle-data-plane                             (--proxy: the pods, and their heartbeats
+                                                 in tulle-proxies for their certificates)
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from tulle import installation as names
-from tulle.check.core import Category, Check, Outcome, error, ok, warning
+from tulle import schemas
+from tulle.check.core import Category, Check, Outcome, Result, error, ok, warning
 from tulle.check.identity import EXPIRY_WARNING, IdentityMaterial, fingerprints, identity_checks
+from tulle.check.nats import BusFacts, NatsAdvice, nats_checks
+from tulle.check.proxies import DEFAULT_LIFETIME_S, certificate_verdict
 
 T = TypeVar("T")
 
@@ -70,6 +78,9 @@ class ClusterFacts:
     crds: dict[str, Read] = field(default_factory=dict)  # name -> V1CustomResourceDefinition
     access: dict[Access, tuple[bool, str]] = field(default_factory=dict)  # (allowed, reason)
     data_plane: Read = field(default_factory=Read)  # list[V1Pod] with a tulle-proxy container
+    # The bus as the observer reads it through a port-forward (None: not read, e.g. no API).
+    bus: Optional[BusFacts] = None
+    cert_lifetime_s: float = DEFAULT_LIFETIME_S  # the identity Deployment's --lifetime
 
 
 # --- small readers of the models ---------------------------------------------------------------
@@ -555,17 +566,152 @@ def data_plane_version(f: ClusterFacts) -> Optional[Outcome]:
     pods = _meshed(f)
     if pods is None:
         return None
-    old = []
-    for pod in pods:
-        annotations = pod.metadata.annotations or {}
-        v = annotations.get(names.PROXY_VERSION_ANNOTATION) or image_version(proxy_container(pod).image or "")
-        v = v[1:] if v.startswith("v") and v[1:2].isdigit() else v
-        if v and v != f.cli_version:
-            old.append(f"{_pod_name(pod)} runs {v}")
+    old = [f"{_pod_name(pod)} runs {v}" for pod in pods if (v := _proxy_version(pod)) and v != f.cli_version]
     if old:
         return warning(f"{', '.join(old)}; this CLI is {f.cli_version}",
                        "restart those workloads (`kubectl rollout restart`) once the control plane is upgraded")
     return ok()
+
+
+def data_plane_heartbeats(f: ClusterFacts) -> Optional[Outcome]:
+    """A ready proxy writes its heartbeat every 5 s once it is connected to NATS: a ready pod
+    without one runs on what it last heard of discovery and policy."""
+    pods = _meshed(f)
+    if pods is None or f.bus is None or not f.bus.heartbeats_read:
+        return None
+    missing = [pod for pod in pods if _proxy_ready(pod) and _heartbeat(f, pod) is None]
+    if missing:
+        first = missing[0]
+        return error("\n".join(f"{_pod_name(p)}: no heartbeat in {schemas.PROXIES_BUCKET} (entries expire "
+                               f"{schemas.PROXY_HEARTBEAT_TTL_S:g} s after the last)" for p in missing),
+                     f"the proxy cannot reach NATS: `tulle logs -n {first.metadata.namespace} {first.metadata.name} "
+                     f"--container {names.PROXY_CONTAINER}`")
+    return ok()
+
+
+def data_plane_certificates(f: ClusterFacts) -> Optional[Outcome]:
+    pods = _meshed(f)
+    if pods is None or f.bus is None or not f.bus.heartbeats_read:
+        return None
+    anchors = fingerprints(_data(f.trust_roots.value, names.TRUST_ROOTS_KEY, secret=False) or b"") \
+        if f.trust_roots.found else set()
+    material = identity_material(f)
+    issuer = material.issuer() if material is not None else None
+    errors, warnings, first = [], [], None
+    for pod in pods:
+        hb = _heartbeat(f, pod)
+        if hb is None:
+            continue  # said by the heartbeat check
+        verdict = certificate_verdict(
+            hb, now=f.now.timestamp(), expected_identity=_expected_identity(pod), installation_anchors=anchors,
+            lifetime_s=f.cert_lifetime_s,
+            issuer_not_after=issuer.not_valid_after_utc.timestamp() if issuer is not None else None)
+        if verdict is None:
+            continue
+        (errors if verdict[0] is Result.ERROR else warnings).append(f"{_pod_name(pod)}: {verdict[1]}")
+        first = first or pod
+    if not errors and not warnings:
+        return ok()
+    hint = (f"a proxy renews its certificate at 70 % of its life from the identity service: `tulle logs -n "
+            f"{first.metadata.namespace} {first.metadata.name} --container {names.PROXY_CONTAINER}`, "
+            f"`tulle logs --component identity`; a proxy started with other anchors needs a restart "
+            f"(`kubectl rollout restart`)")
+    return error("\n".join(errors + warnings), hint) if errors else warning("\n".join(warnings), hint)
+
+
+def _proxy_ready(pod: Any) -> bool:
+    if pod.status is None or pod.status.phase != "Running":
+        return False
+    cs = _container_status(pod, names.PROXY_CONTAINER)
+    return cs is not None and bool(cs.ready)
+
+
+def _heartbeat(f: ClusterFacts, pod: Any) -> Optional[schemas.ProxyHeartbeat]:
+    """A pod's proxy writes under <namespace>.<pod name> (TULLE_PROXY_WORKLOAD is the pod's name)."""
+    return f.bus.heartbeats.get(schemas.proxy_key(pod.metadata.namespace, pod.metadata.name)) if f.bus else None
+
+
+def _expected_identity(pod: Any) -> str:
+    """The identity the pod's proxy should hold: its service account's, in the trust domain the
+    injector gave it; "" when the pod does not say (then it is not compared)."""
+    domain = _env(proxy_container(pod), "TULLE_PROXY_TRUST_DOMAIN")
+    if not domain:
+        return ""
+    return schemas.identity_name(pod.spec.service_account_name or "default", pod.metadata.namespace, domain)
+
+
+# --- tulle-control-plane-proxy -----------------------------------------------------------------------
+
+
+def _control_plane_proxies(f: ClusterFacts) -> list[Any]:
+    return [pod for pod in (f.pods.value or []) if proxy_container(pod) is not None] if f.pods.found else []
+
+
+def control_plane_unmeshed(f: ClusterFacts) -> Optional[Outcome]:
+    """The control plane reaches NATS and the API itself, with its own credentials: a proxy in
+    front of identity would need a certificate from it, one in front of NATS the bus it serves.
+    The chart marks the namespace and every pod template `tulle.dev/inject: disabled`."""
+    if not f.pods.found:
+        return None  # said by tulle-existence
+    meshed = _control_plane_proxies(f)
+    if meshed:
+        return warning(f"{', '.join(p.metadata.name for p in meshed)}: {'carries' if len(meshed) == 1 else 'carry'} "
+                       f"a {names.PROXY_CONTAINER} container",
+                       f"the control plane runs without proxies (its namespace and pods say tulle.dev/inject: "
+                       f"disabled): one was added by hand; re-apply the control plane "
+                       f"(`tulle upgrade | kubectl apply -f -`) to remove it")
+    return ok()
+
+
+def control_plane_proxies_ready(f: ClusterFacts) -> Optional[Outcome]:
+    meshed = _control_plane_proxies(f)
+    if not meshed:
+        return None
+    bad = [p for p in meshed if not _proxy_ready(p)]
+    if bad:
+        return error("\n".join(f"{p.metadata.name}: {names.PROXY_CONTAINER} "
+                               f"{_why_not_ready(_container_status(p, names.PROXY_CONTAINER))}" for p in bad),
+                     f"`tulle logs -n {f.namespace} {bad[0].metadata.name} --container {names.PROXY_CONTAINER}` "
+                     "says what it waits for")
+    return ok()
+
+
+def control_plane_proxies_version(f: ClusterFacts) -> Optional[Outcome]:
+    meshed = _control_plane_proxies(f)
+    if not meshed:
+        return None
+    old = [f"{p.metadata.name} runs {v}" for p in meshed if (v := _proxy_version(p)) and v != f.cli_version]
+    if old:
+        return warning(f"{', '.join(old)}; this CLI is {f.cli_version}",
+                       "re-apply the control plane with this CLI (`tulle upgrade | kubectl apply -f -`)")
+    return ok()
+
+
+def _proxy_version(pod: Any) -> str:
+    annotations = pod.metadata.annotations or {}
+    v = annotations.get(names.PROXY_VERSION_ANNOTATION) or image_version(proxy_container(pod).image or "")
+    return v[1:] if v.startswith("v") and v[1:2].isdigit() else v
+
+
+# --- tulle-nats ---------------------------------------------------------------------------------------
+
+
+def _bus_facts(f: ClusterFacts) -> Optional[BusFacts]:
+    return f.bus
+
+
+def nats_advice(namespace: str) -> NatsAdvice:
+    return NatsAdvice(
+        unreachable=(f"the CLI reaches NATS through a port-forward to a {names.NATS_SERVICE}-* pod with the observer "
+                     f"credential of Secret {namespace}/{names.NATS_CREDENTIALS_SECRET}: see the NATS StatefulSet "
+                     f"check above, `tulle logs --component nats`, and that you may port-forward "
+                     f"(`kubectl auth can-i create pods/portforward -n {namespace}`)"),
+        jetstream_off="the chart runs NATS with JetStream on: `tulle logs --component nats` says why it is off",
+        nats_logs="`tulle logs --component nats` and "
+                  f"`kubectl -n {namespace} get pods -l {names.COMPONENT_LABEL}=nats` say which and why",
+        fix_replicas="a stream keeps the copies it was made with (its writer made it while NATS had fewer servers, "
+                     "and no Tulle role may change a stream): raise them with `nats stream edit STREAM --replicas "
+                     "{n}` for {streams}, as a NATS user allowed $JS.API.STREAM.UPDATE in the MESH account")
 
 
 def categories(*, pre: bool, with_proxies: bool, namespace: str) -> list[Category[ClusterFacts]]:
@@ -601,6 +747,7 @@ def categories(*, pre: bool, with_proxies: bool, namespace: str) -> list[Categor
             Check("the trust roots ConfigMap exists", trust_roots_present),
             Check("the issuer Secret exists", issuer_secret_present),
         )),
+        Category("tulle-nats", nats_checks(_bus_facts, nats_advice(namespace))),
         Category("tulle-identity", identity_checks(identity_material)),
         Category("tulle-webhooks-and-apisvc-tls", (
             Check("proxy-injector webhook has valid cert", injector_cert_valid),
@@ -610,10 +757,17 @@ def categories(*, pre: bool, with_proxies: bool, namespace: str) -> list[Categor
         Category("tulle-version", (
             Check("control plane and cli versions match", control_plane_version),
         )),
+        Category("tulle-control-plane-proxy", (
+            Check("the control plane runs without proxies, by design", control_plane_unmeshed),
+            Check("control plane proxies are healthy", control_plane_proxies_ready, transient=True),
+            Check("control plane proxies and cli versions match", control_plane_proxies_version),
+        )),
     ]
     if with_proxies:
         cats.append(Category("tulle-data-plane", (
             Check("data plane proxies are ready", data_plane_ready, transient=True),
+            Check("data plane proxies send heartbeats", data_plane_heartbeats, transient=True),
+            Check("data plane proxies have valid certificates", data_plane_certificates, transient=True),
             Check("data plane proxies trust the installation's anchors", data_plane_anchors),
             Check("data plane and cli versions match", data_plane_version),
         )))

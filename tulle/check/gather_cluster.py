@@ -3,6 +3,10 @@
 
 Every read is one GET or LIST; a 404 is "absent", any other failure is kept as the
 read's error so the check can say what could not be read and why.
+
+`read_bus` then adds what the observer reads over the cluster's NATS (tulle-nats, the
+proxies' heartbeats): async, with the `connect` the caller passes (the CLI's `connect_bus`,
+through a port-forward), so a caller with a loop of its own (the dashboard) can await it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, Callable, Optional
 from tulle import __version__
 from tulle import installation as names
 from tulle.check.cluster import Access, ClusterFacts, Read, pre_access, proxy_container
+from tulle.check.proxies import DEFAULT_LIFETIME_S
 
 REQUEST_TIMEOUT_S = 10
 
@@ -85,7 +90,46 @@ def gather(configuration: Optional[Any], *, namespace: str, pre: bool, with_prox
             every = _read(core.list_pod_for_all_namespaces)
             meshed = [p for p in every.value.items if proxy_container(p) is not None] if every.found else None
             facts.data_plane = Read(meshed, every.error)
+        facts.cert_lifetime_s = _cert_lifetime(facts.deployments.get("tulle-identity", Read()))
     return facts
+
+
+# The bus through a port-forward: the API, TLS and a login go first (a busy machine may be slow).
+BUS_CONNECT_TIMEOUT_S = 10.0
+
+
+async def read_bus(facts: ClusterFacts, target, connect) -> ClusterFacts:
+    """Fill `facts.bus` from the cluster's NATS, read as the observer. `target`: what `connect`
+    reaches the bus with (a tulle.cli.common.BusTarget naming the cluster). Not read when the
+    API or the control plane is not there (said by the checks before)."""
+    from tulle.check.gather_nats import read_bus as read
+
+    if facts.pre or facts.client_error or facts.api_error or not facts.control_namespace.found:
+        return facts
+    sts = facts.nats.value
+    servers = (sts.spec.replicas if sts.spec.replicas is not None else 1) if sts is not None else 0
+    facts.bus = await read(target, connect, meshed=True, with_proxies=facts.with_proxies, servers=servers,
+                           connect_timeout=BUS_CONNECT_TIMEOUT_S)
+    return facts
+
+
+def _cert_lifetime(identity: Read) -> float:
+    """The identity service's --lifetime (the chart passes identity.issuer.issuanceLifetime)."""
+    from tulle.durations import parse_ms
+
+    if not identity.found:
+        return DEFAULT_LIFETIME_S
+    for c in identity.value.spec.template.spec.containers or []:
+        args = list(c.args or [])
+        for i, arg in enumerate(args):
+            value = arg.split("=", 1)[1] if arg.startswith("--lifetime=") else \
+                (args[i + 1] if arg == "--lifetime" and i + 1 < len(args) else None)
+            if value:
+                try:
+                    return parse_ms(value) / 1000 or DEFAULT_LIFETIME_S
+                except ValueError:
+                    return DEFAULT_LIFETIME_S
+    return DEFAULT_LIFETIME_S
 
 
 def _version(code: Any) -> Optional[tuple[int, int, str]]:

@@ -1,8 +1,9 @@
 """The adapter of local mode: read the run record, probe every process now, read the
 identity folder and the bus, into `LocalFacts`.
 
-The bus connection is made by the `connect` function the caller passes (the CLI's
-`connect_bus`): how the CLI authenticates to NATS is decided in one place.
+The bus is read by tulle/check/gather_nats.py (shared with a cluster), connecting with
+the `connect` function the caller passes (the CLI's `connect_bus`): how the CLI
+authenticates to NATS is decided in one place.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import Optional
 
-from tulle import __version__, schemas
+from tulle import __version__
+from tulle.check.gather_nats import Connect, read_bus
 from tulle.check.identity import IdentityMaterial, fingerprints
-from tulle.check.local import BusFacts, LocalFacts, ProcessFacts, ProxyFacts
+from tulle.check.local import LocalFacts, ProcessFacts, ProxyFacts
 from tulle.local.probe import http_get, split_addr
 from tulle.local.state import StateDir, nats_nodes, process_alive, read_record
 from tulle.local.status import collect
 
-Connect = Callable[..., Awaitable["object"]]  # connect_bus(url, timeout=...) -> Bus; raises on failure
-
-BUS_TIMEOUT_S = 3.0
 PROBE_TIMEOUT_S = 2.0
 
 
@@ -47,7 +46,8 @@ async def gather(state: StateDir, *, with_proxies: bool, connect: Connect, now: 
         facts.nats = next((n for n in nodes if not n.alive), None) or next((n for n in nodes if not n.ready), nodes[0])
     for c in record.get("components") or []:
         facts.services.append(ProcessFacts(c.get("name", "?"), c.get("pid"), process_alive(c.get("pid"), c.get("start")),
-                                           ready.get(c.get("name"), False), c.get("admin", ""), c.get("restarts", 0)))
+                                           ready.get(c.get("name"), False), c.get("admin", ""), c.get("restarts", 0),
+                                           proxied=bool(c.get("proxy"))))
     versions = await asyncio.gather(*(_version(s) for s in facts.services))
     for s, v in zip(facts.services, versions):
         s.version = v
@@ -72,8 +72,10 @@ async def gather(state: StateDir, *, with_proxies: bool, connect: Connect, now: 
 
         # The run's own observer credential: the bus refuses anonymous clients.
         target = BusTarget(nats["url"], nats.get("observer_creds", ""), nats.get("ca", ""))
-        facts.bus = await read_bus(target, connect, nats_up=bool(facts.nats and facts.nats.ready),
-                                   meshed=facts.meshed, with_proxies=with_proxies)
+        # Any node running is enough to try (the client fails over; a cluster's nodes may say
+        # not ready on /healthz while a peer is down, yet serve clients).
+        facts.bus = await read_bus(target, connect, nats_up=any(n.alive for n in nodes),
+                                   meshed=facts.meshed, with_proxies=with_proxies, servers=len(nodes))
     return facts
 
 
@@ -121,51 +123,3 @@ def _read(path: Path) -> tuple[Optional[bytes], str]:
         return None, "missing"
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
-
-
-async def read_bus(url, connect: Connect, *, nats_up: bool, meshed: bool, with_proxies: bool) -> BusFacts:
-    """`url`: the bus to read (a URL, or a tulle.cli.common.BusTarget carrying its credential)."""
-    facts = BusFacts(url=str(url))
-    if not nats_up:
-        facts.connect_error = "NATS is not running"
-        return facts
-    try:
-        bus = await connect(url, timeout=BUS_TIMEOUT_S)
-    except Exception as e:  # UserError: not reachable in time; anything the client raises
-        facts.connect_error = str(e) or type(e).__name__
-        return facts
-    try:
-        await _read_jetstream(bus, facts, meshed=meshed, with_proxies=with_proxies)
-    finally:
-        await bus.close()
-    return facts
-
-
-async def _read_jetstream(bus, facts: BusFacts, *, meshed: bool, with_proxies: bool) -> None:
-    import nats.errors
-    import nats.js.errors
-
-    wanted = [schemas.ENDPOINTS_BUCKET, schemas.PROFILES_BUCKET, schemas.POLICY_BUCKET, schemas.LEASES_BUCKET]
-    if meshed:
-        wanted += [schemas.IDENTITY_BUCKET, schemas.PROXIES_BUCKET]
-    for bucket in wanted:
-        try:
-            await asyncio.wait_for(bus.kv(bucket, create=False), BUS_TIMEOUT_S)
-        except nats.js.errors.BucketNotFoundError:
-            facts.missing_buckets.append(bucket)
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
-            facts.jetstream_error = str(e) or type(e).__name__
-            return
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
-            facts.jetstream_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            return
-    try:
-        await asyncio.wait_for(bus.js.stream_info(schemas.EVENTS_STREAM), BUS_TIMEOUT_S)
-    except nats.js.errors.NotFoundError:
-        facts.events_stream = False
-    except (nats.errors.Error, asyncio.TimeoutError):
-        pass  # said by the bucket checks, if anything
-    if meshed and schemas.IDENTITY_BUCKET not in facts.missing_buckets:
-        facts.trust_bundle = await bus.get(schemas.IDENTITY_BUCKET, schemas.TRUST_BUNDLE_KEY, schemas.TrustBundle)
-    if meshed and with_proxies and schemas.PROXIES_BUCKET not in facts.missing_buckets:
-        facts.heartbeats = await bus.items(schemas.PROXIES_BUCKET, schemas.ProxyHeartbeat)

@@ -3,27 +3,30 @@ categories over them.
 
     tulle-local          the run is recorded, its supervisor runs
     tulle-control-plane  NATS and each service: running and ready
-    tulle-nats           a connection, JetStream, the KV buckets, the event stream
+    tulle-nats           a connection, JetStream, the KV buckets, the event stream, the
+                         streams' leaders and copies against the run's NATS servers
+                         (tulle/check/nats.py, shared with a cluster)
     tulle-identity       the anchors and issuer in <state>/identity, published on the bus
     tulle-version        the running services' version against the CLI's
+    tulle-control-plane-proxy
+                         the services run without proxies, by design
     tulle-data-plane     (--proxy) every meshed workload's proxy: ready, heartbeat,
-                         certificate, trust anchors, version
+                         certificate (valid, renewed, under the installation's anchors),
+                         trust anchors, version
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from typing import Optional
 
 from tulle import schemas
-from tulle.check.core import Category, Check, Outcome, error, ok, warning
+from tulle.check.core import Category, Check, Outcome, Result, error, ok, warning
 from tulle.check.identity import IdentityMaterial, identity_checks
+from tulle.check.nats import BusFacts, NatsAdvice, nats_checks
+from tulle.check.proxies import DEFAULT_LIFETIME_S, certificate_verdict
 
 SERVICES = ("destination", "identity", "policy", "injector")
-
-# A proxy renews at 70 % of a 24 h certificate's life: one this close to its end is not renewing.
-CERT_EXPIRY_WARNING_S = 3600.0
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ProcessFacts:
     address: str = ""  # NATS URL, or the admin host:port
     restarts: int = 0
     version: str = ""  # from its /metrics (tulle_build_info); "" when unknown
+    proxied: bool = False  # the record gives it a proxy of its own (never, by design)
 
 
 @dataclass
@@ -55,25 +59,6 @@ class ProxyFacts:
 
 
 @dataclass
-class BusFacts:
-    url: str
-    connect_error: str = ""  # "" when connected
-    jetstream_error: str = ""
-    missing_buckets: list[str] = field(default_factory=list)
-    events_stream: bool = True
-    trust_bundle: Optional[schemas.TrustBundle] = None
-    heartbeats: dict[str, schemas.ProxyHeartbeat] = field(default_factory=dict)  # <ns>.<workload>
-
-    @property
-    def connected(self) -> bool:
-        return not self.connect_error
-
-    @property
-    def jetstream(self) -> bool:
-        return self.connected and not self.jetstream_error
-
-
-@dataclass
 class LocalFacts:
     state_dir: str
     running: bool = False  # a run is recorded
@@ -88,6 +73,7 @@ class LocalFacts:
     with_proxies: bool = False
     cli_version: str = ""
     now: float = 0.0
+    cert_lifetime_s: float = DEFAULT_LIFETIME_S  # of the certificates the identity service issues
 
     @property
     def nats_down(self) -> bool:
@@ -159,52 +145,16 @@ def _bus(f: LocalFacts) -> Optional[BusFacts]:
     return f.bus if f.bus is not None and f.bus.connected else None
 
 
-def nats_connect(f: LocalFacts) -> Optional[Outcome]:
-    if f.bus is None:
-        return None
-    if not f.bus.connected:
-        return error(f"cannot connect to {f.bus.url}: {f.bus.connect_error}",
-                     "see the NATS check above, or `tulle logs --component nats`")
-    return ok()
+def _bus_facts(f: LocalFacts) -> Optional[BusFacts]:
+    return f.bus
 
 
-def jetstream_enabled(f: LocalFacts) -> Optional[Outcome]:
-    bus = _bus(f)
-    if bus is None:
-        return None
-    if bus.jetstream_error:
-        return error(f"JetStream does not answer: {bus.jetstream_error}",
-                     "local mode's nats-server runs with JetStream on; `tulle logs --component nats` says why it is off")
-    return ok()
-
-
-BUCKET_OWNERS = {
-    schemas.ENDPOINTS_BUCKET: "destination", schemas.PROFILES_BUCKET: "destination",
-    schemas.POLICY_BUCKET: "policy", schemas.IDENTITY_BUCKET: "identity", schemas.LEASES_BUCKET: "destination",
-    schemas.PROXIES_BUCKET: "proxy",
-}
-
-
-def buckets_exist(f: LocalFacts) -> Optional[Outcome]:
-    bus = _bus(f)
-    if bus is None or not bus.jetstream:
-        return None
-    if bus.missing_buckets:
-        owners = sorted({BUCKET_OWNERS.get(b, "?") for b in bus.missing_buckets})
-        return error(f"missing: {', '.join(bus.missing_buckets)}",
-                     f"each is created by its writer when it starts ({', '.join(owners)}): "
-                     f"`tulle logs --component {owners[0]}`")
-    return ok()
-
-
-def events_stream_exists(f: LocalFacts) -> Optional[Outcome]:
-    bus = _bus(f)
-    if bus is None or not bus.jetstream:
-        return None
-    if not bus.events_stream:
-        return error(f"the stream {schemas.EVENTS_STREAM} does not exist: events are not kept",
-                     "every service creates it when it starts; `tulle logs --component destination`")
-    return ok()
+NATS_ADVICE = NatsAdvice(
+    unreachable="see the NATS check above, or `tulle logs --component nats`",
+    jetstream_off="local mode's nats-server runs with JetStream on; `tulle logs --component nats` says why it is off",
+    fix_replicas="the services make each stream with --nats-replicas copies when it is missing and never change "
+                 "it: `tulle down`, move <state>/nats away and `tulle up` again (with --nats-cluster as before) "
+                 "makes {streams} afresh with {n}; the services publish their contents again")
 
 
 # --- tulle-identity -----------------------------------------------------------------------------
@@ -237,6 +187,21 @@ def control_plane_version(f: LocalFacts) -> Optional[Outcome]:
     if other:
         return warning(f"{', '.join(other)}; this CLI is {f.cli_version}",
                        "restart the mesh with this version: `tulle down`, then `tulle up`")
+    return ok()
+
+
+# --- tulle-control-plane-proxy ------------------------------------------------------------------
+
+
+def control_plane_unmeshed(f: LocalFacts) -> Optional[Outcome]:
+    """The services reach NATS directly with their own credentials: a proxy in front of
+    identity would need a certificate from it, and one in front of NATS the bus it serves."""
+    if not f.running:
+        return None
+    proxied = [s.name for s in f.services if s.proxied]
+    if proxied:
+        return warning(f"the run record gives {', '.join(proxied)} a proxy",
+                       "the control plane runs without proxies: `tulle down`, then `tulle up`")
     return ok()
 
 
@@ -274,8 +239,8 @@ def _heartbeat(f: LocalFacts, p: ProxyFacts) -> Optional[schemas.ProxyHeartbeat]
 
 def proxies_heartbeat(f: LocalFacts) -> Optional[Outcome]:
     proxies, bus = _proxies(f), _bus(f)
-    if proxies is None or bus is None or not bus.jetstream:
-        return None
+    if proxies is None or bus is None or not bus.heartbeats_read:
+        return None  # a bucket that could not be read is said by tulle-nats, not as each proxy's silence
     problems, first = [], None
     for p in proxies:
         if not p.alive:
@@ -299,21 +264,19 @@ def proxies_certificates(f: LocalFacts) -> Optional[Outcome]:
     proxies, bus = _proxies(f), _bus(f)
     if proxies is None or bus is None:
         return None
+    issuer = f.identity.issuer() if f.identity is not None else None
     errors, warnings, first = [], [], None
     for p in proxies:
         hb = _heartbeat(f, p)
         if hb is None or not p.alive:
+            continue  # said above
+        verdict = certificate_verdict(
+            hb, now=f.now, expected_identity=p.expected_identity, installation_anchors=f.installation_anchors,
+            lifetime_s=f.cert_lifetime_s,
+            issuer_not_after=issuer.not_valid_after_utc.timestamp() if issuer is not None else None)
+        if verdict is None:
             continue
-        if not hb.cert_expiry:
-            errors.append(f"{p.key}: no certificate yet")
-        elif hb.cert_expiry <= f.now:
-            errors.append(f"{p.key}: its certificate expired at {_iso(hb.cert_expiry)}")
-        elif p.expected_identity and hb.identity != p.expected_identity:
-            errors.append(f"{p.key}: its certificate is for {hb.identity or '(none)'}, not {p.expected_identity}")
-        elif hb.cert_expiry - f.now < CERT_EXPIRY_WARNING_S:
-            warnings.append(f"{p.key}: its certificate expires at {_iso(hb.cert_expiry)} and was not renewed")
-        else:
-            continue
+        (errors if verdict[0] is Result.ERROR else warnings).append(f"{p.key}: {verdict[1]}")
         first = first or p
     if not errors and not warnings:
         return ok()
@@ -352,10 +315,6 @@ def proxies_version(f: LocalFacts) -> Optional[Outcome]:
     return ok()
 
 
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _identity(f: LocalFacts) -> Optional[IdentityMaterial]:
     return f.identity if f.running and f.meshed else None
 
@@ -370,18 +329,16 @@ def categories(with_proxies: bool) -> list[Category[LocalFacts]]:
             Check("NATS is running", nats_running, transient=True),
             *(Check(f"the {name} service is ready", service_ready(name), transient=True) for name in SERVICES),
         )),
-        Category("tulle-nats", (
-            Check("can connect to NATS", nats_connect, transient=True),
-            Check("JetStream is enabled", jetstream_enabled),
-            Check("the KV buckets exist", buckets_exist, transient=True),
-            Check("the event stream exists", events_stream_exists, transient=True),
-        )),
+        Category("tulle-nats", nats_checks(_bus_facts, NATS_ADVICE)),
         Category("tulle-identity", (
             *identity_checks(_identity),
             Check("the identity service publishes these trust anchors", bundle_published, transient=True),
         )),
         Category("tulle-version", (
             Check("control plane and cli versions match", control_plane_version),
+        )),
+        Category("tulle-control-plane-proxy", (
+            Check("the control plane runs without proxies, by design", control_plane_unmeshed),
         )),
     ]
     if with_proxies:

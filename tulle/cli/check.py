@@ -53,13 +53,19 @@ def run_local(target: Local, with_proxies: bool) -> core.Report:
 
 def run_cluster(target: Cluster, *, namespace: str, pre: bool, with_proxies: bool) -> core.Report:
     from tulle.check import cluster
-    from tulle.check.gather_cluster import gather
+    from tulle.check.gather_cluster import gather, read_bus
+    from tulle.cli.common import BusTarget, connect_bus
 
     try:
         configuration, problem = target.configuration(), ""
     except UserError as e:
         configuration, problem = None, str(e)
     facts = gather(configuration, namespace=namespace, pre=pre, with_proxies=with_proxies, client_error=problem)
+    # The cluster's NATS as every CLI command reaches it: a port-forward, the observer credential
+    # of the cluster's Secret (or TULLE_NATS_CREDS / TULLE_NATS_CA, as for the other commands).
+    bus = BusTarget("", os.environ.get("TULLE_NATS_CREDS", ""), os.environ.get("TULLE_NATS_CA", ""), cluster=target,
+                    namespace=namespace)
+    facts = asyncio.run(read_bus(facts, bus, connect_bus))
     return core.evaluate(cluster.categories(pre=pre, with_proxies=with_proxies, namespace=namespace), facts)
 
 
