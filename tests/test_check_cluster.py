@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -95,22 +97,43 @@ def install(kube, nats):
     return made
 
 
-def beat(nats, install: Installation, pod: str, namespace: str = "demo", **fields) -> None:
-    """The heartbeat a proxy writes to tulle-proxies (written here by the harness's user: the
-    proxy is not what is under test). Fresh: entries expire 15 s after they are written."""
+def heartbeat(install: Installation, pod: str, namespace: str = "demo", **fields) -> schemas.ProxyHeartbeat:
     hb = dict(namespace=namespace, workload=pod, version=__version__, ready=True,
               identity=schemas.identity_name("default", namespace), cert_expiry=time.time() + 20 * 3600,
               time=time.time(), trust_anchors=pki.cert_fingerprints(install.anchor.cert_pem))
     hb.update(fields)
+    return schemas.ProxyHeartbeat(**hb)
 
-    async def put():
+
+@contextlib.contextmanager
+def proxies_beating(nats, *heartbeats: schemas.ProxyHeartbeat):
+    """These proxies' heartbeats in tulle-proxies, written again every 2 s until the block ends,
+    as proxies write theirs (every 5 s; an entry expires 15 s after it was written, and one
+    `tulle check` on a busy machine may take longer than that). Written by the harness's
+    user: the proxies are not what is under test."""
+    stop, written = threading.Event(), threading.Event()
+
+    async def beat() -> None:
         async with started(bus_of(nats)(TESTER)) as bus:
-            await bus.put(schemas.PROXIES_BUCKET, schemas.proxy_key(namespace, pod), schemas.ProxyHeartbeat(**hb),
-                          create=False)
-    asyncio.run(put())
+            while True:
+                for hb in heartbeats:
+                    await bus.put(schemas.PROXIES_BUCKET, schemas.proxy_key(hb.namespace, hb.workload), hb,
+                                  create=False)
+                written.set()
+                if await asyncio.to_thread(stop.wait, 2.0):
+                    return
+
+    thread = threading.Thread(target=lambda: asyncio.run(beat()), name="heartbeats", daemon=True)
+    thread.start()
+    try:
+        assert written.wait(30), "the heartbeats were not written"
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
 
 
-def tulle_check(kube: FakeKube, tmp_path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def tulle_check(kube: FakeKube, tmp_path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
     env = {k: v for k, v in os.environ.items() if k not in ("TULLE_STATE_DIR", "KUBECONFIG")}
     env["TULLE_STATE_DIR"] = str(tmp_path / "no-local-run")
@@ -125,9 +148,9 @@ def json_checks(proc: subprocess.CompletedProcess) -> dict[str, dict]:
 
 def test_a_healthy_installation_is_silent_but_for_the_summary_in_short_output(kube, install, nats, tmp_path):
     kube.apply(install.meshed_pod("web-7d9f-abcde"))
-    beat(nats, install, "web-7d9f-abcde")
-    proc = tulle_check(kube, tmp_path, "-o", "short", "--proxy", "--wait", "0s")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"Status check results are {OK}\n", "")
+    with proxies_beating(nats, heartbeat(install, "web-7d9f-abcde")):
+        proc = tulle_check(kube, tmp_path, "-o", "short", "--proxy", "--wait", "0s")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"Status check results are {OK}\n", ""), proc.stdout
 
 
 def test_the_table_has_linkerds_categories_in_order_each_check_passing(kube, install, tmp_path):
@@ -381,11 +404,13 @@ def test_each_proxys_certificate_is_judged_from_its_heartbeat(kube, install, nat
     for name in ("expired-1", "stranger-1", "foreign-1", "silent-1", "fine-1"):
         kube.apply(with_identity(install.meshed_pod(name), "web"))
     web = schemas.identity_name("web", "demo")
-    beat(nats, install, "expired-1", identity=web, cert_expiry=time.time() - 60)
-    beat(nats, install, "stranger-1", identity=schemas.identity_name("books", "demo"))
-    beat(nats, install, "foreign-1", identity=web, trust_anchors=pki.cert_fingerprints(pki.new_trust_anchor().cert_pem))
-    beat(nats, install, "fine-1", identity=web)
-    proc = tulle_check(kube, tmp_path, "-o", "json", "--proxy", "--wait", "0s")
+    with proxies_beating(
+            nats, heartbeat(install, "expired-1", identity=web, cert_expiry=time.time() - 60),
+            heartbeat(install, "stranger-1", identity=schemas.identity_name("books", "demo")),
+            heartbeat(install, "foreign-1", identity=web,
+                      trust_anchors=pki.cert_fingerprints(pki.new_trust_anchor().cert_pem)),
+            heartbeat(install, "fine-1", identity=web)):
+        proc = tulle_check(kube, tmp_path, "-o", "json", "--proxy", "--wait", "0s")
     checks = json_checks(proc)
     assert proc.returncode == 1
     certs = checks["data plane proxies have valid certificates"]
@@ -402,8 +427,9 @@ def test_each_proxys_certificate_is_judged_from_its_heartbeat(kube, install, nat
 
 def test_a_certificate_in_its_renewal_window_is_a_warning(kube, install, nats, tmp_path):
     kube.apply(install.meshed_pod("web-1"))
-    beat(nats, install, "web-1", cert_expiry=time.time() + 2 * 3600)  # 24 h certificates renew with 7.2 h left
-    proc = tulle_check(kube, tmp_path, "-o", "short", "--proxy", "--wait", "0s")
+    # 24 h certificates are renewed with 7.2 h left.
+    with proxies_beating(nats, heartbeat(install, "web-1", cert_expiry=time.time() + 2 * 3600)):
+        proc = tulle_check(kube, tmp_path, "-o", "short", "--proxy", "--wait", "0s")
     assert proc.returncode == 0, proc.stdout
     lines = proc.stdout.splitlines()
     assert lines[:3] == ["tulle-data-plane", "----------------", f"{WARN} data plane proxies have valid certificates"]

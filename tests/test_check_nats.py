@@ -174,7 +174,7 @@ def test_a_server_down_leaves_its_copies_behind_a_warning_naming_it(tmp_path):
     try:
         asyncio.run(make_stores(role_bus(cluster), 3))
         cluster.nodes[2].kill()
-        got = asyncio.run(eventually(warned, 60, interval=1.0, what="the check seeing tulle-2's copies fall behind"))
+        got = asyncio.run(eventually(warned, 90, interval=1.0, what="the check seeing tulle-2's copies fall behind"))
     finally:
         cluster.close()
     assert "a NATS server is down" in got.hint and "tulle logs --component nats" in got.hint
