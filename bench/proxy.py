@@ -892,6 +892,9 @@ def main() -> None:
         sys.exit(f"bench.proxy: missing {', '.join(missing)} (make bench installs them as root)")
     if args.rounds < 1 or args.duration <= 0 or args.slice <= 0:
         sys.exit("bench.proxy: --rounds, --duration and --slice must be positive")
+    if args.py_spy and not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
+        # Said now, not after the rounds have run: the profile is taken in the last one.
+        sys.exit("bench.proxy: --py-spy needs py-spy (pip install py-spy into the venv)")
     for v in args.variant or ():
         name, sep, d = v.partition("=")
         if not sep or not name or not (Path(d) / "proxy" / "__main__.py").is_file():
