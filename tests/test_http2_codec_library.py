@@ -29,7 +29,8 @@ def _loaded_library_path() -> str:
 
 @pytest.mark.root
 @pytest.mark.skipif(not is_root() or shutil.which("unshare") is None,
-                    reason="needs root and unshare (util-linux) to hide the library in a mount namespace")
+                    reason="needs root and unshare (util-linux) to hide the library in a mount namespace; "
+                           "make test runs as root and installs util-linux")
 def test_a_proxy_without_libnghttp2_stops_with_one_line_naming_the_debian_package():
     library = _loaded_library_path()
     # A private mount namespace where the library file is empty: dlopen fails as if absent.

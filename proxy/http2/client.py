@@ -202,13 +202,6 @@ class H2Client(BatchedWrites, asyncio.Protocol):
     def eof_received(self):
         return False
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.write()
-
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.pool.lost(self)

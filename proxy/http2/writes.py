@@ -1,7 +1,8 @@
 """How both HTTP/2 connection sides write: everything a read event caused goes out in one
 write, by the flush that ends the event; what is queued outside a read event (a timer, the
-other side of the proxy) goes out on the loop's next turn. The side supplies `loop` and
-`write()` (the session's bytes to the socket)."""
+other side of the proxy) goes out on the loop's next turn; nothing is pulled from the session
+while the socket is paused. The side supplies `loop` and `write()` (the session's bytes to
+the socket, which returns at once while `write_paused`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ class BatchedWrites:
 
     pending: bool  # the session may hold bytes to write
     flush_scheduled: bool
+    write_paused: bool
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.write()
 
     def dirty(self) -> None:
         """Something waits in the session: written by the flush that ends the current read

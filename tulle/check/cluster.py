@@ -29,7 +29,7 @@ from tulle import schemas
 from tulle.check.core import Category, Check, Outcome, Result, error, ok, warning
 from tulle.check.identity import EXPIRY_WARNING, IdentityMaterial, fingerprints, identity_checks
 from tulle.check.nats import BusFacts, NatsAdvice, nats_checks
-from tulle.check.proxies import DEFAULT_LIFETIME_S, certificate_verdict
+from tulle.check.proxies import DEFAULT_LIFETIME_S, certificate_verdict, certificates_outcome
 
 T = TypeVar("T")
 
@@ -597,26 +597,16 @@ def data_plane_certificates(f: ClusterFacts) -> Optional[Outcome]:
         if f.trust_roots.found else set()
     material = identity_material(f)
     issuer = material.issuer() if material is not None else None
-    errors, warnings, first = [], [], None
-    for pod in pods:
-        hb = _heartbeat(f, pod)
-        if hb is None:
-            continue  # said by the heartbeat check
-        verdict = certificate_verdict(
-            hb, now=f.now.timestamp(), expected_identity=_expected_identity(pod), installation_anchors=anchors,
-            lifetime_s=f.cert_lifetime_s,
-            issuer_not_after=issuer.not_valid_after_utc.timestamp() if issuer is not None else None)
-        if verdict is None:
-            continue
-        (errors if verdict[0] is Result.ERROR else warnings).append(f"{_pod_name(pod)}: {verdict[1]}")
-        first = first or pod
-    if not errors and not warnings:
-        return ok()
-    hint = (f"a proxy renews its certificate at 70 % of its life from the identity service: `tulle logs -n "
-            f"{first.metadata.namespace} {first.metadata.name} --container {names.PROXY_CONTAINER}`, "
-            f"`tulle logs --component identity`; a proxy started with other anchors needs a restart "
-            f"(`kubectl rollout restart`)")
-    return error("\n".join(errors + warnings), hint) if errors else warning("\n".join(warnings), hint)
+    issuer_not_after = issuer.not_valid_after_utc.timestamp() if issuer is not None else None
+    verdicts = ((pod, _pod_name(pod), certificate_verdict(
+        hb, now=f.now.timestamp(), expected_identity=_expected_identity(pod), installation_anchors=anchors,
+        lifetime_s=f.cert_lifetime_s, issuer_not_after=issuer_not_after))
+        for pod in pods if (hb := _heartbeat(f, pod)) is not None)  # no heartbeat: said by that check
+    return certificates_outcome(verdicts, lambda pod: (
+        f"a proxy renews its certificate at 70 % of its life from the identity service: `tulle logs -n "
+        f"{pod.metadata.namespace} {pod.metadata.name} --container {names.PROXY_CONTAINER}`, "
+        f"`tulle logs --component identity`; a proxy started with other anchors needs a restart "
+        f"(`kubectl rollout restart`)"))
 
 
 def _proxy_ready(pod: Any) -> bool:

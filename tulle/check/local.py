@@ -24,7 +24,7 @@ from tulle import schemas
 from tulle.check.core import Category, Check, Outcome, Result, error, ok, warning
 from tulle.check.identity import IdentityMaterial, identity_checks
 from tulle.check.nats import BusFacts, NatsAdvice, nats_checks
-from tulle.check.proxies import DEFAULT_LIFETIME_S, certificate_verdict
+from tulle.check.proxies import DEFAULT_LIFETIME_S, certificate_verdict, certificates_outcome
 
 SERVICES = ("destination", "identity", "policy", "injector")
 
@@ -265,25 +265,14 @@ def proxies_certificates(f: LocalFacts) -> Optional[Outcome]:
     if proxies is None or bus is None:
         return None
     issuer = f.identity.issuer() if f.identity is not None else None
-    errors, warnings, first = [], [], None
-    for p in proxies:
-        hb = _heartbeat(f, p)
-        if hb is None or not p.alive:
-            continue  # said above
-        verdict = certificate_verdict(
-            hb, now=f.now, expected_identity=p.expected_identity, installation_anchors=f.installation_anchors,
-            lifetime_s=f.cert_lifetime_s,
-            issuer_not_after=issuer.not_valid_after_utc.timestamp() if issuer is not None else None)
-        if verdict is None:
-            continue
-        (errors if verdict[0] is Result.ERROR else warnings).append(f"{p.key}: {verdict[1]}")
-        first = first or p
-    if not errors and not warnings:
-        return ok()
-    hint = (f"a proxy renews its certificate at 70 % of its life from the identity service: "
-            f"`tulle logs -n {first.namespace} {first.workload} --container tulle-proxy`, "
-            "`tulle logs --component identity`")
-    return error("\n".join(errors + warnings), hint) if errors else warning("\n".join(warnings), hint)
+    issuer_not_after = issuer.not_valid_after_utc.timestamp() if issuer is not None else None
+    verdicts = ((p, p.key, certificate_verdict(
+        hb, now=f.now, expected_identity=p.expected_identity, installation_anchors=f.installation_anchors,
+        lifetime_s=f.cert_lifetime_s, issuer_not_after=issuer_not_after))
+        for p in proxies if (hb := _heartbeat(f, p)) is not None and p.alive)  # the others: said above
+    return certificates_outcome(verdicts, lambda p: (
+        f"a proxy renews its certificate at 70 % of its life from the identity service: "
+        f"`tulle logs -n {p.namespace} {p.workload} --container tulle-proxy`, `tulle logs --component identity`"))
 
 
 def proxies_trust_anchors(f: LocalFacts) -> Optional[Outcome]:

@@ -12,10 +12,10 @@ certificate under the installation's anchors; one that trusts none of them canno
 from __future__ import annotations
 
 import datetime as dt
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 from tulle import schemas
-from tulle.check.core import Result
+from tulle.check.core import Outcome, Result, error, ok, warning
 
 # A proxy asks for a new certificate once 70 % of the current one's life has passed
 # (proxy/identity.py REFRESH_FRACTION, as Linkerd's proxy): a certificate in its last 30 %
@@ -60,3 +60,18 @@ def certificate_verdict(hb: schemas.ProxyHeartbeat, *, now: float, expected_iden
         return Result.WARNING, (f"its certificate expires at {iso(hb.cert_expiry)} (in {_left(left)}) and was not "
                                 f"renewed at 70 % of its life")
     return None
+
+
+def certificates_outcome(verdicts: Iterable[tuple[Any, str, Optional[tuple[Result, str]]]],
+                         hint: Callable[[Any], str]) -> Outcome:
+    """One check line for many proxies: each (subject, its name, its certificate_verdict) in
+    order; errors first, then warnings; `hint(subject)` for the first one at fault."""
+    errors, warnings, first = [], [], None
+    for subject, name, verdict in verdicts:
+        if verdict is None:
+            continue
+        (errors if verdict[0] is Result.ERROR else warnings).append(f"{name}: {verdict[1]}")
+        first = subject if first is None else first
+    if not errors and not warnings:
+        return ok()
+    return error("\n".join(errors + warnings), hint(first)) if errors else warning("\n".join(warnings), hint(first))
