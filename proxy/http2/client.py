@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from proxy.http2 import events as ev
 from proxy.http2.fields import ORIG_PROTO, outgoing, response_fields, trailer_fields
 from proxy.http2.session import CANCEL, NO_ERROR, REFUSED_STREAM, H2Config, H2Error, H2Session
-from proxy.http2.writes import BatchedWrites
+from proxy.http2.writes import BatchedWrites, StreamWindow
 from tulle.log import get_logger
 
 if TYPE_CHECKING:
@@ -32,17 +32,14 @@ log = get_logger(part="http2-client")
 _SKIP_FROM_H1 = frozenset({b"host"})  # carried by :authority
 
 
-class OutStream:
+class OutStream(StreamWindow):
     """One attempt on a shared connection: the upstream of its exchange (proxy.exchange.Upstream)."""
 
-    __slots__ = ("conn", "id", "x", "owed", "paused", "headed", "ended")
+    __slots__ = ("x", "headed", "ended")
 
     def __init__(self, conn: "H2Client"):
-        self.conn = conn
-        self.id = 0
+        StreamWindow.__init__(self, conn, 0)
         self.x: Exchange | None = None
-        self.owed = 0
-        self.paused = False
         self.headed = False  # the response head arrived
         self.ended = False  # over (response ended, reset or abandoned)
 
@@ -97,17 +94,8 @@ class OutStream:
     def release(self) -> None:
         self.ended = True  # never started: nothing was opened
 
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-        owed = self.owed
-        if owed:
-            self.owed = 0
-            conn = self.conn
-            conn.session.consume(self.id, owed)
-            conn.dirty()
+    pause = StreamWindow.stop_reading  # the caller reads the response slowly
+    resume = StreamWindow.read_again
 
     def flush(self) -> None:
         self.conn.flush()

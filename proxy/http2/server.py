@@ -28,7 +28,7 @@ from proxy.http1.headers import PROXY_ERROR
 from proxy.http2 import events as ev
 from proxy.http2.fields import ORIG_PROTO, outgoing, request_head, status_bytes, trailer_fields
 from proxy.http2.session import CANCEL, INTERNAL_ERROR, NO_ERROR, H2Config, H2Error, H2Session
-from proxy.http2.writes import BatchedWrites
+from proxy.http2.writes import BatchedWrites, StreamWindow
 from tulle.log import get_logger
 
 log = get_logger(part="http2")
@@ -38,19 +38,16 @@ log = get_logger(part="http2")
 LINGER_S = 2.0
 
 
-class InStream:
+class InStream(StreamWindow):
     """One request stream: the downstream of its exchange (proxy.exchange.Downstream)."""
 
-    __slots__ = ("conn", "id", "x", "owed", "paused", "ended")
+    __slots__ = ("x", "ended")
 
     feeding = False  # the H2 connection flushes for itself; an HTTP/1 upstream flushes its own writes
 
     def __init__(self, conn: "H2Server", stream_id: int):
-        self.conn = conn
-        self.id = stream_id
+        StreamWindow.__init__(self, conn, stream_id)
         self.x: Exchange | None = None
-        self.owed = 0  # received bytes not yet given back to the peer's window
-        self.paused = False
         self.ended = False  # our side of the stream is ended (or reset)
 
     def send_head(self, x: Exchange, status: int, headers: list, length: int, end: bool) -> None:
@@ -101,17 +98,8 @@ class InStream:
             self.conn.session.reset(self.id, code)
             self.conn.dirty()
 
-    def pause_body(self, x: Exchange) -> None:
-        self.paused = True
-
-    def resume_body(self, x: Exchange) -> None:
-        self.paused = False
-        owed = self.owed
-        if owed:
-            self.owed = 0
-            conn = self.conn
-            conn.session.consume(self.id, owed)
-            conn.dirty()
+    pause_body = StreamWindow.stop_reading  # the upstream takes the request body slowly
+    resume_body = StreamWindow.read_again
 
     def flush(self) -> None:
         self.conn.flush()

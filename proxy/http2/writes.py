@@ -40,3 +40,29 @@ class BatchedWrites:
         other side's adapters call this once per read event, for every stream they touched)."""
         if self.pending:
             self.write()
+
+
+class StreamWindow:
+    """A stream's receive window as backpressure: DATA is given back to the peer's window
+    (`consume`) only once the other side of the proxy took it; while reading is stopped the
+    bytes received are owed, and given back when it resumes."""
+
+    __slots__ = ("conn", "id", "owed", "paused")
+
+    def __init__(self, conn, stream_id: int):
+        self.conn = conn
+        self.id = stream_id
+        self.owed = 0  # received bytes not yet given back to the peer's window
+        self.paused = False
+
+    def stop_reading(self, *_) -> None:
+        self.paused = True
+
+    def read_again(self, *_) -> None:
+        self.paused = False
+        owed = self.owed
+        if owed:
+            self.owed = 0
+            conn = self.conn
+            conn.session.consume(self.id, owed)
+            conn.dirty()
