@@ -118,6 +118,39 @@ def test_a_server_without_the_route_certificate_cannot_join_the_cluster(cluster,
         rogue.stop()
 
 
+def test_a_write_no_stream_answers_is_sent_again_until_one_does(cluster):
+    """In a cluster a KV write can find no stream for a moment — a bucket created a moment
+    ago whose leader or whereabouts have not reached every node, a leader being elected —
+    and nats answers "no responders" (the first write after an install failed so under
+    load). No server took it, so the bus sends it again: here the bucket's stream is gone
+    under a writer, the writer's put is refused and retried, and once the bucket is back the
+    put is acknowledged and readable."""
+    bucket = f"rewrite-{unique_ns()}"
+
+    async def scenario() -> bytes | None:
+        bus = bus_for(cluster.url, TESTER, replicas=CLUSTER_SIZE)
+        other = bus_for(cluster.url, TESTER, replicas=CLUSTER_SIZE)
+        await bus.start()
+        await other.start()
+        try:
+            await bus.put_raw(bucket, "k", b"first")
+            await other.js.delete_key_value(bucket)
+            retries = bus.m_write_retries.labels(bucket)
+            before = retries.value
+            put = asyncio.ensure_future(bus.put_raw(bucket, "k", b"second"))
+            while retries.value == before:  # the write was refused by no one: retried
+                assert not put.done(), put.exception()
+                await asyncio.sleep(0.01)
+            await other.put_raw(bucket, "other", b"x")  # creates the bucket again
+            await put
+            return await other.get_raw(bucket, "k")
+        finally:
+            await bus.close()
+            await other.close()
+
+    assert asyncio.run(scenario()) == b"second"
+
+
 # --- the failover ------------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ T = TypeVar("T")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # The largest replica count JetStream allows a stream (and so a KV bucket).
 MAX_REPLICAS = 5
+# How long a KV write is sent again while no stream answers it (a leader election takes
+# about two seconds; a bucket just created, a moment).
+WRITE_RETRY_LIMIT = 5.0
 
 # Settings of each bucket. History 1: readers want the latest value only.
 BUCKETS: dict[str, dict[str, Any]] = {
@@ -262,6 +265,8 @@ class Bus:
             "tulle_bus_decode_errors_total", "Bus messages dropped because they did not decode", ("subject", "reason"))
         self.m_connected = registry.gauge("tulle_bus_connected", "1 while connected to NATS")
         self.m_reconnects = registry.counter("tulle_bus_reconnects_total", "Reconnections to NATS")
+        self.m_write_retries = registry.counter(
+            "tulle_bus_write_retries_total", "KV writes sent again because no stream answered them", ("bucket",))
 
     # --- connection ---------------------------------------------------------------------
 
@@ -427,20 +432,52 @@ class Bus:
             settings = BUCKETS.get(bucket, {"history": 1})
             kv = await self.js.create_key_value(jsapi.KeyValueConfig(
                 bucket=bucket, storage=jsapi.StorageType.FILE, replicas=self.replicas, **settings))
+            await self._until_led(f"KV_{bucket}")
         self._kvs[bucket] = kv
         return kv
 
+    async def _until_led(self, stream: str, limit: float = 10.0) -> None:
+        """Wait until a stream just created has a leader. In a JetStream cluster the create
+        call returns before the stream's replicas have elected one, and a write in that gap
+        gets "no responders" — the first put after creating a replicated bucket failed so."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        pause = 0.01
+        while True:
+            info = await self.js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader or loop.time() >= deadline:
+                return  # not clustered, led, or give the write its own chance to fail
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
     async def put(self, bucket: str, key: str, msg: Any, *, create: bool = True) -> int:
-        kv = await self.kv(bucket, create=create)
-        return await kv.put(key, encode(msg))
+        return await self.put_raw(bucket, key, encode(msg), create=create)
 
     async def put_raw(self, bucket: str, key: str, payload: bytes, *, create: bool = True) -> int:
         kv = await self.kv(bucket, create=create)
-        return await kv.put(key, payload)
+        return await self._written(bucket, lambda: kv.put(key, payload))
 
     async def delete(self, bucket: str, key: str, *, create: bool = True) -> None:
         kv = await self.kv(bucket, create=create)
-        await kv.delete(key)
+        await self._written(bucket, lambda: kv.delete(key))
+
+    async def _written(self, bucket: str, write: Callable[[], Awaitable[T]], limit: float = WRITE_RETRY_LIMIT) -> T:
+        """Send a KV write, again while no stream answers it. "No responders" means no
+        server took the message, so sending it again cannot store it twice; it happens in a
+        cluster while a stream's leader is being elected, or before a node has learnt where
+        a new stream lives — the first write after an install failed so under load."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        pause = 0.02
+        while True:
+            try:
+                return await write()
+            except nats.js.errors.NoStreamResponseError:
+                if loop.time() + pause > deadline:
+                    raise
+            self.m_write_retries.labels(bucket).inc()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     async def get_raw(self, bucket: str, key: str) -> bytes | None:
         kv = await self.kv(bucket)
@@ -710,6 +747,7 @@ class Bus:
                     num_replicas=self.replicas))
             except nats.js.errors.BadRequestError:
                 pass  # another process created it first
+            await self._until_led(schemas.EVENTS_STREAM)
 
     def make_event(self, kind: str, type_: str, data: dict, subject: str | None = None) -> schemas.CloudEvent:
         return schemas.CloudEvent(
