@@ -444,7 +444,10 @@ class Bus:
         deadline = loop.time() + limit
         pause = 0.01
         while True:
-            info = await self.js.stream_info(stream)
+            try:
+                info = await self.js.stream_info(stream)
+            except (nats.errors.Error, asyncio.TimeoutError):
+                return  # best effort: the write that follows has its own retries
             if info.cluster is None or info.cluster.leader or loop.time() >= deadline:
                 return  # not clustered, led, or give the write its own chance to fail
             await asyncio.sleep(pause)
