@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+import nats.errors
 import pytest
 
 from tests.bus_support import TESTER, MeshNatsCluster, bus_for
@@ -135,6 +136,15 @@ def test_a_write_no_stream_answers_is_sent_again_until_one_does(cluster):
         try:
             await bus.put_raw(bucket, "k", b"first")
             await other.js.delete_key_value(bucket)
+            # Until the deletion reaches the writer's node, a write there is taken by no one
+            # and times out instead: wait for that node to answer "no responders".
+            while True:
+                try:
+                    await bus.nc.request(f"$KV.{bucket}.probe", b"", timeout=1)
+                except nats.errors.NoRespondersError:
+                    break
+                except nats.errors.TimeoutError:
+                    continue
             retries = bus.m_write_retries.labels(bucket)
             before = retries.value
             put = asyncio.ensure_future(bus.put_raw(bucket, "k", b"second"))
