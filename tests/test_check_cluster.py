@@ -24,6 +24,7 @@ import time
 import pytest
 
 from tests.bus_support import TESTER, MeshNatsCluster
+from tests.conftest import wait_until
 from tests.fakekube import FakeKube
 from tests.installation_objects import Installation, as_api, meta
 from tests.local_support import TULLE
@@ -435,3 +436,65 @@ def test_a_certificate_in_its_renewal_window_is_a_warning(kube, install, nats, t
     assert lines[:3] == ["tulle-data-plane", "----------------", f"{WARN} data plane proxies have valid certificates"]
     assert lines[3].startswith("    demo/web-1: its certificate expires at ")
     assert lines[3].endswith("(in 2 hours) and was not renewed at 70 % of its life")
+
+
+def dashboard_extensions(kube: FakeKube, tmp_path) -> dict:
+    """The first report of `tulle check` the real `tulle dashboard --kubeconfig` pushes to a
+    tab (its extensions page), read from its event stream as the browser reads it."""
+    import re
+    import urllib.request
+
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    env = {k: v for k, v in os.environ.items() if k not in ("TULLE_STATE_DIR", "KUBECONFIG", "TULLE_NATS_URL")}
+    env.update(TULLE_STATE_DIR=str(tmp_path / "no-local-run"), PYTHONUNBUFFERED="1")
+    out = tmp_path / "dashboard.out"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([TULLE, "dashboard", "--kubeconfig", kubeconfig, "--port", "0"], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: proc.poll() is not None or "Tulle dashboard: http" in out.read_text(), 60, 0.05,
+                   "the dashboard listening")
+        assert proc.poll() is None, out.read_text()
+        url = re.search(r"http://\S+/", out.read_text()).group()
+        with urllib.request.urlopen(url + "api/stream", timeout=120) as stream:
+            event = ""
+            for line in stream:
+                if line.startswith(b"event: "):
+                    event = line[7:].strip().decode()
+                elif line.startswith(b"data: ") and event == "extensions":
+                    data = json.loads(line[6:])
+                    if data["check"] is not None:
+                        return data
+        raise AssertionError(f"the stream ended without a report: {out.read_text()}")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_the_dashboard_of_a_cluster_shows_what_tulle_check_says_the_bus_and_proxies_included(
+        kube, install, nats, tmp_path):
+    """The extensions page shows `tulle check --proxy`'s categories: the dashboard reads the
+    API, and the cluster's NATS through a port-forward as the observer (its tulle-nats lines
+    and each proxy's heartbeat). One proxy trusts other anchors: both say so, line for line."""
+    for name in ("foreign-1", "fine-1"):
+        kube.apply(with_identity(install.meshed_pod(name), "web"))
+    web = schemas.identity_name("web", "demo")
+    with proxies_beating(
+            nats, heartbeat(install, "fine-1", identity=web),
+            heartbeat(install, "foreign-1", identity=web,
+                      trust_anchors=pki.cert_fingerprints(pki.new_trust_anchor().cert_pem))):
+        page = dashboard_extensions(kube, tmp_path)
+        cli = json.loads(tulle_check(kube, tmp_path, "-o", "json", "--proxy", "--wait", "0s").stdout)
+
+    def said(doc: dict) -> list[tuple[str, str, str]]:
+        return [(cat["categoryName"], c["description"], c["result"]) for cat in doc["categories"] for c in cat["checks"]]
+
+    assert page["mode"] == "cluster" and page["error"] == ""
+    assert said(page["check"]) == said(cli)
+    shown = {(cat, description): result for cat, description, result in said(page["check"])}
+    for line in ("can connect to NATS", "JetStream is enabled", "the NATS cluster is healthy",
+                 "the buckets' replicas match the NATS cluster"):
+        assert shown[("tulle-nats", line)] == "success"
+    assert shown[("tulle-data-plane", "data plane proxies have valid certificates")] == "error"
+    components = {c["name"]: c for c in page["components"]}
+    assert components["tulle-nats"]["healthy"] and components["tulle-identity"]["healthy"]

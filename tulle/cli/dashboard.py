@@ -56,15 +56,16 @@ class _Borrowed:
         return None
 
 
-def check_gatherer(bus, target, bus_url: str, namespace: str):
+def check_gatherer(bus, target, bus_target, namespace: str):
     """() -> (mode, components, report, error): `tulle check`'s facts and checks, for the
-    extensions page. Local mode when a local run is the bus we read, else the cluster."""
+    extensions page. Local mode when a local run is the bus we read, else the cluster.
+    `bus`: the dashboard's connection, to `bus_target` (a tulle.cli.common.BusTarget)."""
     from tulle.check import core
     from tulle.dashboard import views
     from tulle.local.discover import local_bus
 
     local = local_bus(getattr(target, "state_dir", None)) if not isinstance(target, Cluster) else None
-    use_local = local is not None and local.url == bus_url
+    use_local = local is not None and local.url == bus_target.url
 
     async def connect(_target, timeout: float = 3.0):
         return _Borrowed(bus)
@@ -79,7 +80,7 @@ def check_gatherer(bus, target, bus_url: str, namespace: str):
 
     async def cluster_once():
         from tulle.check import cluster as cluster_checks
-        from tulle.check.gather_cluster import gather
+        from tulle.check.gather_cluster import gather, read_bus
 
         cluster = target if isinstance(target, Cluster) else Cluster()
         try:
@@ -88,6 +89,9 @@ def check_gatherer(bus, target, bus_url: str, namespace: str):
             configuration, problem = None, str(e)
         facts = await asyncio.to_thread(gather, configuration, namespace=namespace, pre=False, with_proxies=True,
                                         client_error=problem)
+        # The bus half of the checks (tulle-nats, and each proxy's heartbeat for the data
+        # plane) over the dashboard's own connection, as `tulle check` reads it over its own.
+        facts = await read_bus(facts, str(bus_target), connect)
         report = core.evaluate(cluster_checks.categories(pre=False, with_proxies=True, namespace=namespace), facts)
         return "cluster", views.cluster_components(facts), report, problem
 
@@ -104,7 +108,7 @@ async def serve(bus_target, *, address: str, port: int, settings, hosts: frozens
 
     bus = await connect_bus(bus_target, what="dashboard")
     hub = Hub(bus, settings, url=bus_target.url or str(bus_target),
-              check=check_gatherer(bus, check_target, bus_target.url, namespace))
+              check=check_gatherer(bus, check_target, bus_target, namespace))
     runner = web.AppRunner(make_app(hub, hosts=hosts), access_log=None, handle_signals=False,
                            shutdown_timeout=1.0)
     await runner.setup()
