@@ -215,6 +215,91 @@ def test_upgrade_keeps_the_installed_trust_bus_tls_and_credentials(home, tmp_pat
     assert "/api/v1/namespaces/tulle/secrets/tulle-identity-issuer" in reads
 
 
+def remembered(objects: list[dict]) -> dict:
+    return yaml.safe_load(find(objects, "ConfigMap", "tulle-install-values")["data"]["values.yaml"])
+
+
+def test_upgrade_keeps_the_values_of_the_install_and_puts_what_is_given_now_on_top(home, tmp_path, kube):
+    """As Helm's --reuse-values: an installation made with --ha, a values file and --set, then
+    upgraded with one new --set, keeps all of them; --reset-values starts from the chart's."""
+    values = tmp_path / "values.yaml"
+    values.write_text("proxy:\n  defaultInboundPolicy: deny\n")
+    installed = objects_of(tulle("install", "--ha", "-f", str(values), "--set", "nats.replicas=5",
+                                 "--trust-dir", str(tmp_path / "trust"), home=home))
+    apply(kube, installed)
+    kc = str(kubeconfig(tmp_path / "kubeconfig", kube.url))
+    upgraded = objects_of(tulle("upgrade", "--kubeconfig", kc, "--set", "dashboard.enabled=true", home=home))
+    assert invalid_objects(upgraded) == []
+    assert find(upgraded, "Deployment", "tulle-identity")["spec"]["replicas"] == 3  # --ha
+    assert find(upgraded, "PodDisruptionBudget", "tulle-identity")["spec"]["maxUnavailable"] == 1  # --ha
+    assert find(upgraded, "StatefulSet", "tulle-nats")["spec"]["replicas"] == 5  # --set
+    policy = next(c for c in find(upgraded, "Deployment", "tulle-destination")["spec"]["template"]["spec"][
+        "containers"] if c["name"] == "policy")
+    assert "--default-policy=deny" in policy["args"]  # -f
+    assert find(upgraded, "Deployment", "tulle-dashboard")  # what this upgrade asked for
+    # The next upgrade starts from this one's values: the dashboard is kept too.
+    apply(kube, upgraded)
+    again = objects_of(tulle("upgrade", "--kubeconfig", kc, "--set", "nats.replicas=3", home=home))
+    assert find(again, "Deployment", "tulle-dashboard") and find(again, "StatefulSet", "tulle-nats")[
+        "spec"]["replicas"] == 3
+    reset = objects_of(tulle("upgrade", "--kubeconfig", kc, "--reset-values", home=home))
+    assert find(reset, "Deployment", "tulle-identity")["spec"]["replicas"] == 1
+    assert not [o for o in reset if o["kind"] == "Deployment" and o["metadata"]["name"] == "tulle-dashboard"]
+    assert remembered(reset) == {"installNamespace": True}
+
+
+def test_the_remembered_values_hold_no_key_material(home, tmp_path, kube):
+    """Trust given as files, a webhook certificate and the bus's TLS given as values: none of
+    it is written into the ConfigMap (anyone who may read ConfigMaps could read it); the
+    upgrade reads trust and bus back from their own objects."""
+    trust, _ = material.generate_trust("cluster.local")
+    for name, text in [("ca.crt", trust.anchors_pem), ("i.crt", trust.issuer_crt_pem), ("i.key", trust.issuer_key_pem)]:
+        (tmp_path / name).write_text(text)
+    installed = objects_of(tulle("install", "--identity-trust-anchors-file", str(tmp_path / "ca.crt"),
+                                 "--identity-issuer-certificate-file", str(tmp_path / "i.crt"),
+                                 "--identity-issuer-key-file", str(tmp_path / "i.key"),
+                                 "--set-file", f"proxyInjector.keyPEM={tmp_path / 'i.key'}",
+                                 "--set", "controllerReplicas=2", home=home))
+    text = find(installed, "ConfigMap", "tulle-install-values")["data"]["values.yaml"]
+    assert "BEGIN" not in text and "PEM" not in text
+    assert remembered(installed) == {"controllerReplicas": 2, "identity": {"issuer": {"tls": {}}},
+                                     "installNamespace": True, "proxyInjector": {}}
+    apply(kube, installed)
+    upgraded = objects_of(tulle("upgrade", "--kubeconfig", str(kubeconfig(tmp_path / "kc", kube.url)), home=home))
+    assert find(upgraded, "Deployment", "tulle-identity")["spec"]["replicas"] == 2
+    assert find(upgraded, "Secret", "tulle-identity-issuer")["data"] == find(installed, "Secret",
+                                                                             "tulle-identity-issuer")["data"]
+
+
+def test_an_installation_that_kept_its_own_namespace_keeps_it_at_upgrade(home, tmp_path, kube):
+    installed = objects_of(tulle("install", "--set", "installNamespace=false", "--trust-dir", str(tmp_path / "t"),
+                                 home=home))
+    assert not [o for o in installed if o["kind"] == "Namespace"]
+    apply(kube, installed)
+    upgraded = objects_of(tulle("upgrade", "--kubeconfig", str(kubeconfig(tmp_path / "kc", kube.url)), home=home))
+    assert not [o for o in upgraded if o["kind"] == "Namespace"]
+
+
+def test_an_installation_with_the_cni_plugin_keeps_it_at_upgrade(home, tmp_path, kube):
+    installed = objects_of(tulle("install", "--cni", "--trust-dir", str(tmp_path / "t"), home=home))
+    apply(kube, installed)
+    upgraded = objects_of(tulle("upgrade", "--kubeconfig", str(kubeconfig(tmp_path / "kc", kube.url)), home=home))
+    assert find(upgraded, "DaemonSet", "tulle-cni")["metadata"]["namespace"] == "tulle-cni"
+    assert yaml.safe_load(find(upgraded, "ConfigMap", "tulle-config")["data"]["values"])["cniEnabled"] is True
+
+
+def test_remembered_values_that_do_not_parse_are_one_line_naming_them(home, tmp_path, kube):
+    installed = objects_of(tulle("install", "--trust-dir", str(tmp_path / "t"), home=home))
+    cm = find(installed, "ConfigMap", "tulle-install-values")
+    cm["data"]["values.yaml"] = "- a list\n- not values\n"
+    apply(kube, installed)
+    kc = str(kubeconfig(tmp_path / "kc", kube.url))
+    assert one_line_error(tulle("upgrade", "--kubeconfig", kc, home=home)) == (
+        "tulle: ConfigMap tulle/tulle-install-values: values.yaml is not a mapping of values (fix or delete it, "
+        "or upgrade with --reset-values)")
+    assert invalid_objects(objects_of(tulle("upgrade", "--kubeconfig", kc, "--reset-values", home=home))) == []
+
+
 def test_upgrade_of_another_namespace_reads_that_namespace(home, tmp_path, kube):
     installed = objects_of(tulle("install", "-n", "mesh", "--trust-dir", str(tmp_path / "t"), home=home))
     apply(kube, installed)

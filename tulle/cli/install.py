@@ -9,6 +9,7 @@ from the bundled Helm charts by the Helm engine, as `linkerd install` does.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from pathlib import Path
 from typing import Optional
@@ -93,8 +94,13 @@ def user_values(*, ha: bool, cni: bool, values_files, set_values, set_strings, s
             text = read_pem_file(path, flag)
             patch = {key: text} if key == "identityTrustAnchorsPEM" else {"identity": {"issuer": {"tls": {key: text}}}}
             values = merge_values(values, patch)
-    values.setdefault("installNamespace", True)
     return values
+
+
+def with_defaults(values: dict) -> dict:
+    """What the CLI sets unless the user did: the chart makes the namespace (kubectl apply
+    has no --create-namespace)."""
+    return {"installNamespace": True, **values}
 
 
 def _render_crds(values: dict) -> list[dict]:
@@ -133,6 +139,40 @@ def _render_all(values: dict, namespace: str, cni: bool) -> list[dict]:
     return objects
 
 
+# Values whose names end so hold key material or say what it is: never kept in a ConfigMap
+# (a caBundle is public, and required with an externally managed webhook Secret).
+# Trust and the bus's credentials are read back from their own objects at upgrade; a
+# webhook certificate given as values must be given again (else a new one is made).
+SECRET_VALUE_SUFFIXES = ("PEM", "Seed", "PublicKey")
+
+
+def without_secrets(values: dict) -> dict:
+    return {k: without_secrets(v) if isinstance(v, dict) else v for k, v in values.items()
+            if not (isinstance(k, str) and k.endswith(SECRET_VALUE_SUFFIXES))}
+
+
+def _install_values_config_map(values: dict, namespace: str, objects: list[dict]) -> dict:
+    """The values this installation was made with, for the next `tulle upgrade` to start
+    from (Helm keeps a release's values in the cluster for --reuse-values; kubectl apply
+    keeps nothing). Labelled as the chart labels its own ConfigMap."""
+    from tulle.install.cluster import INSTALL_VALUES, INSTALL_VALUES_KEY
+
+    labels = next((o["metadata"].get("labels", {}) for o in objects
+                   if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "tulle-config"), {})
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": INSTALL_VALUES, "namespace": namespace, "labels": dict(labels)},
+            "data": {INSTALL_VALUES_KEY: yaml.safe_dump(without_secrets(values), sort_keys=True)}}
+
+
+def _control_plane(user: dict, values: dict, namespace: str, cni: bool) -> list[dict]:
+    """Every object of the installation: the charts rendered with `values` (the user's,
+    completed), and the user's own values remembered."""
+    objects = _render_all(values, namespace, cni)
+    at = next(i for i, o in enumerate(objects) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "tulle-config")
+    # Beside the chart's own configuration: the webhook stays last (created once its injector is).
+    return objects[:at + 1] + [_install_values_config_map(user, namespace, objects)] + objects[at + 1:]
+
+
 def _header(verb: str, namespace: str) -> str:
     from tulle import __version__
 
@@ -162,8 +202,9 @@ def install(namespace, values_files, set_values, set_strings, set_files, ha, cni
     if crds:
         click.echo(_to_yaml(_render_crds(values), _header("CustomResourceDefinitions", namespace)), nl=False)
         return
-    done = complete(values, chart_values(CONTROL_PLANE), namespace=namespace)
-    objects = _render_all(done.values, namespace, cni)  # before saving anything: bad values fail first
+    values = with_defaults(values)
+    done = complete(copy.deepcopy(values), chart_values(CONTROL_PLANE), namespace=namespace)
+    objects = _control_plane(values, done.values, namespace, cni)  # before saving anything: bad values fail first
     if done.generated_trust is not None:
         from tulle.install.material import LIFETIME, default_trust_dir, write_trust_dir
 
@@ -181,17 +222,22 @@ def install(namespace, values_files, set_values, set_strings, set_files, ha, cni
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), metavar="FILE",
               help="kubeconfig to read the installed trust from (default: KUBECONFIG, ~/.kube/config, in-cluster)")
 @click.option("--context", "kube_context", metavar="NAME", help="kubeconfig context")
+@click.option("--reset-values", is_flag=True,
+              help="start from the chart's defaults, not from the values the installation was made with")
 def upgrade(namespace, values_files, set_values, set_strings, set_files, ha, cni, crds,
             identity_trust_anchors_file, identity_issuer_certificate_file, identity_issuer_key_file,
-            kubeconfig, kube_context):
+            kubeconfig, kube_context, reset_values):
     """Print the manifests of the installed control plane at this version, keeping its
     trust anchors, issuer and bus credentials (read from the cluster, or given as files).
 
-    Pass the same -f / --set / --ha / --cni as at install.
+    The values it was installed or last upgraded with (ConfigMap tulle-install-values) are
+    kept; -f / --set / --ha / --cni given now go on top of them. --reset-values starts from
+    the chart's defaults instead. Values holding key material are never kept: give a
+    webhook certificate again, or a new one is made.
     """
     from tulle.install.cluster import read_existing
     from tulle.install.material import RENEW_WARNING
-    from tulle.install.render import chart_values
+    from tulle.install.render import chart_values, merge_values
     from tulle.install.values import complete
 
     values = user_values(ha=ha, cni=cni, values_files=values_files, set_values=set_values, set_strings=set_strings,
@@ -202,11 +248,16 @@ def upgrade(namespace, values_files, set_values, set_strings, set_files, ha, cni
         click.echo(_to_yaml(_render_crds(values), _header("CustomResourceDefinitions", namespace)), nl=False)
         return
     given = identity_trust_anchors_file and identity_issuer_certificate_file and identity_issuer_key_file
-    existing = read_existing(namespace, kubeconfig=kubeconfig, context=kube_context, need_trust=not given)
-    done = complete(values, chart_values(CONTROL_PLANE), namespace=namespace, existing=existing,
+    existing = read_existing(namespace, kubeconfig=kubeconfig, context=kube_context, need_trust=not given,
+                             with_values=not reset_values)
+    if existing.install_values is not None:  # as Helm's --reuse-values: what is given now goes on top
+        values = merge_values(existing.install_values, values)
+    values = with_defaults(values)
+    cni = cni or values.get("cniEnabled") is True
+    done = complete(copy.deepcopy(values), chart_values(CONTROL_PLANE), namespace=namespace, existing=existing,
                     may_generate_trust=False,
                     trust_source=f"ConfigMap {namespace}/tulle-identity-trust-roots not found")
-    objects = _render_all(done.values, namespace, cni)
+    objects = _control_plane(values, done.values, namespace, cni)
     if done.kept_nats_tls is not None:
         left = done.kept_nats_tls.not_after() - dt.datetime.now(dt.timezone.utc)
         if left < RENEW_WARNING:
@@ -232,7 +283,7 @@ def uninstall(namespace, cni):
 
     # Placeholder secrets: what to delete does not depend on them.
     done = complete({"installNamespace": True, "cniEnabled": cni}, chart_values(CONTROL_PLANE), namespace=namespace)
-    objects = _render_crds({}) + _render_all(done.values, namespace, cni)
+    objects = _render_crds({}) + _control_plane({}, done.values, namespace, cni)
     heads = object_heads(reversed(objects))  # webhooks first, the namespace and CRDs last
     heads.sort(key=lambda h: h["kind"] in ("Namespace", "CustomResourceDefinition"))
     click.echo(_to_yaml(heads, f"Tulle: uninstall from namespace {namespace}, for `kubectl delete -f -`"), nl=False)

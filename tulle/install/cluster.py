@@ -1,8 +1,9 @@
 """What an installed control plane already holds, read with the kubernetes client: the
 trust anchors (ConfigMap tulle-identity-trust-roots), the issuer (Secret
 tulle-identity-issuer), the bus's TLS (Secret tulle-nats-tls) and credentials (Secret
-tulle-nats-credentials). `tulle upgrade` renders with them so nothing already trusted
-changes."""
+tulle-nats-credentials), and the values it was installed with (ConfigMap
+tulle-install-values). `tulle upgrade` renders with them so nothing already trusted
+changes and no setting is lost."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ TRUST_ROOTS = "tulle-identity-trust-roots"
 ISSUER = "tulle-identity-issuer"
 NATS_TLS = "tulle-nats-tls"
 NATS_CREDENTIALS = "tulle-nats-credentials"
+INSTALL_VALUES = "tulle-install-values"
+INSTALL_VALUES_KEY = "values.yaml"
 
 
 def api_client(kubeconfig: Optional[str] = None, context: Optional[str] = None):
@@ -65,7 +68,7 @@ def _read(core, kind: str, namespace: str, name: str) -> Optional[dict[str, str]
 
 
 def read_existing(namespace: str, *, kubeconfig: Optional[str] = None, context: Optional[str] = None,
-                  need_trust: bool = True) -> Existing:
+                  need_trust: bool = True, with_values: bool = True) -> Existing:
     from kubernetes import client
 
     with api_client(kubeconfig, context) as api:
@@ -89,4 +92,20 @@ def read_existing(namespace: str, *, kubeconfig: Optional[str] = None, context: 
                                                          seeds.get(credentials.CALLOUT_ISSUER, ""))
             except ValueError as e:
                 raise UserError(f"Secret {namespace}/{NATS_CREDENTIALS}: {e}") from None
+        remembered = _read(core, "ConfigMap", namespace, INSTALL_VALUES) if with_values else None
+        if remembered is not None:
+            existing.install_values = _install_values(remembered.get(INSTALL_VALUES_KEY, ""), namespace)
         return existing
+
+
+def _install_values(text: str, namespace: str) -> dict:
+    import yaml
+
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        values = None
+    if not isinstance(values, dict):
+        raise UserError(f"ConfigMap {namespace}/{INSTALL_VALUES}: {INSTALL_VALUES_KEY} is not a mapping of values "
+                        f"(fix or delete it, or upgrade with --reset-values)")
+    return values

@@ -27,6 +27,9 @@ class Existing:
     issuer_key_pem: str = ""
     nats_tls: Optional[ServerTLS] = None
     bus: Optional[BusCredentials] = None
+    # The values the installation was made with (ConfigMap tulle-install-values), without
+    # secrets; None: not found (an installation made before it, or by Helm itself).
+    install_values: Optional[dict] = None
 
 
 @dataclass
