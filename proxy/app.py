@@ -193,14 +193,18 @@ class ProxyApp:
         async def answer(request: schemas.StatsRequest) -> schemas.StatsReply | None:
             return stats_reply(cfg.namespace, cfg.workload, self.outbound.route_stats, request)
 
+        await self._serve_once_connected(schemas.PROXY_STATS_SUBJECT, schemas.StatsRequest, answer, "route stats")
+
+    async def _serve_once_connected(self, subject: str, cls: type, answer, what: str) -> None:
+        """Subscribe `answer` to `subject` as soon as the bus is up. Once is enough: nats-py
+        subscribes again by itself after a reconnect."""
         while True:
             await self.bus.wait_connected()
             try:
-                # Once is enough: nats-py subscribes again by itself after a reconnect.
-                await self.bus.serve(schemas.PROXY_STATS_SUBJECT, schemas.StatsRequest, answer)
+                await self.bus.serve(subject, cls, answer)
                 return
             except Exception as e:  # disconnected again between the wait and the subscribe
-                log.debug("cannot serve route stats yet", error=str(e) or type(e).__name__)
+                log.debug(f"cannot serve {what} yet", error=str(e) or type(e).__name__)
                 await asyncio.sleep(0.5)
 
     def sample_traffic(self) -> None:
@@ -227,14 +231,8 @@ class ProxyApp:
             self.sample_traffic()  # up to this moment, not to the last whole second
             return traffic_reply(cfg.namespace, cfg.workload, cfg.identity, self.traffic, request)
 
-        while True:
-            await self.bus.wait_connected()
-            try:
-                await self.bus.serve(schemas.PROXY_TRAFFIC_SUBJECT, schemas.TrafficRequest, answer)
-                return
-            except Exception as e:  # disconnected again between the wait and the subscribe
-                log.debug("cannot serve traffic figures yet", error=str(e) or type(e).__name__)
-                await asyncio.sleep(0.5)
+        await self._serve_once_connected(schemas.PROXY_TRAFFIC_SUBJECT, schemas.TrafficRequest, answer,
+                                         "traffic figures")
 
     async def _announce_ready(self) -> None:
         while not self.is_ready():

@@ -119,6 +119,16 @@ class _MeshBus:
     def _register(self) -> None:
         _SERVERS[self.url] = self
 
+    def close(self) -> None:
+        """Stop the callout responder and the server(s) for good (fixture teardown)."""
+        self._stop_callout()
+        self.stop()
+
+    def credentials(self, role: str) -> BusCredentials:
+        if role == TESTER:
+            return BusCredentials.for_seed(str(self.keys_dir / f"{TESTER}.nk"))
+        return super().credentials(role)  # NatsServer's or NatsCluster's, after this mixin
+
     def _start_callout(self) -> None:
         if self.callout is None and self.with_callout:
             self.callout = CalloutThread(self)
@@ -163,15 +173,6 @@ class MeshNats(_MeshBus, NatsServer):
         self._start_callout()
         return self
 
-    def close(self) -> None:
-        """Stop the callout responder and the server for good (fixture teardown)."""
-        self._stop_callout()
-        self.stop()
-
-    def credentials(self, role: str) -> BusCredentials:
-        if role == TESTER:
-            return BusCredentials.for_seed(str(self.keys_dir / f"{TESTER}.nk"))
-        return NatsServer.credentials(self, role)
 
 
 class MeshNatsCluster(_MeshBus, NatsCluster):
@@ -189,14 +190,6 @@ class MeshNatsCluster(_MeshBus, NatsCluster):
         self._start_callout()
         return self
 
-    def close(self) -> None:
-        self._stop_callout()
-        self.stop()
-
-    def credentials(self, role: str) -> BusCredentials:
-        if role == TESTER:
-            return BusCredentials.for_seed(str(self.keys_dir / f"{TESTER}.nk"))
-        return NatsCluster.credentials(self, role)
 
 
 def cli_bus_args(url: str, role: str = "observer") -> list[str]:

@@ -17,9 +17,9 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import connect_bus, nats_option
+from tulle.cli.common import nats_option
 from tulle.cli.names import complete_edges_type, complete_namespace
-from tulle.cli.screen import Frame, Screen
+from tulle.cli.screen import Frame, show_frames
 from tulle.cli.stat import MAX_WINDOW_S, check_namespace
 from tulle.durations import bounded_seconds, short as fmt_duration
 from tulle.errors import UserError
@@ -83,17 +83,11 @@ def frame(rows: list, notes: list[str], by: str, namespace: Optional[str], windo
 
 async def run(target, by: str, namespace: Optional[str], window_s: float, output: str, timeout_s: float,
               watch: bool, interval_s: float) -> None:
-    bus = await connect_bus(target, what="edges")
-    try:
-        with Screen(watch) as screen:
-            while True:
-                rows, notes = await fetch(bus, by, namespace, window_s, timeout_s)
-                screen.show(frame(rows, notes, by, namespace, window_s, output))
-                if not watch:
-                    return
-                await asyncio.sleep(interval_s)
-    finally:
-        await bus.close()
+    async def next_frame(bus) -> Frame:
+        rows, notes = await fetch(bus, by, namespace, window_s, timeout_s)
+        return frame(rows, notes, by, namespace, window_s, output)
+
+    await show_frames(target, "edges", next_frame, watch, interval_s)
 
 
 @click.command()

@@ -151,14 +151,12 @@ def without_secrets(values: dict) -> dict:
             if not (isinstance(k, str) and k.endswith(SECRET_VALUE_SUFFIXES))}
 
 
-def _install_values_config_map(values: dict, namespace: str, objects: list[dict]) -> dict:
+def _install_values_config_map(values: dict, namespace: str, labels: dict) -> dict:
     """The values this installation was made with, for the next `tulle upgrade` to start
     from (Helm keeps a release's values in the cluster for --reuse-values; kubectl apply
-    keeps nothing). Labelled as the chart labels its own ConfigMap."""
+    keeps nothing)."""
     from tulle.install.cluster import INSTALL_VALUES, INSTALL_VALUES_KEY
 
-    labels = next((o["metadata"].get("labels", {}) for o in objects
-                   if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "tulle-config"), {})
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": INSTALL_VALUES, "namespace": namespace, "labels": dict(labels)},
             "data": {INSTALL_VALUES_KEY: yaml.safe_dump(without_secrets(values), sort_keys=True)}}
@@ -166,11 +164,12 @@ def _install_values_config_map(values: dict, namespace: str, objects: list[dict]
 
 def _control_plane(user: dict, values: dict, namespace: str, cni: bool) -> list[dict]:
     """Every object of the installation: the charts rendered with `values` (the user's,
-    completed), and the user's own values remembered."""
+    completed), and the user's own values remembered beside the chart's configuration,
+    labelled as it is (the webhook stays last: created once its injector is)."""
     objects = _render_all(values, namespace, cni)
     at = next(i for i, o in enumerate(objects) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "tulle-config")
-    # Beside the chart's own configuration: the webhook stays last (created once its injector is).
-    return objects[:at + 1] + [_install_values_config_map(user, namespace, objects)] + objects[at + 1:]
+    remembered = _install_values_config_map(user, namespace, objects[at]["metadata"].get("labels", {}))
+    return objects[:at + 1] + [remembered] + objects[at + 1:]
 
 
 def _header(verb: str, namespace: str) -> str:

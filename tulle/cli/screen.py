@@ -11,10 +11,11 @@ Notes go to stderr except in a live table. Cells are data, never rich markup.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import click
 
@@ -108,3 +109,21 @@ class Screen:
         else:
             body = rich_table(frame.header, frame.rows, frame.left)
         return Group(title, body, *(Text(n, style="yellow") for n in frame.notes))
+
+
+async def show_frames(target, what: str, next_frame: Callable[..., Awaitable[Frame]], watch: bool,
+                      interval_s: float) -> None:
+    """Connect to the bus, show `next_frame(bus)` once — or, with `watch`, every `interval_s`
+    until interrupted — and close the connection."""
+    from tulle.cli.common import connect_bus
+
+    bus = await connect_bus(target, what=what)
+    try:
+        with Screen(watch) as screen:
+            while True:
+                screen.show(await next_frame(bus))
+                if not watch:
+                    return
+                await asyncio.sleep(interval_s)
+    finally:
+        await bus.close()

@@ -18,9 +18,9 @@ from typing import Optional
 
 import click
 
-from tulle.cli.common import connect_bus, nats_option
+from tulle.cli.common import nats_option
 from tulle.cli.names import complete_namespace, complete_stat_resource, complete_stat_name
-from tulle.cli.screen import Frame, Screen
+from tulle.cli.screen import Frame, show_frames
 from tulle.durations import bounded_seconds, short as fmt_duration
 from tulle.errors import UserError
 
@@ -143,17 +143,11 @@ def frame(rows: list, notes: list[str], q: Query, output: str) -> Frame:
 
 
 async def run(target, q: Query, output: str, timeout_s: float, watch: bool, interval_s: float) -> None:
-    bus = await connect_bus(target, what="stat")
-    try:
-        with Screen(watch) as screen:
-            while True:
-                rows, notes = await fetch(bus, q, timeout_s)
-                screen.show(frame(rows, notes, q, output))
-                if not watch:
-                    return
-                await asyncio.sleep(interval_s)
-    finally:
-        await bus.close()
+    async def next_frame(bus) -> Frame:
+        rows, notes = await fetch(bus, q, timeout_s)
+        return frame(rows, notes, q, output)
+
+    await show_frames(target, "stat", next_frame, watch, interval_s)
 
 
 # --- the command -----------------------------------------------------------------------------
